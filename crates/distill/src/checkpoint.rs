@@ -1,0 +1,271 @@
+//! Checkpoint directories that stand on their own and load in Hugging Face
+//! transformers and candle-transformers as they are:
+//!
+//! ```text
+//! model.safetensors        weights, HF names, f32, metadata {"format": "pt"}
+//! config.json              HF LlamaConfig (or Qwen2Config with q/k/v biases)
+//! generation_config.json   bos/eos/pad ids
+//! tokenizer.json           the tokenizer
+//! distill.toml             the resolved run config
+//! trainer_state.json       step, data position, seed, stage totals
+//! optimizer.safetensors    AdamW moments ("m.<name>", "v.<name>")
+//! ```
+//!
+//! A directory is written under a temporary name, every file fsynced, then
+//! renamed into place, so a crash never leaves half a checkpoint under the
+//! real name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::model::{Llama, ModelConfig};
+use crate::optim::AdamW;
+use crate::tokenizer::Tokenizer;
+
+/// Where a training stage stood when the checkpoint was written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub stage: String,
+    /// Optimiser steps completed.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Micro-batches consumed: the data position (the order is a pure function of it and the seed).
+    pub micro_batches: usize,
+    /// Seed of the data order and of the initial weights.
+    pub seed: u64,
+    pub tokens_seen: usize,
+    pub last_loss: Option<f32>,
+}
+
+fn err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Everything a checkpoint holds beyond the model.
+pub struct SaveExtras<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub resolved_config: &'a str,
+    pub state: Option<&'a TrainerState>,
+    pub optimizer: Option<&'a AdamW>,
+}
+
+/// Writes `model` and `extras` to `dir` atomically (temp dir, fsync, rename).
+pub fn save(dir: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).at(parent)?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| err(dir, "checkpoint path has no folder name"))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).at(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).at(&tmp)?;
+
+    write_safetensors(&tmp.join("model.safetensors"), &model.tensors())?;
+    let cfg = &model.cfg;
+    write_file(&tmp.join("config.json"), &pretty(&cfg.to_hf_json())?)?;
+    let gen = serde_json::json!({
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    });
+    write_file(&tmp.join("generation_config.json"), &pretty(&gen)?)?;
+    let tok_path = tmp.join("tokenizer.json");
+    extras.tokenizer.save(&tok_path)?;
+    File::open(&tok_path)
+        .and_then(|f| f.sync_all())
+        .at(&tok_path)?;
+    write_file(&tmp.join("distill.toml"), extras.resolved_config.as_bytes())?;
+    if let Some(state) = extras.state {
+        let json = serde_json::to_value(state).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_file(&tmp.join("trainer_state.json"), &pretty(&json)?)?;
+    }
+    if let Some(opt) = extras.optimizer {
+        let mut moments = BTreeMap::new();
+        for (k, t) in &opt.m {
+            moments.insert(format!("m.{k}"), t.clone());
+        }
+        for (k, t) in &opt.v {
+            moments.insert(format!("v.{k}"), t.clone());
+        }
+        let mut meta = HashMap::new();
+        meta.insert("step".to_string(), opt.step.to_string());
+        write_safetensors_meta(&tmp.join("optimizer.safetensors"), &moments, meta)?;
+    }
+    sync_dir(&tmp)?;
+
+    // Swap into place: the old copy is only removed once the new one is live.
+    let old = parent.join(format!(".{name}.old"));
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        }
+        std::fs::rename(dir, &old).at(dir)?;
+    }
+    std::fs::rename(&tmp, dir).at(dir)?;
+    sync_dir(parent)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).at(&old)?;
+    }
+    Ok(())
+}
+
+fn pretty(v: &serde_json::Value) -> Result<Vec<u8>> {
+    let mut s = serde_json::to_vec_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
+    s.push(b'\n');
+    Ok(s)
+}
+
+/// Writes and fsyncs one file.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).at(path)?;
+    f.write_all(bytes).at(path)?;
+    f.sync_all().at(path)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    // Directory fsync makes the renames durable; not all platforms allow it.
+    if let Ok(f) = File::open(dir) {
+        let _ = f.sync_all();
+    }
+    Ok(())
+}
+
+fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_safetensors_meta(path, tensors, meta)
+}
+
+fn write_safetensors_meta(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    meta: HashMap<String, String>,
+) -> Result<()> {
+    let mut bufs = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        bufs.push((name.clone(), t.dims().to_vec(), bytes));
+    }
+    let views = bufs
+        .iter()
+        .map(|(n, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| err(path, format!("cannot build tensor {n}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| err(path, format!("cannot serialise: {e}")))?;
+    write_file(path, &bytes)
+}
+
+fn read_safetensors(
+    path: &Path,
+    device: &Device,
+) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    let bytes = std::fs::read(path).at(path)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        err(
+            path,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| err(path, format!("cannot read tensors: {e}")))?;
+    Ok((tensors.into_iter().collect(), meta))
+}
+
+fn require(dir: &Path, file: &str) -> Result<PathBuf> {
+    let p = dir.join(file);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(err(
+            dir,
+            format!("{file} is missing; a checkpoint directory needs model.safetensors, config.json and tokenizer.json"),
+        ))
+    }
+}
+
+/// Loads the model and tokenizer of a checkpoint directory (ours, or a Hugging
+/// Face Llama/Qwen2 directory with a single `model.safetensors`).
+pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
+    if !dir.is_dir() {
+        return Err(err(
+            dir,
+            "not a directory (expected a checkpoint directory such as runs/NAME/student)",
+        ));
+    }
+    let cfg_path = require(dir, "config.json")?;
+    let weights = require(dir, "model.safetensors")?;
+    let tok_path = require(dir, "tokenizer.json")?;
+    let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(&cfg_path, format!("not valid JSON: {e}")))?;
+    let cfg = ModelConfig::from_hf_json(&json).map_err(|m| err(&cfg_path, m))?;
+    let tokenizer = Tokenizer::load(&tok_path)?;
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        return Err(err(
+            dir,
+            format!(
+                "tokenizer.json has {} tokens but config.json vocab_size is {}; the files come from different models",
+                tokenizer.vocab_size(),
+                cfg.vocab_size
+            ),
+        ));
+    }
+    let (tensors, _) = read_safetensors(&weights, device)?;
+    let model = Llama::from_tensors(cfg, tensors, device).map_err(|m| err(&weights, m))?;
+    Ok((model, tokenizer))
+}
+
+/// Reads `trainer_state.json` and the optimiser moments of a checkpoint.
+pub fn load_training_state(dir: &Path, opt: &mut AdamW, device: &Device) -> Result<TrainerState> {
+    let sp = require(dir, "trainer_state.json")?;
+    let text = std::fs::read_to_string(&sp).at(&sp)?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| err(&sp, format!("malformed: {e}")))?;
+    let op = require(dir, "optimizer.safetensors")?;
+    let (mut tensors, meta) = read_safetensors(&op, device)?;
+    opt.step = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| err(&op, "metadata key `step` is missing"))?;
+    for (prefix, map) in [("m", &mut opt.m), ("v", &mut opt.v)] {
+        for (name, slot) in map.iter_mut() {
+            let t = tensors
+                .remove(&format!("{prefix}.{name}"))
+                .ok_or_else(|| err(&op, format!("moment {prefix}.{name} is missing")))?;
+            if t.dims() != slot.dims() {
+                return Err(err(
+                    &op,
+                    format!(
+                        "moment {prefix}.{name} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        slot.dims()
+                    ),
+                ));
+            }
+            *slot = t;
+        }
+    }
+    Ok(state)
+}

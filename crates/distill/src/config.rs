@@ -1,0 +1,712 @@
+//! The run configuration: TOML in, validated `Config` out.
+//!
+//! Every key has a documented default (`#[serde(default)]` plus the `Default`
+//! impls below); unknown keys are rejected with the key's name and the file.
+//! `Config::load` validates the whole file before any heavy work starts, and
+//! `Config::to_toml` writes the resolved config (defaults filled in) that is
+//! saved beside every checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub tokenizer: TokenizerConfig,
+    pub teacher: TeacherConfig,
+    pub student: StudentConfig,
+    pub distill: DistillConfig,
+    pub eval: EvalConfig,
+    pub cost: CostConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run name; outputs go to `<out_dir>/<name>/`. Default "run".
+    pub name: String,
+    /// Master seed: data, initial weights and data order derive from it. Default 1234.
+    pub seed: u64,
+    /// Parent folder of run directories. Default "runs".
+    pub out_dir: PathBuf,
+    /// "cpu", "cuda" or "cuda:N"; the `--device` flag overrides it. Default "cpu".
+    pub device: String,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: "run".into(),
+            seed: 1234,
+            out_dir: "runs".into(),
+            device: "cpu".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSource {
+    /// Built-in seeded arithmetic word problems with a verifier.
+    Arithmetic,
+    /// A JSONL file of `{"prompt": ..., "completion": ...}` records.
+    Jsonl,
+    /// A plain-text file, cut into `seq_len` token windows (language modelling).
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// "arithmetic" (default), "jsonl" or "text".
+    pub source: DataSource,
+    /// Data file for "jsonl" and "text"; relative paths are relative to the config file.
+    pub path: Option<PathBuf>,
+    /// Training examples to generate (arithmetic). Default 2000.
+    pub train_examples: usize,
+    /// Held-out examples (arithmetic), never seen in training. Default 200.
+    pub eval_examples: usize,
+    /// Share of a JSONL/text file held out for evaluation. Default 0.05.
+    pub eval_fraction: f64,
+    /// Longest training sequence in tokens; longer examples are truncated. Default 128.
+    pub seq_len: usize,
+    /// Fewest arithmetic steps in a problem. Default 2.
+    pub min_steps: usize,
+    /// Most arithmetic steps in a problem. Default 3.
+    pub max_steps: usize,
+    /// Largest number that appears as a starting amount or operand. Default 20.
+    pub max_operand: u32,
+    /// Whether problems may double or triple an amount. Default true.
+    pub allow_multiply: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            source: DataSource::Arithmetic,
+            path: None,
+            train_examples: 2000,
+            eval_examples: 200,
+            eval_fraction: 0.05,
+            seq_len: 128,
+            min_steps: 2,
+            max_steps: 3,
+            max_operand: 20,
+            allow_multiply: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerConfig {
+    /// An existing `tokenizer.json` to use instead of training one.
+    pub path: Option<PathBuf>,
+    /// Vocabulary size of a trained byte-level BPE tokenizer. Default 384.
+    pub vocab_size: usize,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            vocab_size: 384,
+        }
+    }
+}
+
+/// Architecture of a Llama-family decoder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSpec {
+    /// Model width. Default 128.
+    pub hidden_size: usize,
+    /// SwiGLU inner width. Default 344 (about 8/3 of the width).
+    pub intermediate_size: usize,
+    /// Decoder layers. Default 2.
+    pub num_layers: usize,
+    /// Query heads; must divide hidden_size. Default 4.
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention); must divide num_heads. Default: num_heads.
+    pub num_kv_heads: Option<usize>,
+    /// Share the embedding matrix with the output head. Default false.
+    pub tie_embeddings: bool,
+    /// Biases on the q/k/v projections (Qwen2 style). Default false.
+    pub attention_bias: bool,
+    /// Rotary embedding base. Default 10000.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon. Default 1e-5.
+    pub rms_norm_eps: f64,
+    /// Longest position the model supports. Default 512.
+    pub max_position_embeddings: usize,
+    /// Standard deviation of the initial weights (Hugging Face's initializer_range). Default 0.02.
+    pub init_std: f64,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        Self {
+            hidden_size: 128,
+            intermediate_size: 344,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: None,
+            tie_embeddings: false,
+            attention_bias: false,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 512,
+            init_std: 0.02,
+        }
+    }
+}
+
+/// Optimiser, schedule and loop settings of one training stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSpec {
+    /// Optimiser steps. Default 200.
+    pub steps: usize,
+    /// Sequences per micro-batch. Default 16.
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimiser step. Default 1.
+    pub grad_accum: usize,
+    /// Peak learning rate. Default 1e-3.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay. Default: lr / 10.
+    pub min_lr: Option<f64>,
+    /// Linear warmup steps. Default: steps / 20.
+    pub warmup_steps: Option<usize>,
+    /// Decoupled AdamW weight decay, applied to matrices only. Default 0.1.
+    pub weight_decay: f64,
+    /// Default 0.9.
+    pub beta1: f64,
+    /// Default 0.95.
+    pub beta2: f64,
+    /// Default 1e-8.
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables. Default 1.0.
+    pub grad_clip: f64,
+    /// Held-out loss every this many steps; 0 = only at the end. Default 0.
+    pub eval_every: usize,
+    /// Write a checkpoint every this many steps; 0 = only at the end. Default 0.
+    pub save_every: usize,
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self {
+            steps: 200,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: None,
+            warmup_steps: None,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_every: 0,
+            save_every: 0,
+        }
+    }
+}
+
+impl TrainSpec {
+    pub fn min_lr(&self) -> f64 {
+        self.min_lr.unwrap_or(self.lr / 10.0)
+    }
+    pub fn warmup_steps(&self) -> usize {
+        self.warmup_steps.unwrap_or(self.steps / 20)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherConfig {
+    /// Load the teacher from this checkpoint directory instead of training it.
+    pub checkpoint: Option<PathBuf>,
+    pub model: ModelSpec,
+    pub train: TrainSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudentConfig {
+    /// The student architecture; the baseline uses the same one and the same initial weights.
+    pub model: ModelSpec,
+    /// Training settings shared by the distilled student and the baseline.
+    pub train: TrainSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillConfig {
+    /// Weight of the hard-label cross-entropy; (1 - alpha) weighs the KD term. Default 0.5.
+    pub alpha: f64,
+    /// Softmax temperature of the KD term (scaled by T^2, as Hinton et al. 2015). Default 2.0.
+    pub temperature: f64,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self {
+            alpha: 0.5,
+            temperature: 2.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Held-out problems solved by greedy generation for the accuracy figure. Default 100.
+    pub examples: usize,
+    /// Generation stops after this many new tokens. Default 96.
+    pub max_new_tokens: usize,
+    /// Prompts decoded together. Default 32.
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            examples: 100,
+            max_new_tokens: 96,
+            batch_size: 32,
+        }
+    }
+}
+
+/// Prices used by the cost ledger, in dollars per device-hour.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CostConfig {
+    /// Price of one CPU core for one hour. Default $0.05, a round figure near
+    /// on-demand cloud vCPU prices; set your own.
+    pub cpu_core_hour: f64,
+    /// Price of one GPU-hour when the GPU name is not in `gpu_hour`. Default $2.00.
+    pub default_gpu_hour: f64,
+    /// Price per GPU-hour by name fragment (matched case-insensitively against the
+    /// detected GPU name). Defaults: H800 $2.00 (DeepSeek-R1, Nature 2025,
+    /// supplementary), H100 $2.50, A100 $1.50.
+    pub gpu_hour: std::collections::BTreeMap<String, f64>,
+}
+
+impl Default for CostConfig {
+    fn default() -> Self {
+        Self {
+            cpu_core_hour: 0.05,
+            default_gpu_hour: 2.0,
+            gpu_hour: [("H800", 2.0), ("H100", 2.5), ("A100", 1.5)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative data, tokenizer and
+    /// teacher paths are resolved against the file's folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        let mut cfg = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rebase = |p: &mut Option<PathBuf>| {
+            if let Some(inner) = p.as_mut() {
+                if inner.is_relative() && !inner.exists() {
+                    *inner = base.join(&*inner);
+                }
+            }
+        };
+        rebase(&mut cfg.data.path);
+        rebase(&mut cfg.tokenizer.path);
+        rebase(&mut cfg.teacher.checkpoint);
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text; `path` is used in error messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The resolved config, every default written out.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::Invalid(format!("cannot write config as TOML: {e}")))
+    }
+
+    /// The run directory, `<out_dir>/<name>`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run.out_dir.join(&self.run.name)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let mut v = Validator {
+            path,
+            errors: vec![],
+        };
+        let r = &self.run;
+        v.check(
+            !r.name.is_empty() && !r.name.contains(['/', '\\']) && r.name != "." && r.name != "..",
+            "run.name",
+            "must be a plain folder name (no slashes)",
+            &r.name,
+        );
+        v.check(
+            crate::device::parse_device_name(&r.device).is_ok(),
+            "run.device",
+            "must be \"cpu\", \"cuda\" or \"cuda:N\"",
+            &r.device,
+        );
+
+        let d = &self.data;
+        match d.source {
+            DataSource::Arithmetic => {
+                v.check(
+                    d.train_examples > 0,
+                    "data.train_examples",
+                    "must be > 0",
+                    d.train_examples,
+                );
+                v.check(
+                    d.eval_examples > 0,
+                    "data.eval_examples",
+                    "must be > 0",
+                    d.eval_examples,
+                );
+                v.check(
+                    d.min_steps >= 1,
+                    "data.min_steps",
+                    "must be >= 1",
+                    d.min_steps,
+                );
+                v.check(
+                    d.max_steps >= d.min_steps,
+                    "data.max_steps",
+                    "must be >= data.min_steps",
+                    d.max_steps,
+                );
+                v.check(
+                    d.max_steps <= 12,
+                    "data.max_steps",
+                    "must be <= 12",
+                    d.max_steps,
+                );
+                v.check(
+                    (2..=100_000).contains(&d.max_operand),
+                    "data.max_operand",
+                    "must be in 2..=100000",
+                    d.max_operand,
+                );
+            }
+            DataSource::Jsonl | DataSource::Text => {
+                v.check(
+                    d.path.is_some(),
+                    "data.path",
+                    "is required when data.source is \"jsonl\" or \"text\"",
+                    "(missing)",
+                );
+            }
+        }
+        v.check(
+            d.eval_fraction > 0.0 && d.eval_fraction < 1.0,
+            "data.eval_fraction",
+            "must be in (0, 1)",
+            d.eval_fraction,
+        );
+        v.check(d.seq_len >= 8, "data.seq_len", "must be >= 8", d.seq_len);
+        if self.tokenizer.path.is_none() {
+            v.check(
+                (300..=65_536).contains(&self.tokenizer.vocab_size),
+                "tokenizer.vocab_size",
+                "must be in 300..=65536 (byte-level BPE needs 256 bytes plus merges)",
+                self.tokenizer.vocab_size,
+            );
+        }
+        if self.teacher.checkpoint.is_none() {
+            v.model(&self.teacher.model, "teacher.model", d.seq_len);
+            v.train(&self.teacher.train, "teacher.train");
+        }
+        v.model(&self.student.model, "student.model", d.seq_len);
+        v.train(&self.student.train, "student.train");
+        v.check(
+            (0.0..=1.0).contains(&self.distill.alpha),
+            "distill.alpha",
+            "must be in [0, 1]",
+            self.distill.alpha,
+        );
+        v.check(
+            self.distill.temperature > 0.0 && self.distill.temperature.is_finite(),
+            "distill.temperature",
+            "must be > 0",
+            self.distill.temperature,
+        );
+        v.check(
+            self.eval.max_new_tokens > 0,
+            "eval.max_new_tokens",
+            "must be > 0",
+            self.eval.max_new_tokens,
+        );
+        v.check(
+            self.eval.batch_size > 0,
+            "eval.batch_size",
+            "must be > 0",
+            self.eval.batch_size,
+        );
+        let c = &self.cost;
+        v.check(
+            c.cpu_core_hour >= 0.0 && c.cpu_core_hour.is_finite(),
+            "cost.cpu_core_hour",
+            "must be >= 0",
+            c.cpu_core_hour,
+        );
+        v.check(
+            c.default_gpu_hour >= 0.0 && c.default_gpu_hour.is_finite(),
+            "cost.default_gpu_hour",
+            "must be >= 0",
+            c.default_gpu_hour,
+        );
+        for (k, p) in &c.gpu_hour {
+            v.check(
+                *p >= 0.0 && p.is_finite(),
+                &format!("cost.gpu_hour.{k}"),
+                "must be >= 0",
+                p,
+            );
+        }
+        v.finish()
+    }
+}
+
+/// Collects every range error so that one run of the validator reports them all.
+struct Validator<'a> {
+    path: &'a Path,
+    errors: Vec<String>,
+}
+
+impl Validator<'_> {
+    fn check(&mut self, ok: bool, key: &str, rule: &str, got: impl std::fmt::Debug) {
+        if !ok {
+            self.errors.push(format!("key `{key}` {rule}, got {got:?}"));
+        }
+    }
+
+    fn model(&mut self, m: &ModelSpec, prefix: &str, seq_len: usize) {
+        let k = |s: &str| format!("{prefix}.{s}");
+        self.check(
+            m.hidden_size > 0,
+            &k("hidden_size"),
+            "must be > 0",
+            m.hidden_size,
+        );
+        self.check(
+            m.intermediate_size > 0,
+            &k("intermediate_size"),
+            "must be > 0",
+            m.intermediate_size,
+        );
+        self.check(
+            m.num_layers > 0,
+            &k("num_layers"),
+            "must be > 0",
+            m.num_layers,
+        );
+        self.check(m.num_heads > 0, &k("num_heads"), "must be > 0", m.num_heads);
+        if m.num_heads > 0 {
+            self.check(
+                m.hidden_size % m.num_heads == 0,
+                &k("num_heads"),
+                "must divide hidden_size",
+                m.num_heads,
+            );
+            let head_dim = m.hidden_size / m.num_heads.max(1);
+            self.check(
+                head_dim % 2 == 0,
+                &k("num_heads"),
+                "must leave an even head size (hidden_size / num_heads) for rotary embeddings",
+                m.num_heads,
+            );
+            let kv = m.num_kv_heads.unwrap_or(m.num_heads);
+            self.check(
+                kv > 0 && m.num_heads % kv.max(1) == 0,
+                &k("num_kv_heads"),
+                "must be > 0 and divide num_heads",
+                kv,
+            );
+        }
+        self.check(
+            m.rope_theta > 0.0,
+            &k("rope_theta"),
+            "must be > 0",
+            m.rope_theta,
+        );
+        self.check(
+            m.rms_norm_eps > 0.0,
+            &k("rms_norm_eps"),
+            "must be > 0",
+            m.rms_norm_eps,
+        );
+        self.check(
+            m.init_std > 0.0 && m.init_std < 1.0,
+            &k("init_std"),
+            "must be in (0, 1)",
+            m.init_std,
+        );
+        self.check(
+            m.max_position_embeddings >= seq_len,
+            &k("max_position_embeddings"),
+            "must be >= data.seq_len",
+            m.max_position_embeddings,
+        );
+    }
+
+    fn train(&mut self, t: &TrainSpec, prefix: &str) {
+        let k = |s: &str| format!("{prefix}.{s}");
+        self.check(t.steps > 0, &k("steps"), "must be > 0", t.steps);
+        self.check(
+            t.batch_size > 0,
+            &k("batch_size"),
+            "must be > 0",
+            t.batch_size,
+        );
+        self.check(
+            t.grad_accum > 0,
+            &k("grad_accum"),
+            "must be > 0",
+            t.grad_accum,
+        );
+        self.check(
+            t.lr > 0.0 && t.lr < 1.0,
+            &k("lr"),
+            "must be in (0, 1)",
+            t.lr,
+        );
+        let min_lr = t.min_lr();
+        self.check(
+            (0.0..=t.lr).contains(&min_lr),
+            &k("min_lr"),
+            "must be in [0, lr]",
+            min_lr,
+        );
+        self.check(
+            t.warmup_steps() <= t.steps,
+            &k("warmup_steps"),
+            "must be <= steps",
+            t.warmup_steps(),
+        );
+        self.check(
+            (0.0..1.0).contains(&t.weight_decay),
+            &k("weight_decay"),
+            "must be in [0, 1)",
+            t.weight_decay,
+        );
+        self.check(
+            (0.0..1.0).contains(&t.beta1),
+            &k("beta1"),
+            "must be in [0, 1)",
+            t.beta1,
+        );
+        self.check(
+            (0.0..1.0).contains(&t.beta2),
+            &k("beta2"),
+            "must be in [0, 1)",
+            t.beta2,
+        );
+        self.check(t.eps > 0.0, &k("eps"), "must be > 0", t.eps);
+        self.check(
+            t.grad_clip >= 0.0 && t.grad_clip.is_finite(),
+            &k("grad_clip"),
+            "must be >= 0",
+            t.grad_clip,
+        );
+    }
+
+    fn finish(self) -> Result<()> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config {
+                path: self.path.to_path_buf(),
+                msg: self.errors.join("; "),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() -> Result<()> {
+        let c = parse("")?;
+        assert_eq!(c, Config::default());
+        assert_eq!(c.student.train.min_lr(), 1e-4);
+        assert_eq!(c.cost.gpu_hour["H800"], 2.0);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_file() {
+        let err = parse("[student.train]\nlearning_rate = 0.1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(err.contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        let err = parse("[student.train]\nsteps = \"ten\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("steps"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_all_reported() {
+        let err = parse("[student.train]\nlr = -1.0\nbatch_size = 0\n[distill]\nalpha = 2.0\n")
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "student.train.lr",
+            "student.train.batch_size",
+            "distill.alpha",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn heads_must_divide_width() {
+        let err = parse("[student.model]\nhidden_size = 100\nnum_heads = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("student.model.num_heads"), "{err}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() -> Result<()> {
+        let c = parse("[run]\nname = \"x\"\n[student.train]\nsteps = 7\n")?;
+        let again = parse(&c.to_toml()?)?;
+        assert_eq!(c, again);
+        Ok(())
+    }
+}

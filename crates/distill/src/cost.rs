@@ -1,0 +1,249 @@
+//! The cost ledger: what each stage of a run cost in device-hours, dollars and
+//! FLOPs. Prices come from `[cost]` in the config; the default H800 price of
+//! $2 per GPU-hour is the one the DeepSeek-R1 Nature paper (2025, supplementary)
+//! used to price its training.
+//!
+//! Every finished stage is appended to `ledger.jsonl` (one JSON record per
+//! line, fsynced) and the whole table is rewritten to `cost.json`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::CostConfig;
+use crate::device::DeviceInfo;
+use crate::error::{Error, IoContext, Result};
+
+/// One completed stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StageCost {
+    pub stage: String,
+    pub device_kind: String,
+    pub device_name: String,
+    /// Billed units: CPU cores in use, or GPUs.
+    pub device_count: usize,
+    pub wall_seconds: f64,
+    pub device_hours: f64,
+    pub price_per_device_hour: f64,
+    pub dollars: f64,
+    /// Tokens the stage processed (padding excluded).
+    pub tokens: u64,
+    /// Estimated FLOPs of the model being trained or evaluated.
+    pub flops: f64,
+    /// Estimated FLOPs of the teacher's forward passes inside this stage.
+    pub teacher_flops: f64,
+    /// (flops + teacher_flops) / wall_seconds.
+    pub flops_per_second: f64,
+}
+
+/// The price of one device-hour for `dev` under `prices`.
+pub fn price_per_hour(prices: &CostConfig, dev: &DeviceInfo) -> f64 {
+    if dev.kind == "cpu" {
+        return prices.cpu_core_hour;
+    }
+    let name = dev.name.to_lowercase();
+    prices
+        .gpu_hour
+        .iter()
+        .find(|(k, _)| name.contains(&k.to_lowercase()))
+        .map_or(prices.default_gpu_hour, |(_, p)| *p)
+}
+
+impl StageCost {
+    pub fn new(
+        stage: &str,
+        dev: &DeviceInfo,
+        prices: &CostConfig,
+        wall_seconds: f64,
+        tokens: u64,
+        flops: f64,
+        teacher_flops: f64,
+    ) -> Self {
+        let device_hours = wall_seconds / 3600.0 * dev.count as f64;
+        let price = price_per_hour(prices, dev);
+        Self {
+            stage: stage.to_string(),
+            device_kind: dev.kind.clone(),
+            device_name: dev.name.clone(),
+            device_count: dev.count,
+            wall_seconds,
+            device_hours,
+            price_per_device_hour: price,
+            dollars: device_hours * price,
+            tokens,
+            flops,
+            teacher_flops,
+            flops_per_second: if wall_seconds > 0.0 {
+                (flops + teacher_flops) / wall_seconds
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CostSummary {
+    pub stages: Vec<StageCost>,
+    pub total_wall_seconds: f64,
+    pub total_device_hours: f64,
+    pub total_dollars: f64,
+    pub total_flops: f64,
+}
+
+/// The run's ledger, kept in `ledger.jsonl` and summarised in `cost.json`.
+pub struct Ledger {
+    dir: PathBuf,
+    pub stages: Vec<StageCost>,
+}
+
+impl Ledger {
+    pub fn new(run_dir: &Path) -> Self {
+        Self {
+            dir: run_dir.to_path_buf(),
+            stages: vec![],
+        }
+    }
+
+    /// Appends a stage to `ledger.jsonl` (fsynced) and rewrites `cost.json`.
+    pub fn record(&mut self, cost: StageCost) -> Result<()> {
+        let path = self.dir.join("ledger.jsonl");
+        let mut line = serde_json::to_string(&cost).map_err(|e| Error::Invalid(e.to_string()))?;
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .at(&path)?;
+        f.write_all(line.as_bytes()).at(&path)?;
+        f.sync_all().at(&path)?;
+        self.stages.push(cost);
+        let summary = serde_json::to_vec_pretty(&self.summary())
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::checkpoint::write_file(&self.dir.join("cost.json"), &summary)
+    }
+
+    pub fn summary(&self) -> CostSummary {
+        CostSummary {
+            stages: self.stages.clone(),
+            total_wall_seconds: self.stages.iter().map(|s| s.wall_seconds).sum(),
+            total_device_hours: self.stages.iter().map(|s| s.device_hours).sum(),
+            total_dollars: self.stages.iter().map(|s| s.dollars).sum(),
+            total_flops: self.stages.iter().map(|s| s.flops + s.teacher_flops).sum(),
+        }
+    }
+
+    /// A per-stage table with a total line, for the terminal and the report.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        s += &format!(
+            "{:<10} {:>9} {:>13} {:>11} {:>12} {:>11} {:>11}\n",
+            "stage", "wall s", "device-hours", "dollars", "tokens", "FLOPs", "FLOP/s"
+        );
+        for c in &self.stages {
+            s += &format!(
+                "{:<10} {:>9.1} {:>13.5} {:>11.5} {:>12} {:>11.3e} {:>11.3e}\n",
+                c.stage,
+                c.wall_seconds,
+                c.device_hours,
+                c.dollars,
+                c.tokens,
+                c.flops + c.teacher_flops,
+                c.flops_per_second
+            );
+        }
+        let t = self.summary();
+        s += &format!(
+            "{:<10} {:>9.1} {:>13.5} {:>11.5} {:>12} {:>11.3e}\n",
+            "total",
+            t.total_wall_seconds,
+            t.total_device_hours,
+            t.total_dollars,
+            self.stages.iter().map(|c| c.tokens).sum::<u64>(),
+            t.total_flops
+        );
+        if let Some(c) = self.stages.first() {
+            s += &format!(
+                "device: {} x {} ({}), ${:.4} per device-hour\n",
+                c.device_count, c.device_name, c.device_kind, c.price_per_device_hour
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(name: &str, count: usize) -> DeviceInfo {
+        DeviceInfo {
+            kind: "cuda".into(),
+            name: name.into(),
+            count,
+        }
+    }
+
+    #[test]
+    fn h800_is_priced_as_deepseek_did() {
+        // DeepSeek-R1 (Nature 2025): 512 H800 for about 80 h at $2/GPU-hour ~ $82K.
+        let c = StageCost::new(
+            "r1",
+            &gpu("NVIDIA H800", 512),
+            &CostConfig::default(),
+            80.0 * 3600.0,
+            0,
+            0.0,
+            0.0,
+        );
+        assert!((c.device_hours - 40_960.0).abs() < 1e-6);
+        assert!((c.dollars - 81_920.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn prices_match_gpu_names_and_fall_back_to_default() {
+        let p = CostConfig::default();
+        assert_eq!(price_per_hour(&p, &gpu("NVIDIA A100-SXM4-80GB", 1)), 1.5);
+        assert_eq!(price_per_hour(&p, &gpu("NVIDIA L4", 1)), p.default_gpu_hour);
+        let cpu = DeviceInfo {
+            kind: "cpu".into(),
+            name: "x".into(),
+            count: 2,
+        };
+        let c = StageCost::new("s", &cpu, &p, 3600.0, 10, 1e9, 1e9);
+        assert_eq!(c.device_hours, 2.0);
+        assert!((c.dollars - 2.0 * p.cpu_core_hour).abs() < 1e-12);
+        assert_eq!(c.flops_per_second, 2e9 / 3600.0);
+    }
+
+    #[test]
+    fn ledger_appends_and_totals() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut l = Ledger::new(dir.path());
+        let p = CostConfig::default();
+        l.record(StageCost::new(
+            "a",
+            &gpu("H100", 8),
+            &p,
+            1800.0,
+            5,
+            1.0,
+            0.0,
+        ))?;
+        l.record(StageCost::new("b", &gpu("H100", 8), &p, 900.0, 5, 2.0, 0.5))?;
+        let lines = std::fs::read_to_string(dir.path().join("ledger.jsonl"))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        assert_eq!(lines.lines().count(), 2);
+        let s: CostSummary = serde_json::from_slice(
+            &std::fs::read(dir.path().join("cost.json"))
+                .map_err(|e| Error::Invalid(e.to_string()))?,
+        )
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        assert!((s.total_device_hours - 6.0).abs() < 1e-9);
+        assert!((s.total_dollars - 15.0).abs() < 1e-9);
+        assert_eq!(s.total_flops, 3.5);
+        assert!(l.table().contains("total"));
+        Ok(())
+    }
+}

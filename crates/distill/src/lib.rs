@@ -1,0 +1,23 @@
+//! `distill`: teacher -> student knowledge distillation on candle, with a cost
+//! ledger. The pipeline reads top to bottom in `pipeline.rs`:
+//! data -> tokenizer -> model -> loss -> train -> checkpoint -> cost -> report.
+
+pub mod checkpoint;
+pub mod config;
+pub mod cost;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod pipeline;
+pub mod tokenizer;
+pub mod train;
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+/// The tensor library, re-exported so that callers use the same version.
+pub use candle_core as candle;

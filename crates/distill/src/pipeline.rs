@@ -1,0 +1,393 @@
+//! The whole job: data -> tokenizer -> teacher -> distilled student ->
+//! baseline student -> evaluation -> report, with a cost-ledger entry per stage.
+//!
+//! Run directory layout (`runs/<name>/`):
+//! ```text
+//! config.toml     resolved config     teacher/ student/ baseline/   checkpoints
+//! ledger.jsonl    one line per stage  cost.json                     cost summary
+//! report.json     all figures         report.md                     the same, for people
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+
+use crate::checkpoint::{self, SaveExtras};
+use crate::config::Config;
+use crate::cost::{Ledger, StageCost};
+use crate::data::{self, batch, Example};
+use crate::device::{self, DeviceInfo};
+use crate::error::{Error, IoContext, Result};
+use crate::generate::{self, Accuracy};
+use crate::model::{llama::fnv1a, Llama, ModelConfig};
+use crate::tokenizer::Tokenizer;
+use crate::train::{self, Progress, StageInput, Teacher};
+
+/// Options from the command line that override the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Replace an existing run directory.
+    pub force: bool,
+}
+
+/// Held-out figures of one model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReport {
+    pub name: String,
+    pub checkpoint: PathBuf,
+    pub params: usize,
+    pub eval_loss: f32,
+    pub accuracy: Option<f64>,
+    pub correct: usize,
+    pub evaluated: usize,
+    pub samples: Vec<generate::Sample>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub run_dir: PathBuf,
+    pub device: DeviceInfo,
+    pub models: Vec<ModelReport>,
+    pub cost: crate::cost::CostSummary,
+    pub cost_table: String,
+}
+
+/// Derived seeds, so that each use of the master seed is independent.
+fn sub_seed(seed: u64, what: &str) -> u64 {
+    seed ^ fnv1a(what.as_bytes())
+}
+
+/// Runs the whole pipeline described by `cfg`.
+pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<Report> {
+    let dev = device::open(device::parse_device_name(&cfg.run.device)?)?;
+    let info = device::describe(&dev);
+    let run_dir = cfg.run_dir();
+    if run_dir.exists() {
+        if !opts.force {
+            return Err(Error::RunExists(run_dir));
+        }
+        std::fs::remove_dir_all(&run_dir).at(&run_dir)?;
+    }
+    std::fs::create_dir_all(&run_dir).at(&run_dir)?;
+    let resolved = cfg.to_toml()?;
+    checkpoint::write_file(&run_dir.join("config.toml"), resolved.as_bytes())?;
+    let mut ledger = Ledger::new(&run_dir);
+    let seed = cfg.run.seed;
+
+    // Stage: prepare (data, tokenizer, teacher checkpoint if given).
+    let t0 = Instant::now();
+    progress.message(&format!(
+        "device: {} x {} ({})",
+        info.count, info.name, info.kind
+    ));
+    let splits = data::load(&cfg.data, seed)?;
+    let loaded_teacher = match &cfg.teacher.checkpoint {
+        Some(dir) => Some(checkpoint::load(dir, &dev)?),
+        None => None,
+    };
+    let tok = match (&cfg.tokenizer.path, &loaded_teacher) {
+        (Some(p), _) => Tokenizer::load(p)?,
+        (None, Some((_, t))) => Tokenizer::load_from(t)?,
+        (None, None) => {
+            let texts = splits
+                .train
+                .iter()
+                .flat_map(|e| [e.prompt.as_str(), e.completion.as_str()]);
+            Tokenizer::train(texts, cfg.tokenizer.vocab_size)?
+        }
+    };
+    tok.save(&run_dir.join("tokenizer.json"))?;
+    let vocab = tok.vocab_size();
+    if let (Some((teacher, _)), Some(p)) = (&loaded_teacher, &cfg.tokenizer.path) {
+        if teacher.cfg.vocab_size != vocab {
+            return Err(Error::Config {
+                path: p.clone(),
+                msg: format!(
+                    "teacher/student vocabulary mismatch: teacher {} has vocab_size {}, tokenizer.path has {vocab} tokens; \
+                     distillation needs one vocabulary (drop tokenizer.path to use the teacher's tokenizer)",
+                    cfg.teacher.checkpoint.as_deref().unwrap_or(Path::new("?")).display(),
+                    teacher.cfg.vocab_size
+                ),
+            });
+        }
+    }
+    let (train_enc, dropped) = batch::encode(&tok, &splits.train, cfg.data.seq_len)?;
+    let (eval_enc, _) = batch::encode(&tok, &splits.eval, cfg.data.seq_len)?;
+    if dropped > 0 {
+        progress.message(&format!("{dropped} training examples had no completion left after truncation to seq_len and were skipped"));
+    }
+    if train_enc.is_empty() || eval_enc.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no usable {} examples: every one is empty or its completion falls past data.seq_len = {}",
+            if train_enc.is_empty() { "training" } else { "held-out" },
+            cfg.data.seq_len
+        )));
+    }
+    progress.message(&format!(
+        "data: {} train / {} held-out examples, tokenizer: {vocab} tokens",
+        train_enc.len(),
+        eval_enc.len()
+    ));
+    ledger.record(StageCost::new(
+        "prepare",
+        &info,
+        &cfg.cost,
+        t0.elapsed().as_secs_f64(),
+        0,
+        0.0,
+        0.0,
+    ))?;
+
+    let save_to =
+        |dir: &Path, m: &Llama, opt: &crate::optim::AdamW, state: &checkpoint::TrainerState| {
+            let extras = SaveExtras {
+                tokenizer: &tok,
+                resolved_config: &resolved,
+                state: Some(state),
+                optimizer: Some(opt),
+            };
+            checkpoint::save(dir, m, &extras)
+        };
+    let stage_in = |name, seed| StageInput {
+        name,
+        train: &train_enc,
+        eval: &eval_enc,
+        pad: tok.pad,
+        seed,
+    };
+
+    // Stage: teacher.
+    let (teacher, teacher_dir) = match loaded_teacher {
+        Some((m, _)) => {
+            let dir = cfg.teacher.checkpoint.clone().unwrap_or_default();
+            progress.message(&format!("teacher: loaded from {}", dir.display()));
+            (m, dir)
+        }
+        None => {
+            let t0 = Instant::now();
+            let mcfg = ModelConfig::from_spec(&cfg.teacher.model, vocab, tok.bos, tok.eos, tok.pad);
+            let model = Llama::init(
+                mcfg,
+                cfg.teacher.model.init_std,
+                sub_seed(seed, "teacher-init"),
+                &dev,
+            )?;
+            let dir = run_dir.join("teacher");
+            let mut save = |m: &Llama, o: &_, s: &_| save_to(&dir, m, o, s);
+            let stats = train::train(
+                &stage_in("teacher", sub_seed(seed, "teacher-data")),
+                &model,
+                None,
+                &cfg.teacher.train,
+                &mut save,
+                progress,
+            )?;
+            ledger.record(StageCost::new(
+                "teacher",
+                &info,
+                &cfg.cost,
+                t0.elapsed().as_secs_f64(),
+                stats.tokens,
+                stats.flops,
+                0.0,
+            ))?;
+            (model, dir)
+        }
+    };
+
+    // Stages: the distilled student, then the baseline from the same initial
+    // weights and the same data order, without the teacher.
+    let scfg = ModelConfig::from_spec(&cfg.student.model, vocab, tok.bos, tok.eos, tok.pad);
+    let student_seed = sub_seed(seed, "student-init");
+    let kd = Teacher {
+        model: &teacher,
+        alpha: cfg.distill.alpha,
+        temperature: cfg.distill.temperature,
+    };
+    let mut students = Vec::new();
+    for (name, with_teacher) in [("student", true), ("baseline", false)] {
+        let t0 = Instant::now();
+        let model = Llama::init(scfg.clone(), cfg.student.model.init_std, student_seed, &dev)?;
+        let dir = run_dir.join(name);
+        let mut save = |m: &Llama, o: &_, s: &_| save_to(&dir, m, o, s);
+        let t = with_teacher.then_some(&kd);
+        let stats = train::train(
+            &stage_in(name, sub_seed(seed, "student-data")),
+            &model,
+            t,
+            &cfg.student.train,
+            &mut save,
+            progress,
+        )?;
+        ledger.record(StageCost::new(
+            name,
+            &info,
+            &cfg.cost,
+            t0.elapsed().as_secs_f64(),
+            stats.tokens,
+            stats.flops,
+            stats.teacher_flops,
+        ))?;
+        students.push((name, model, dir));
+    }
+
+    // Stage: evaluation of all three on the held-out set.
+    let t0 = Instant::now();
+    progress.message("evaluating on the held-out set");
+    let mut models = Vec::new();
+    let (mut eval_tokens, mut eval_flops) = (0u64, 0.0);
+    let all = std::iter::once(("teacher", &teacher, teacher_dir))
+        .chain(students.iter().map(|(n, m, d)| (*n, m, d.clone())));
+    for (name, model, dir) in all {
+        let (report, tokens, flops) =
+            evaluate(name, model, &tok, &dir, &eval_enc, &splits.eval, cfg)?;
+        eval_tokens += tokens;
+        eval_flops += flops;
+        models.push(report);
+    }
+    ledger.record(StageCost::new(
+        "eval",
+        &info,
+        &cfg.cost,
+        t0.elapsed().as_secs_f64(),
+        eval_tokens,
+        eval_flops,
+        0.0,
+    ))?;
+
+    let report = Report {
+        run_dir: run_dir.clone(),
+        device: info,
+        models,
+        cost: ledger.summary(),
+        cost_table: ledger.table(),
+    };
+    write_report(&run_dir, &report)?;
+    Ok(report)
+}
+
+/// Held-out loss and (for tasks with answers) greedy-decoding accuracy.
+fn evaluate(
+    name: &str,
+    model: &Llama,
+    tok: &Tokenizer,
+    dir: &Path,
+    eval_enc: &[batch::Encoded],
+    eval_examples: &[Example],
+    cfg: &Config,
+) -> Result<(ModelReport, u64, f64)> {
+    let eval_loss = train::eval_loss(model, eval_enc, cfg.eval.batch_size, tok.pad)?;
+    let tokens: u64 = eval_enc.iter().map(|e| (e.ids.len() - 1) as u64).sum();
+    let mut flops: f64 = eval_enc
+        .iter()
+        .map(|e| model.cfg.forward_flops_per_token(e.ids.len()) * (e.ids.len() - 1) as f64)
+        .sum();
+    let acc: Option<Accuracy> =
+        if eval_examples.iter().any(|e| e.answer.is_some()) && cfg.eval.examples > 0 {
+            Some(generate::accuracy(
+                model,
+                tok,
+                eval_examples,
+                cfg.eval.examples,
+                cfg.eval.max_new_tokens,
+                cfg.eval.batch_size,
+            )?)
+        } else {
+            None
+        };
+    flops += acc.as_ref().map_or(0.0, |a| a.flops);
+    let gen_tokens = acc.as_ref().map_or(0, |a| a.tokens);
+    Ok((
+        ModelReport {
+            name: name.to_string(),
+            checkpoint: dir.to_path_buf(),
+            params: model.cfg.num_params(),
+            eval_loss,
+            accuracy: acc.as_ref().map(|a| a.accuracy),
+            correct: acc.as_ref().map_or(0, |a| a.correct),
+            evaluated: acc.as_ref().map_or(0, |a| a.evaluated),
+            samples: acc
+                .map(|a| a.samples.into_iter().take(3).collect())
+                .unwrap_or_default(),
+        },
+        tokens + gen_tokens,
+        flops,
+    ))
+}
+
+/// `distill eval --checkpoint DIR`: rebuilds the held-out set from the
+/// checkpoint's own `distill.toml` (or `config`, when given) and evaluates it.
+pub fn eval_checkpoint(
+    dir: &Path,
+    config: Option<&Config>,
+    device: &Device,
+) -> Result<ModelReport> {
+    let (model, tok) = checkpoint::load(dir, device)?;
+    let cfg = match config {
+        Some(c) => c.clone(),
+        None => {
+            let p = dir.join("distill.toml");
+            if !p.is_file() {
+                return Err(Error::Checkpoint {
+                    path: dir.to_path_buf(),
+                    msg: "distill.toml is missing, so the held-out set is unknown; pass --config FILE".into(),
+                });
+            }
+            Config::load(&p)?
+        }
+    };
+    let splits = data::load(&cfg.data, cfg.run.seed)?;
+    let (eval_enc, _) = batch::encode(&tok, &splits.eval, cfg.data.seq_len)?;
+    let name = dir
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().to_string());
+    Ok(evaluate(&name, &model, &tok, dir, &eval_enc, &splits.eval, &cfg)?.0)
+}
+
+fn write_report(run_dir: &Path, r: &Report) -> Result<()> {
+    let json = serde_json::to_vec_pretty(r).map_err(|e| Error::Invalid(e.to_string()))?;
+    checkpoint::write_file(&run_dir.join("report.json"), &json)?;
+    checkpoint::write_file(&run_dir.join("report.md"), render(r).as_bytes())
+}
+
+/// The report as Markdown: the model table, the student-vs-baseline verdict, the cost table.
+pub fn render(r: &Report) -> String {
+    let mut s = format!("# distill run {}\n\n", r.run_dir.display());
+    s += "| model | params | held-out loss | held-out accuracy |\n|---|---:|---:|---:|\n";
+    for m in &r.models {
+        let acc = m.accuracy.map_or("-".into(), |a| {
+            format!("{:.1}% ({}/{})", 100.0 * a, m.correct, m.evaluated)
+        });
+        s += &format!(
+            "| {} | {} | {:.4} | {} |\n",
+            m.name, m.params, m.eval_loss, acc
+        );
+    }
+    s += "\n";
+    s += &verdict(r);
+    s += "\n\n## Cost\n\n```\n";
+    s += &r.cost_table;
+    s += "```\n";
+    s
+}
+
+/// One line comparing the distilled student with its baseline.
+pub fn verdict(r: &Report) -> String {
+    let get = |n: &str| r.models.iter().find(|m| m.name == n);
+    match (get("student"), get("baseline")) {
+        (Some(st), Some(b)) => match (st.accuracy, b.accuracy) {
+            (Some(sa), Some(ba)) => format!(
+                "Distilled student: {:.1}% held-out accuracy vs baseline {:.1}% ({:+.1} points); held-out loss {:.4} vs {:.4}.",
+                100.0 * sa,
+                100.0 * ba,
+                100.0 * (sa - ba),
+                st.eval_loss,
+                b.eval_loss
+            ),
+            _ => format!("Distilled student held-out loss {:.4} vs baseline {:.4}.", st.eval_loss, b.eval_loss),
+        },
+        _ => String::new(),
+    }
+}

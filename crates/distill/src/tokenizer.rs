@@ -1,0 +1,180 @@
+//! Tokenizers through the `tokenizers` crate: train a byte-level BPE on the run's
+//! text, or load any `tokenizer.json`; saved beside every checkpoint so that a
+//! checkpoint directory stands on its own.
+
+use std::path::Path;
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainer, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+use crate::error::{Error, Result};
+
+pub const PAD: &str = "<|pad|>";
+pub const BOS: &str = "<|bos|>";
+pub const EOS: &str = "<|eos|>";
+
+/// End-of-sequence names used by common model families, tried in order when a
+/// loaded tokenizer lacks ours.
+const EOS_ALIASES: &[&str] = &[
+    EOS,
+    "<|endoftext|>",
+    "</s>",
+    "<|im_end|>",
+    "<|end_of_text|>",
+    "<eos>",
+];
+const BOS_ALIASES: &[&str] = &[BOS, "<|im_start|>", "<s>", "<|begin_of_text|>", "<bos>"];
+const PAD_ALIASES: &[&str] = &[PAD, "<pad>", "<|finetune_right_pad_id|>"];
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos: u32,
+    pub eos: u32,
+    pub pad: u32,
+}
+
+impl Tokenizer {
+    /// Trains a byte-level BPE with single-digit number tokens (which makes
+    /// arithmetic learnable) on `texts`.
+    pub fn train<'a>(
+        texts: impl Iterator<Item = &'a str> + Send,
+        vocab_size: usize,
+    ) -> Result<Self> {
+        let mut inner = tokenizers::Tokenizer::new(BPE::default());
+        let pre: Vec<PreTokenizerWrapper> = vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ];
+        inner.with_pre_tokenizer(Some(Sequence::new(pre)));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials = [PAD, BOS, EOS].map(|s| AddedToken::from(s, true)).to_vec();
+        let mut trainer: TrainerWrapper = BpeTrainer::builder()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(specials)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        inner
+            .train(&mut trainer, texts)
+            .map_err(|e| Error::Tokenizer(format!("training failed: {e}")))?;
+        Self::wrap(inner).map_err(Error::Tokenizer)
+    }
+
+    /// Loads a `tokenizer.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("not a valid tokenizer.json: {e}"),
+        })?;
+        Self::wrap(inner).map_err(|msg| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+
+    fn wrap(inner: tokenizers::Tokenizer) -> std::result::Result<Self, String> {
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let eos = find(EOS_ALIASES)
+            .ok_or_else(|| format!("no end-of-sequence token (looked for {EOS_ALIASES:?})"))?;
+        let bos = find(BOS_ALIASES).unwrap_or(eos);
+        let pad = find(PAD_ALIASES).unwrap_or(eos);
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+        })
+    }
+
+    /// A copy of another tokenizer (e.g. a loaded teacher's).
+    pub fn load_from(other: &Tokenizer) -> Result<Self> {
+        Ok(Self {
+            inner: other.inner.clone(),
+            bos: other.bos,
+            eos: other.eos,
+            pad: other.pad,
+        })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| Error::Tokenizer(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// Vocabulary size including special tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Text of `ids`, special tokens dropped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trains_saves_and_reloads() -> Result<()> {
+        let texts = [
+            "Tom has 12 apples.",
+            "He buys 5 more.\n12 + 5 = 17\n#### 17",
+            "Ann has 3 pears.",
+        ];
+        let tok = Tokenizer::train(texts.iter().copied().cycle().take(60), 300)?;
+        let ids = tok.encode("Tom has 125 apples.\n#### 17")?;
+        assert_eq!(tok.decode(&ids)?, "Tom has 125 apples.\n#### 17");
+        // Digits are single tokens, so "125" is three of them.
+        let digits = tok.encode("125")?;
+        assert_eq!(digits.len(), 3);
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let path = dir.path().join("tokenizer.json");
+        tok.save(&path)?;
+        let again = Tokenizer::load(&path)?;
+        assert_eq!(
+            again.encode("Tom has 125 apples.")?,
+            tok.encode("Tom has 125 apples.")?
+        );
+        assert_eq!(
+            (again.bos, again.eos, again.pad),
+            (tok.bos, tok.eos, tok.pad)
+        );
+        assert_ne!(tok.eos, tok.pad);
+        Ok(())
+    }
+
+    #[test]
+    fn garbage_file_is_a_clear_error() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, b"{\"model\": 3").map_err(|e| Error::Invalid(e.to_string()))?;
+        let err = Tokenizer::load(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("tokenizer.json"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,228 @@
+//! The training loop, top to bottom: schedule, micro-batches, (teacher
+//! forward), loss, backward, accumulation, clipping, AdamW step, log, eval,
+//! checkpoint. One function serves the teacher, the distilled student and the
+//! baseline; only the presence of a teacher differs.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::checkpoint::TrainerState;
+use crate::config::TrainSpec;
+use crate::data::batch::{make_batch, Batch, Encoded, Order};
+use crate::error::{Error, Result};
+use crate::loss::distill_loss;
+use crate::model::Llama;
+use crate::optim::{clip_grad_norm, lr_at, AdamW};
+
+/// One logged optimiser step.
+#[derive(Debug, Clone)]
+pub struct StepLog {
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f32,
+    pub ce: f32,
+    pub kd: f32,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+    pub eval_loss: Option<f32>,
+}
+
+/// Receives progress; the CLI draws bars, tests stay silent.
+pub trait Progress {
+    fn stage_start(&self, _stage: &str, _total_steps: usize) {}
+    fn step(&self, _log: &StepLog) {}
+    fn message(&self, _msg: &str) {}
+    fn stage_end(&self) {}
+}
+
+/// Prints nothing.
+pub struct Silent;
+impl Progress for Silent {}
+
+/// The teacher side of logit distillation.
+pub struct Teacher<'a> {
+    pub model: &'a Llama,
+    /// Weight of the hard-label CE; 1 - alpha weighs the KD term.
+    pub alpha: f64,
+    pub temperature: f64,
+}
+
+pub struct StageInput<'a> {
+    pub name: &'a str,
+    pub train: &'a [Encoded],
+    pub eval: &'a [Encoded],
+    pub pad: u32,
+    /// Seed of the data order.
+    pub seed: u64,
+}
+
+/// What a stage did, for the ledger and the report.
+#[derive(Debug, Clone, Default)]
+pub struct StageStats {
+    pub steps: usize,
+    /// Non-padding input tokens processed.
+    pub tokens: u64,
+    /// FLOPs of the trained model (forward + backward, 3x forward).
+    pub flops: f64,
+    /// FLOPs of the teacher's forward passes.
+    pub teacher_flops: f64,
+    pub final_loss: f32,
+    pub final_eval_loss: f32,
+}
+
+/// Called with the model, optimiser and state whenever a checkpoint is due.
+pub type SaveFn<'a> = dyn FnMut(&Llama, &AdamW, &TrainerState) -> Result<()> + 'a;
+
+pub fn train(
+    input: &StageInput,
+    model: &Llama,
+    teacher: Option<&Teacher>,
+    spec: &TrainSpec,
+    save: &mut SaveFn,
+    progress: &dyn Progress,
+) -> Result<StageStats> {
+    if input.train.is_empty() {
+        return Err(Error::Invalid(format!(
+            "stage {}: no training examples",
+            input.name
+        )));
+    }
+    let device = model.device().clone();
+    let params = model.params();
+    let mut opt = AdamW::new(spec, params)?;
+    let mut order = Order::new(input.train.len(), input.seed);
+    let mut stats = StageStats::default();
+    let (alpha, temperature) = teacher.map_or((1.0, 1.0), |t| (t.alpha, t.temperature));
+    progress.stage_start(input.name, spec.steps);
+
+    for step in 0..spec.steps {
+        let t0 = Instant::now();
+        let lr = lr_at(spec, step);
+        let batches = (0..spec.grad_accum)
+            .map(|a| {
+                let idx = order.micro_batch(step * spec.grad_accum + a, spec.batch_size);
+                let items: Vec<&Encoded> = idx.iter().map(|&i| &input.train[i]).collect();
+                make_batch(&items, input.pad, &device)
+            })
+            .collect::<Result<Vec<Batch>>>()?;
+        // Normalise by the valid tokens of the whole step, not per micro-batch.
+        let denom: usize = batches.iter().map(|b| b.loss_tokens).sum();
+
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let (mut loss, mut ce, mut kd) = (0f32, 0f32, 0f32);
+        let mut step_tokens = 0u64;
+        for b in &batches {
+            let (_, t) = b.inputs.dims2()?;
+            let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
+            let teacher_logits = match teacher {
+                Some(tch) => {
+                    stats.teacher_flops +=
+                        tch.model.cfg.forward_flops_per_token(t) * b.positions as f64;
+                    Some(tch.model.forward(&b.inputs)?.flatten_to(1)?.detach()) // (B*T, V)
+                }
+                None => None,
+            };
+            let parts = distill_loss(
+                &logits,
+                teacher_logits.as_ref(),
+                &b.targets,
+                &b.mask,
+                alpha,
+                temperature,
+                denom as f64,
+            )?;
+            let total = parts.total.to_scalar::<f32>()?;
+            for (term, value) in [("loss", total), ("ce", parts.ce), ("kd", parts.kd)] {
+                if !value.is_finite() {
+                    return Err(Error::NonFinite {
+                        stage: input.name.to_string(),
+                        step,
+                        term,
+                        value,
+                    });
+                }
+            }
+            let g = parts.total.backward()?;
+            for (name, var) in params {
+                let gi = match g.get(var.as_tensor()) {
+                    Some(gi) => gi.clone(),
+                    None => var.as_tensor().zeros_like()?,
+                };
+                let acc = match grads.remove(name) {
+                    Some(prev) => (prev + gi)?,
+                    None => gi,
+                };
+                grads.insert(name.clone(), acc);
+            }
+            loss += total;
+            ce += parts.ce;
+            kd += parts.kd;
+            step_tokens += b.tokens as u64;
+            stats.flops += 3.0 * model.cfg.forward_flops_per_token(t) * b.positions as f64;
+        }
+        let grad_norm = clip_grad_norm(&mut grads, spec.grad_clip)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite {
+                stage: input.name.to_string(),
+                step,
+                term: "gradient norm",
+                value: grad_norm as f32,
+            });
+        }
+        opt.step(params, &grads, lr)?;
+        stats.tokens += step_tokens;
+        stats.steps = step + 1;
+        stats.final_loss = loss;
+
+        let last = step + 1 == spec.steps;
+        let eval_loss = if last || (spec.eval_every > 0 && (step + 1) % spec.eval_every == 0) {
+            let l = eval_loss(model, input.eval, spec.batch_size, input.pad)?;
+            stats.final_eval_loss = l;
+            Some(l)
+        } else {
+            None
+        };
+        progress.step(&StepLog {
+            step: step + 1,
+            total_steps: spec.steps,
+            loss,
+            ce,
+            kd,
+            lr,
+            grad_norm,
+            tokens_per_second: step_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            eval_loss,
+        });
+        if last || (spec.save_every > 0 && (step + 1) % spec.save_every == 0) {
+            let state = TrainerState {
+                stage: input.name.to_string(),
+                step: step + 1,
+                total_steps: spec.steps,
+                micro_batches: (step + 1) * spec.grad_accum,
+                seed: input.seed,
+                tokens_seen: stats.tokens as usize,
+                last_loss: Some(loss),
+            };
+            save(model, &opt, &state)?;
+        }
+    }
+    progress.stage_end();
+    Ok(stats)
+}
+
+/// Mean cross-entropy per completion token over `data` (teacher forcing).
+pub fn eval_loss(model: &Llama, data: &[Encoded], batch_size: usize, pad: u32) -> Result<f32> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in data.chunks(batch_size.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().collect();
+        let b = make_batch(&items, pad, model.device())?;
+        let logits = model.forward(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, V)
+        let parts = distill_loss(&logits, None, &b.targets, &b.mask, 1.0, 1.0, 1.0)?;
+        sum += parts.ce as f64;
+        n += b.loss_tokens;
+    }
+    Ok(if n == 0 { 0.0 } else { (sum / n as f64) as f32 })
+}
