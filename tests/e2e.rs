@@ -1,1 +1,330 @@
+//! End-to-end tests: they run the real `distill` binary on configs/tiny.toml
+//! and check what a user would check: the files it writes, that checkpoints
+//! reload, that runs are reproducible, and that bad input is a clear error.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_distill"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tiny() -> PathBuf {
+    repo().join("configs/tiny.toml")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("the distill binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "distill panicked:\n{stderr}");
+    out
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "distill failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs distill expecting failure; returns stderr.
+fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit code 1; stdout:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn tiny_run(out_dir: &Path) -> PathBuf {
+    ok(bin()
+        .arg("--config")
+        .arg(tiny())
+        .arg("--out-dir")
+        .arg(out_dir));
+    out_dir.join("tiny")
+}
+
+#[test]
+fn tiny_pipeline_writes_reloadable_checkpoints_ledger_and_report_and_is_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_a = tiny_run(&tmp.path().join("a"));
+
+    for stage in ["teacher", "student", "baseline"] {
+        let dir = run_a.join(stage);
+        for f in [
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "distill.toml",
+            "trainer_state.json",
+            "optimizer.safetensors",
+        ] {
+            assert!(dir.join(f).is_file(), "{}/{f} missing", dir.display());
+        }
+        let out = ok(bin().arg("eval").arg("--checkpoint").arg(&dir));
+        assert!(
+            out.contains("held-out loss:") && out.contains("held-out accuracy:"),
+            "{out}"
+        );
+    }
+
+    // The ledger has one record per stage, and cost.json totals them.
+    let ledger = std::fs::read_to_string(run_a.join("ledger.jsonl")).unwrap();
+    let stages: Vec<serde_json::Value> = ledger
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = stages
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["prepare", "teacher", "student", "baseline", "eval"]);
+    for s in &stages[1..] {
+        assert!(s["wall_seconds"].as_f64().unwrap() > 0.0);
+        assert!(s["tokens"].as_u64().unwrap() > 0, "{s}");
+        assert!(s["flops"].as_f64().unwrap() > 0.0, "{s}");
+        assert_eq!(s["device_kind"], "cpu");
+    }
+    assert!(
+        stages[2]["teacher_flops"].as_f64().unwrap() > 0.0,
+        "the KD stage counts the teacher's forward"
+    );
+    assert_eq!(
+        stages[3]["teacher_flops"].as_f64().unwrap(),
+        0.0,
+        "the baseline has no teacher"
+    );
+    let cost: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_a.join("cost.json")).unwrap()).unwrap();
+    let sum: f64 = stages.iter().map(|s| s["dollars"].as_f64().unwrap()).sum();
+    assert!((cost["total_dollars"].as_f64().unwrap() - sum).abs() < 1e-12);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_a.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["models"].as_array().unwrap().len(), 3);
+
+    // Same config and seed: bitwise-identical weights.
+    let run_b = tiny_run(&tmp.path().join("b"));
+    for stage in ["teacher", "student", "baseline"] {
+        let a = std::fs::read(run_a.join(stage).join("model.safetensors")).unwrap();
+        let b = std::fs::read(run_b.join(stage).join("model.safetensors")).unwrap();
+        assert!(
+            a == b,
+            "{stage} weights differ between two runs with the same seed"
+        );
+    }
+    // The distilled student and the baseline really differ (the teacher mattered).
+    let s = std::fs::read(run_a.join("student/model.safetensors")).unwrap();
+    let b = std::fs::read(run_a.join("baseline/model.safetensors")).unwrap();
+    assert_ne!(s, b);
+
+    // generate loads a checkpoint and continues a prompt.
+    let out = ok(bin()
+        .args([
+            "generate",
+            "--max-new-tokens",
+            "8",
+            "--prompt",
+            "Ava has 3 apples.",
+        ])
+        .arg("--checkpoint")
+        .arg(run_a.join("teacher")));
+    assert!(out.starts_with("Ava has 3 apples."), "{out}");
+
+    // An existing run directory is never overwritten without --force.
+    let before = std::fs::read(run_a.join("student/model.safetensors")).unwrap();
+    let err = fails(
+        bin()
+            .arg("--config")
+            .arg(tiny())
+            .arg("--out-dir")
+            .arg(tmp.path().join("a")),
+    );
+    assert!(
+        err.contains("--force") && err.contains("already exists"),
+        "{err}"
+    );
+    assert_eq!(
+        before,
+        std::fs::read(run_a.join("student/model.safetensors")).unwrap()
+    );
+
+    // A teacher loaded from a checkpoint; a tokenizer of another size is a clear error.
+    let cfg = tmp.path().join("from_teacher.toml");
+    let base = std::fs::read_to_string(tiny()).unwrap();
+    let with_teacher = base.replace(
+        "[teacher.model]",
+        &format!(
+            "[teacher]\ncheckpoint = {:?}\n\n[teacher.model]",
+            run_a.join("teacher").to_str().unwrap()
+        ),
+    );
+    std::fs::write(&cfg, &with_teacher).unwrap();
+    ok(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out-dir")
+        .arg(tmp.path().join("c")));
+    let c_student = std::fs::read(tmp.path().join("c/tiny/student/model.safetensors")).unwrap();
+    assert_eq!(
+        c_student, s,
+        "distilling from the saved teacher gives the same student"
+    );
+
+    let other_tok = tmp.path().join("other_tokenizer.json");
+    let small = base
+        .replace("vocab_size = 320", "vocab_size = 300")
+        .replace("name = \"tiny\"", "name = \"small_vocab\"");
+    let small_cfg = tmp.path().join("small_vocab.toml");
+    std::fs::write(&small_cfg, small).unwrap();
+    ok(bin()
+        .arg("--config")
+        .arg(&small_cfg)
+        .arg("--out-dir")
+        .arg(tmp.path().join("d")));
+    std::fs::copy(tmp.path().join("d/small_vocab/tokenizer.json"), &other_tok).unwrap();
+    let mismatch = with_teacher.replace(
+        "[tokenizer]",
+        &format!("[tokenizer]\npath = {:?}", other_tok.to_str().unwrap()),
+    );
+    std::fs::write(&cfg, mismatch).unwrap();
+    let err = fails(
+        bin()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--out-dir")
+            .arg(tmp.path().join("e")),
+    );
+    assert!(err.contains("vocabulary mismatch"), "{err}");
+}
+
+#[test]
+fn user_jsonl_and_text_data_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data.jsonl");
+    let lines: String = (0..40)
+        .map(|i| format!("{{\"prompt\": \"What is {i} plus 1?\\n\", \"completion\": \"{i} + 1 = {}\\n#### {}\"}}\n", i + 1, i + 1))
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let text = tmp.path().join("corpus.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog\n".repeat(200),
+    )
+    .unwrap();
+    let base = std::fs::read_to_string(tiny()).unwrap();
+    for (source, path) in [("jsonl", &data), ("text", &text)] {
+        let cfg = tmp.path().join(format!("{source}.toml"));
+        let body = base
+            .replace(
+                "source = \"arithmetic\"",
+                &format!("source = \"{source}\"\npath = {:?}", path.to_str().unwrap()),
+            )
+            .replace("steps = 30", "steps = 4");
+        std::fs::write(&cfg, body).unwrap();
+        ok(bin()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--out-dir")
+            .arg(tmp.path())
+            .arg("--name")
+            .arg(source));
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(tmp.path().join(source).join("report.json")).unwrap(),
+        )
+        .unwrap();
+        let student = &report["models"][1];
+        assert!(student["eval_loss"].as_f64().unwrap() > 0.0);
+        // JSONL completions end in `#### N`, so they are verified; text has no answers.
+        assert_eq!(student["accuracy"].is_null(), source == "text", "{student}");
+    }
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.toml");
+
+    std::fs::write(&cfg, "[student.train]\nlearning_rate = 0.1\n").unwrap();
+    let err = fails(bin().arg("--config").arg(&cfg));
+    assert!(
+        err.contains("bad.toml") && err.contains("learning_rate"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "[student.train]\nsteps = -3\n").unwrap();
+    let err = fails(bin().arg("--config").arg(&cfg));
+    assert!(err.contains("bad.toml") && err.contains("steps"), "{err}");
+
+    std::fs::write(&cfg, "[distill]\ntemperature = 0.0\n").unwrap();
+    let err = fails(bin().arg("--config").arg(&cfg));
+    assert!(err.contains("distill.temperature"), "{err}");
+
+    let err = fails(bin().arg("--config").arg(tmp.path().join("nope.toml")));
+    assert!(err.contains("nope.toml"), "{err}");
+
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\nsource = \"jsonl\"\npath = {:?}\n",
+            tmp.path().join("missing.jsonl")
+        ),
+    )
+    .unwrap();
+    let err = fails(
+        bin()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--out-dir")
+            .arg(tmp.path()),
+    );
+    assert!(err.contains("missing.jsonl"), "{err}");
+
+    let err = fails(
+        bin()
+            .arg("eval")
+            .arg("--checkpoint")
+            .arg(tmp.path().join("no_such_checkpoint")),
+    );
+    assert!(err.contains("no_such_checkpoint"), "{err}");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_request_without_cuda_build_is_refused_not_run_on_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fails(
+        bin()
+            .arg("--config")
+            .arg(tiny())
+            .arg("--device")
+            .arg("cuda")
+            .arg("--out-dir")
+            .arg(tmp.path()),
+    );
+    assert!(err.contains("--features cuda"), "{err}");
+    assert!(
+        !tmp.path().join("tiny").exists(),
+        "nothing may run after a refused device"
+    );
+}
+
+#[test]
+fn help_documents_every_subcommand() {
+    let out = ok(bin().arg("--help"));
+    for word in ["run", "eval", "generate", "--config", "--device", "--force"] {
+        assert!(out.contains(word), "--help lacks {word}:\n{out}");
+    }
+}

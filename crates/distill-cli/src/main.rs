@@ -11,6 +11,11 @@ use distill::train::{Progress, StepLog};
 use distill::Config;
 use indicatif::{ProgressBar, ProgressStyle};
 
+// Training allocates a fresh buffer for every op output; glibc returns large
+// ones to the OS and faults them back in on the next step. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Teacher -> student knowledge distillation on candle, with a cost ledger.
 ///
 /// `distill --config FILE` runs the whole job: train (or load) the teacher,

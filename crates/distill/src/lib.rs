@@ -21,3 +21,6 @@ pub use error::{Error, Result};
 
 /// The tensor library, re-exported so that callers use the same version.
 pub use candle_core as candle;
+
+// Only here to switch on gemm's AVX-512 kernels (feature x86-v4) for candle.
+use gemm as _;

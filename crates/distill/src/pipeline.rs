@@ -63,20 +63,11 @@ fn sub_seed(seed: u64, what: &str) -> u64 {
 pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<Report> {
     let dev = device::open(device::parse_device_name(&cfg.run.device)?)?;
     let info = device::describe(&dev);
-    let run_dir = cfg.run_dir();
-    if run_dir.exists() {
-        if !opts.force {
-            return Err(Error::RunExists(run_dir));
-        }
-        std::fs::remove_dir_all(&run_dir).at(&run_dir)?;
+    if cfg.run_dir().exists() && !opts.force {
+        return Err(Error::RunExists(cfg.run_dir()));
     }
-    std::fs::create_dir_all(&run_dir).at(&run_dir)?;
-    let resolved = cfg.to_toml()?;
-    checkpoint::write_file(&run_dir.join("config.toml"), resolved.as_bytes())?;
-    let mut ledger = Ledger::new(&run_dir);
-    let seed = cfg.run.seed;
-
     // Stage: prepare (data, tokenizer, teacher checkpoint if given).
+    let seed = cfg.run.seed;
     let t0 = Instant::now();
     progress.message(&format!(
         "device: {} x {} ({})",
@@ -98,7 +89,6 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
             Tokenizer::train(texts, cfg.tokenizer.vocab_size)?
         }
     };
-    tok.save(&run_dir.join("tokenizer.json"))?;
     let vocab = tok.vocab_size();
     if let (Some((teacher, _)), Some(p)) = (&loaded_teacher, &cfg.tokenizer.path) {
         if teacher.cfg.vocab_size != vocab {
@@ -125,6 +115,20 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
             cfg.data.seq_len
         )));
     }
+    // Inputs are all read and checked; only now is the run directory made.
+    let run_dir = cfg.run_dir();
+    if run_dir.exists() {
+        if !opts.force {
+            return Err(Error::RunExists(run_dir));
+        }
+        std::fs::remove_dir_all(&run_dir).at(&run_dir)?;
+    }
+    std::fs::create_dir_all(&run_dir).at(&run_dir)?;
+    let resolved = cfg.to_toml()?;
+    checkpoint::write_file(&run_dir.join("config.toml"), resolved.as_bytes())?;
+    let mut ledger = Ledger::new(&run_dir);
+    tok.save(&run_dir.join("tokenizer.json"))?;
+
     progress.message(&format!(
         "data: {} train / {} held-out examples, tokenizer: {vocab} tokens",
         train_enc.len(),

@@ -1,0 +1,315 @@
+//! The model really trains, matches candle-transformers' Llama, and its
+//! checkpoints really reload.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use distill::checkpoint::{self, SaveExtras, TrainerState};
+use distill::config::{ModelSpec, TrainSpec};
+use distill::model::{KvCache, Llama, ModelConfig};
+use distill::optim::AdamW;
+use distill::tokenizer::Tokenizer;
+
+type R = distill::Result<()>;
+
+fn cfg(tied: bool, bias: bool, kv_heads: usize) -> ModelConfig {
+    let spec = ModelSpec {
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: Some(kv_heads),
+        tie_embeddings: tied,
+        attention_bias: bias,
+        max_position_embeddings: 64,
+        ..ModelSpec::default()
+    };
+    ModelConfig::from_spec(&spec, 300, 1, 2, 0)
+}
+
+fn ids(b: usize, t: usize, seed: u32) -> Tensor {
+    let v: Vec<u32> = (0..b * t)
+        .map(|i| (i as u32 * 7919 + seed * 104_729) % 300)
+        .collect();
+    Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+}
+
+fn tokenizer() -> Tokenizer {
+    let texts = ["Ava has 3 apples. Then Ava buys 4 more.\n3 + 4 = 7\n#### 7"; 20];
+    Tokenizer::train(texts.iter().copied(), 300).unwrap()
+}
+
+#[test]
+fn every_parameter_gets_a_nonzero_gradient() -> R {
+    for (tied, bias, kv) in [(false, true, 2), (true, false, 4), (false, false, 1)] {
+        let m = Llama::init(cfg(tied, bias, kv), 0.02, 1, &Device::Cpu)?;
+        let x = ids(2, 12, 3);
+        let targets = ids(2, 12, 4).flatten_all()?;
+        let logits = m.forward(&x)?.flatten_to(1)?; // (B*T, V)
+        let mask = Tensor::ones(24, DType::F32, &Device::Cpu)?;
+        let loss = distill::loss::distill_loss(&logits, None, &targets, &mask, 1.0, 1.0, 24.0)?;
+        let grads = loss.total.backward()?;
+        let mut missing = vec![];
+        for (name, var) in m.params() {
+            let nonzero = match grads.get(var.as_tensor()) {
+                Some(g) => g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+                None => false,
+            };
+            if !nonzero {
+                missing.push(name.clone());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "tied={tied} bias={bias} kv={kv}: no gradient for {missing:?}"
+        );
+        assert!(m.params().len() >= 20);
+    }
+    Ok(())
+}
+
+#[test]
+fn one_training_step_lowers_the_loss() -> R {
+    let m = Llama::init(cfg(false, false, 2), 0.02, 5, &Device::Cpu)?;
+    let x = ids(4, 16, 1);
+    let targets = ids(4, 16, 2).flatten_all()?;
+    let mask = Tensor::ones(64, DType::F32, &Device::Cpu)?;
+    let spec = TrainSpec::default();
+    let mut opt = AdamW::new(&spec, m.params())?;
+    let loss_of = |m: &Llama| -> distill::Result<(Tensor, f32)> {
+        let logits = m.forward(&x)?.flatten_to(1)?;
+        let l = distill::loss::distill_loss(&logits, None, &targets, &mask, 1.0, 1.0, 64.0)?;
+        let v = l.total.to_scalar::<f32>()?;
+        Ok((l.total, v))
+    };
+    let (l0, before) = loss_of(&m)?;
+    let g = l0.backward()?;
+    let grads: BTreeMap<String, Tensor> = m
+        .params()
+        .iter()
+        .map(|(k, v)| (k.clone(), g.get(v.as_tensor()).unwrap().clone()))
+        .collect();
+    opt.step(m.params(), &grads, 1e-2)?;
+    let (_, after) = loss_of(&m)?;
+    assert!(after < before - 0.05, "loss {before} -> {after}");
+    Ok(())
+}
+
+/// Our last-position logits equal candle-transformers' Llama for the same weights.
+#[test]
+fn matches_candle_transformers_llama() -> R {
+    use candle_transformers::models::llama as ct;
+    for tied in [false, true] {
+        let m = Llama::init(cfg(tied, false, 2), 0.2, 11, &Device::Cpu)?;
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("ck");
+        let tok = tokenizer();
+        checkpoint::save(
+            &ck,
+            &m,
+            &SaveExtras {
+                tokenizer: &tok,
+                resolved_config: "",
+                state: None,
+                optimizer: None,
+            },
+        )?;
+        let hf: ct::LlamaConfig =
+            serde_json::from_slice(&std::fs::read(ck.join("config.json")).unwrap()).unwrap();
+        let hf = hf.into_config(false);
+        // SAFETY: the file was just written by us and is not modified while mapped.
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(
+                &[ck.join("model.safetensors")],
+                DType::F32,
+                &Device::Cpu,
+            )?
+        };
+        let theirs = ct::Llama::load(vb, &hf)?;
+        let mut cache = ct::Cache::new(false, DType::F32, &hf, &Device::Cpu)?;
+        let x = ids(1, 20, 9);
+        let want = theirs.forward(&x, 0, &mut cache)?.flatten_all()?; // (V,)
+        let ours = m.forward(&x)?.narrow(1, 19, 1)?.flatten_all()?;
+        let diff = (want - ours)?.abs()?.max(D::Minus1)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "tied={tied}: max |diff| = {diff}");
+    }
+    Ok(())
+}
+
+#[test]
+fn kv_cache_gives_the_same_logits_as_a_full_forward() -> R {
+    let m = Llama::init(cfg(false, true, 2), 0.2, 3, &Device::Cpu)?;
+    let x = ids(2, 10, 5);
+    let full = m.forward(&x)?; // (B, T, V)
+    let mut cache = KvCache::new();
+    let mut parts = vec![m.forward_cached(&x.narrow(1, 0, 6)?, Some(&mut cache))?];
+    for t in 6..10 {
+        parts.push(m.forward_cached(&x.narrow(1, t, 1)?, Some(&mut cache))?);
+    }
+    assert_eq!(cache.len(), 10);
+    let inc = Tensor::cat(&parts, 1)?;
+    let diff = (full - inc)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert!(diff < 1e-4, "max |diff| = {diff}");
+    Ok(())
+}
+
+#[test]
+fn same_seed_gives_bitwise_identical_weights() -> R {
+    let a = Llama::init(cfg(false, true, 2), 0.02, 42, &Device::Cpu)?.tensors();
+    let b = Llama::init(cfg(false, true, 2), 0.02, 42, &Device::Cpu)?.tensors();
+    let c = Llama::init(cfg(false, true, 2), 0.02, 43, &Device::Cpu)?.tensors();
+    let bits = |m: &BTreeMap<String, Tensor>| -> Vec<u32> {
+        m.values()
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .map(f32::to_bits)
+            .collect()
+    };
+    assert_eq!(bits(&a), bits(&b));
+    assert_ne!(bits(&a), bits(&c));
+    Ok(())
+}
+
+#[test]
+fn checkpoint_reloads_model_tokenizer_and_optimizer() -> R {
+    let m = Llama::init(cfg(false, true, 2), 0.02, 8, &Device::Cpu)?;
+    let tok = tokenizer();
+    let mut opt = AdamW::new(&TrainSpec::default(), m.params())?;
+    let grads: BTreeMap<String, Tensor> = m
+        .params()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.ones_like().unwrap()))
+        .collect();
+    opt.step(m.params(), &grads, 1e-3)?;
+    let state = TrainerState {
+        stage: "student".into(),
+        step: 1,
+        total_steps: 10,
+        micro_batches: 1,
+        seed: 3,
+        tokens_seen: 100,
+        last_loss: Some(1.5),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("student");
+    let extras = SaveExtras {
+        tokenizer: &tok,
+        resolved_config: "[run]\nname = \"x\"\n",
+        state: Some(&state),
+        optimizer: Some(&opt),
+    };
+    checkpoint::save(&ck, &m, &extras)?;
+    // Saving again replaces the directory atomically and leaves no temp folders.
+    checkpoint::save(&ck, &m, &extras)?;
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("student")]);
+
+    let (m2, tok2) = checkpoint::load(&ck, &Device::Cpu)?;
+    assert_eq!(m2.cfg, m.cfg);
+    let x = ids(2, 8, 1);
+    let a = m.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = m2.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(a, b, "reloaded weights must be bitwise equal");
+    assert_eq!(tok2.encode("Ava has 3")?, tok.encode("Ava has 3")?);
+
+    let mut opt2 = AdamW::new(&TrainSpec::default(), m2.params())?;
+    let s2 = checkpoint::load_training_state(&ck, &mut opt2, &Device::Cpu)?;
+    assert_eq!(s2, state);
+    assert_eq!(opt2.step, 1);
+    for (k, t) in &opt.v {
+        assert_eq!(
+            t.flatten_all()?.to_vec1::<f32>()?,
+            opt2.v[k].flatten_all()?.to_vec1::<f32>()?
+        );
+    }
+    // The HF metadata that transformers checks is present.
+    let bytes = std::fs::read(ck.join("model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
+        Some("pt")
+    );
+    let hf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        hf["model_type"], "qwen2",
+        "q/k/v biases are saved as a Qwen2 config"
+    );
+    Ok(())
+}
+
+#[test]
+fn damaged_checkpoints_are_clear_errors_not_panics() -> R {
+    let m = Llama::init(cfg(true, false, 2), 0.02, 8, &Device::Cpu)?;
+    let tok = tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    let extras = SaveExtras {
+        tokenizer: &tok,
+        resolved_config: "",
+        state: None,
+        optimizer: None,
+    };
+    checkpoint::save(&good, &m, &extras)?;
+    let copy = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+            std::fs::copy(good.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let load_err = |d: &std::path::Path| -> String {
+        match checkpoint::load(d, &Device::Cpu) {
+            Ok(_) => panic!("{} loaded but is damaged", d.display()),
+            Err(e) => e.to_string(),
+        }
+    };
+
+    let d = copy("missing");
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("model.safetensors is missing"), "{e}");
+
+    for cut in [0usize, 7, 100, 5000] {
+        let d = copy(&format!("trunc{cut}"));
+        let bytes = std::fs::read(good.join("model.safetensors")).unwrap();
+        std::fs::write(
+            d.join("model.safetensors"),
+            &bytes[..cut.min(bytes.len() - 1)],
+        )
+        .unwrap();
+        let e = load_err(&d);
+        assert!(e.contains("model.safetensors"), "{e}");
+    }
+
+    let d = copy("badjson");
+    std::fs::write(d.join("config.json"), b"{\"hidden_size\": 32,").unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("config.json") && e.contains("JSON"), "{e}");
+
+    let d = copy("badshape");
+    let mut hf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(good.join("config.json")).unwrap()).unwrap();
+    hf["intermediate_size"] = 50.into();
+    std::fs::write(d.join("config.json"), serde_json::to_vec(&hf).unwrap()).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("mlp.") && e.contains("has shape"), "{e}");
+
+    let d = copy("vocab");
+    hf["intermediate_size"] = 48.into();
+    hf["vocab_size"] = 100.into();
+    std::fs::write(d.join("config.json"), serde_json::to_vec(&hf).unwrap()).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("vocab_size"), "{e}");
+    Ok(())
+}
