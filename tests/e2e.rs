@@ -2,6 +2,8 @@
 //! and check what a user would check: the files it writes, that checkpoints
 //! reload, that runs are reproducible, and that bad input is a clear error.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -49,11 +51,7 @@ fn fails(cmd: &mut Command) -> String {
 }
 
 fn tiny_run(out_dir: &Path) -> PathBuf {
-    ok(bin()
-        .arg("--config")
-        .arg(tiny())
-        .arg("--out-dir")
-        .arg(out_dir));
+    ok(bin().arg("--config").arg(tiny()).arg("--out-dir").arg(out_dir));
     out_dir.join("tiny")
 }
 
@@ -83,14 +81,8 @@ fn tiny_pipeline_writes_reloadable_checkpoints_ledger_and_report_and_is_reproduc
 
     // The ledger has one record per stage, and cost.json totals them.
     let ledger = std::fs::read_to_string(run_a.join("ledger.jsonl")).unwrap();
-    let stages: Vec<serde_json::Value> = ledger
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let names: Vec<&str> = stages
-        .iter()
-        .map(|s| s["stage"].as_str().unwrap())
-        .collect();
+    let stages: Vec<serde_json::Value> = ledger.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(names, ["prepare", "teacher", "student", "baseline", "eval"]);
     for s in &stages[1..] {
         assert!(s["wall_seconds"].as_f64().unwrap() > 0.0);
@@ -107,12 +99,10 @@ fn tiny_pipeline_writes_reloadable_checkpoints_ledger_and_report_and_is_reproduc
         0.0,
         "the baseline has no teacher"
     );
-    let cost: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run_a.join("cost.json")).unwrap()).unwrap();
+    let cost: serde_json::Value = serde_json::from_slice(&std::fs::read(run_a.join("cost.json")).unwrap()).unwrap();
     let sum: f64 = stages.iter().map(|s| s["dollars"].as_f64().unwrap()).sum();
     assert!((cost["total_dollars"].as_f64().unwrap() - sum).abs() < 1e-12);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run_a.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(run_a.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["models"].as_array().unwrap().len(), 3);
 
     // Same config and seed: bitwise-identical weights.
@@ -120,10 +110,7 @@ fn tiny_pipeline_writes_reloadable_checkpoints_ledger_and_report_and_is_reproduc
     for stage in ["teacher", "student", "baseline"] {
         let a = std::fs::read(run_a.join(stage).join("model.safetensors")).unwrap();
         let b = std::fs::read(run_b.join(stage).join("model.safetensors")).unwrap();
-        assert!(
-            a == b,
-            "{stage} weights differ between two runs with the same seed"
-        );
+        assert!(a == b, "{stage} weights differ between two runs with the same seed");
     }
     // The distilled student and the baseline really differ (the teacher mattered).
     let s = std::fs::read(run_a.join("student/model.safetensors")).unwrap();
@@ -132,13 +119,7 @@ fn tiny_pipeline_writes_reloadable_checkpoints_ledger_and_report_and_is_reproduc
 
     // generate loads a checkpoint and continues a prompt.
     let out = ok(bin()
-        .args([
-            "generate",
-            "--max-new-tokens",
-            "8",
-            "--prompt",
-            "Ava has 3 apples.",
-        ])
+        .args(["generate", "--max-new-tokens", "8", "--prompt", "Ava has 3 apples."])
         .arg("--checkpoint")
         .arg(run_a.join("teacher")));
     assert!(out.starts_with("Ava has 3 apples."), "{out}");
@@ -152,14 +133,8 @@ fn tiny_pipeline_writes_reloadable_checkpoints_ledger_and_report_and_is_reproduc
             .arg("--out-dir")
             .arg(tmp.path().join("a")),
     );
-    assert!(
-        err.contains("--force") && err.contains("already exists"),
-        "{err}"
-    );
-    assert_eq!(
-        before,
-        std::fs::read(run_a.join("student/model.safetensors")).unwrap()
-    );
+    assert!(err.contains("--force") && err.contains("already exists"), "{err}");
+    assert_eq!(before, std::fs::read(run_a.join("student/model.safetensors")).unwrap());
 
     // A teacher loaded from a checkpoint; a tokenizer of another size is a clear error.
     let cfg = tmp.path().join("from_teacher.toml");
@@ -178,10 +153,7 @@ fn tiny_pipeline_writes_reloadable_checkpoints_ledger_and_report_and_is_reproduc
         .arg("--out-dir")
         .arg(tmp.path().join("c")));
     let c_student = std::fs::read(tmp.path().join("c/tiny/student/model.safetensors")).unwrap();
-    assert_eq!(
-        c_student, s,
-        "distilling from the saved teacher gives the same student"
-    );
+    assert_eq!(c_student, s, "distilling from the saved teacher gives the same student");
 
     let other_tok = tmp.path().join("other_tokenizer.json");
     let small = base
@@ -215,15 +187,17 @@ fn user_jsonl_and_text_data_train() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data.jsonl");
     let lines: String = (0..40)
-        .map(|i| format!("{{\"prompt\": \"What is {i} plus 1?\\n\", \"completion\": \"{i} + 1 = {}\\n#### {}\"}}\n", i + 1, i + 1))
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"What is {i} plus 1?\\n\", \"completion\": \"{i} + 1 = {}\\n#### {}\"}}\n",
+                i + 1,
+                i + 1
+            )
+        })
         .collect();
     std::fs::write(&data, lines).unwrap();
     let text = tmp.path().join("corpus.txt");
-    std::fs::write(
-        &text,
-        "the quick brown fox jumps over the lazy dog\n".repeat(200),
-    )
-    .unwrap();
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog\n".repeat(200)).unwrap();
     let base = std::fs::read_to_string(tiny()).unwrap();
     for (source, path) in [("jsonl", &data), ("text", &text)] {
         let cfg = tmp.path().join(format!("{source}.toml"));
@@ -241,10 +215,8 @@ fn user_jsonl_and_text_data_train() {
             .arg(tmp.path())
             .arg("--name")
             .arg(source));
-        let report: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(tmp.path().join(source).join("report.json")).unwrap(),
-        )
-        .unwrap();
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.path().join(source).join("report.json")).unwrap()).unwrap();
         let student = &report["models"][1];
         assert!(student["eval_loss"].as_f64().unwrap() > 0.0);
         // JSONL completions end in `#### N`, so they are verified; text has no answers.
@@ -259,10 +231,7 @@ fn bad_input_is_a_clear_error() {
 
     std::fs::write(&cfg, "[student.train]\nlearning_rate = 0.1\n").unwrap();
     let err = fails(bin().arg("--config").arg(&cfg));
-    assert!(
-        err.contains("bad.toml") && err.contains("learning_rate"),
-        "{err}"
-    );
+    assert!(err.contains("bad.toml") && err.contains("learning_rate"), "{err}");
 
     std::fs::write(&cfg, "[student.train]\nsteps = -3\n").unwrap();
     let err = fails(bin().arg("--config").arg(&cfg));
@@ -283,13 +252,7 @@ fn bad_input_is_a_clear_error() {
         ),
     )
     .unwrap();
-    let err = fails(
-        bin()
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--out-dir")
-            .arg(tmp.path()),
-    );
+    let err = fails(bin().arg("--config").arg(&cfg).arg("--out-dir").arg(tmp.path()));
     assert!(err.contains("missing.jsonl"), "{err}");
 
     let err = fails(

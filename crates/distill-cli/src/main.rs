@@ -104,14 +104,7 @@ fn main() -> ExitCode {
             temperature,
             seed,
             device,
-        }) => generate(
-            checkpoint,
-            &prompt,
-            max_new_tokens,
-            temperature,
-            seed,
-            &device,
-        ),
+        }) => generate(checkpoint, &prompt, max_new_tokens, temperature, seed, &device),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,9 +116,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let path = args.config.context(
-        "no config given; run `distill --config configs/small.toml` (see `distill --help`)",
-    )?;
+    let path = args
+        .config
+        .context("no config given; run `distill --config configs/small.toml` (see `distill --help`)")?;
     let mut cfg = Config::load(&path)?;
     if let Some(d) = args.device {
         distill::device::parse_device_name(&d)?;
@@ -144,9 +137,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn open_device(name: &str) -> anyhow::Result<distill::candle::Device> {
-    Ok(distill::device::open(distill::device::parse_device_name(
-        name,
-    )?)?)
+    Ok(distill::device::open(distill::device::parse_device_name(name)?)?)
 }
 
 fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::Result<()> {
@@ -157,12 +148,7 @@ fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::R
     println!("params: {}", r.params);
     println!("held-out loss: {:.4}", r.eval_loss);
     match r.accuracy {
-        Some(a) => println!(
-            "held-out accuracy: {:.1}% ({}/{})",
-            100.0 * a,
-            r.correct,
-            r.evaluated
-        ),
+        Some(a) => println!("held-out accuracy: {:.1}% ({}/{})", 100.0 * a, r.correct, r.evaluated),
         None => println!("held-out accuracy: n/a (the data has no verifiable answers)"),
     }
     Ok(())
@@ -200,10 +186,9 @@ struct Bars {
 impl Progress for Bars {
     fn stage_start(&self, stage: &str, total: usize) {
         let pb = ProgressBar::new(total as u64);
-        let style =
-            ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
+        let style = ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
         pb.set_style(style);
         pb.set_prefix(stage.to_string());
         *self.bar.borrow_mut() = Some(pb);

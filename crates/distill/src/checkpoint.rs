@@ -6,6 +6,7 @@
 //! config.json              HF LlamaConfig (or Qwen2Config with q/k/v biases)
 //! generation_config.json   bos/eos/pad ids
 //! tokenizer.json           the tokenizer
+//! tokenizer_config.json    what AutoTokenizer needs to load it
 //! distill.toml             the resolved run config
 //! trainer_state.json       step, data position, seed, stage totals
 //! optimizer.safetensors    AdamW moments ("m.<name>", "v.<name>")
@@ -87,9 +88,9 @@ pub fn save(dir: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
     write_file(&tmp.join("generation_config.json"), &pretty(&gen)?)?;
     let tok_path = tmp.join("tokenizer.json");
     extras.tokenizer.save(&tok_path)?;
-    File::open(&tok_path)
-        .and_then(|f| f.sync_all())
-        .at(&tok_path)?;
+    File::open(&tok_path).and_then(|f| f.sync_all()).at(&tok_path)?;
+    let tok_cfg = extras.tokenizer.hf_config(cfg.max_position_embeddings);
+    write_file(&tmp.join("tokenizer_config.json"), &pretty(&tok_cfg)?)?;
     write_file(&tmp.join("distill.toml"), extras.resolved_config.as_bytes())?;
     if let Some(state) = extras.state {
         let json = serde_json::to_value(state).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -171,15 +172,11 @@ fn write_safetensors_meta(
                 .map_err(|e| err(path, format!("cannot build tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| err(path, format!("cannot serialise: {e}")))?;
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| err(path, format!("cannot serialise: {e}")))?;
     write_file(path, &bytes)
 }
 
-fn read_safetensors(
-    path: &Path,
-    device: &Device,
-) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+fn read_safetensors(path: &Path, device: &Device) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).at(path)?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
         err(
@@ -200,7 +197,9 @@ fn require(dir: &Path, file: &str) -> Result<PathBuf> {
     } else {
         Err(err(
             dir,
-            format!("{file} is missing; a checkpoint directory needs model.safetensors, config.json and tokenizer.json"),
+            format!(
+                "{file} is missing; a checkpoint directory needs model.safetensors, config.json and tokenizer.json"
+            ),
         ))
     }
 }
@@ -241,8 +240,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
 pub fn load_training_state(dir: &Path, opt: &mut AdamW, device: &Device) -> Result<TrainerState> {
     let sp = require(dir, "trainer_state.json")?;
     let text = std::fs::read_to_string(&sp).at(&sp)?;
-    let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| err(&sp, format!("malformed: {e}")))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| err(&sp, format!("malformed: {e}")))?;
     let op = require(dir, "optimizer.safetensors")?;
     let (mut tensors, meta) = read_safetensors(&op, device)?;
     opt.step = meta

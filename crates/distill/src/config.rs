@@ -344,8 +344,7 @@ impl Config {
 
     /// The resolved config, every default written out.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string_pretty(self)
-            .map_err(|e| Error::Invalid(format!("cannot write config as TOML: {e}")))
+        toml::to_string_pretty(self).map_err(|e| Error::Invalid(format!("cannot write config as TOML: {e}")))
     }
 
     /// The run directory, `<out_dir>/<name>`.
@@ -354,10 +353,7 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        let mut v = Validator {
-            path,
-            errors: vec![],
-        };
+        let mut v = Validator { path, errors: vec![] };
         let r = &self.run;
         v.check(
             !r.name.is_empty() && !r.name.contains(['/', '\\']) && r.name != "." && r.name != "..",
@@ -387,24 +383,14 @@ impl Config {
                     "must be > 0",
                     d.eval_examples,
                 );
-                v.check(
-                    d.min_steps >= 1,
-                    "data.min_steps",
-                    "must be >= 1",
-                    d.min_steps,
-                );
+                v.check(d.min_steps >= 1, "data.min_steps", "must be >= 1", d.min_steps);
                 v.check(
                     d.max_steps >= d.min_steps,
                     "data.max_steps",
                     "must be >= data.min_steps",
                     d.max_steps,
                 );
-                v.check(
-                    d.max_steps <= 12,
-                    "data.max_steps",
-                    "must be <= 12",
-                    d.max_steps,
-                );
+                v.check(d.max_steps <= 12, "data.max_steps", "must be <= 12", d.max_steps);
                 v.check(
                     (2..=100_000).contains(&d.max_operand),
                     "data.max_operand",
@@ -506,24 +492,14 @@ impl Validator<'_> {
 
     fn model(&mut self, m: &ModelSpec, prefix: &str, seq_len: usize) {
         let k = |s: &str| format!("{prefix}.{s}");
-        self.check(
-            m.hidden_size > 0,
-            &k("hidden_size"),
-            "must be > 0",
-            m.hidden_size,
-        );
+        self.check(m.hidden_size > 0, &k("hidden_size"), "must be > 0", m.hidden_size);
         self.check(
             m.intermediate_size > 0,
             &k("intermediate_size"),
             "must be > 0",
             m.intermediate_size,
         );
-        self.check(
-            m.num_layers > 0,
-            &k("num_layers"),
-            "must be > 0",
-            m.num_layers,
-        );
+        self.check(m.num_layers > 0, &k("num_layers"), "must be > 0", m.num_layers);
         self.check(m.num_heads > 0, &k("num_heads"), "must be > 0", m.num_heads);
         if m.num_heads > 0 {
             self.check(
@@ -547,18 +523,8 @@ impl Validator<'_> {
                 kv,
             );
         }
-        self.check(
-            m.rope_theta > 0.0,
-            &k("rope_theta"),
-            "must be > 0",
-            m.rope_theta,
-        );
-        self.check(
-            m.rms_norm_eps > 0.0,
-            &k("rms_norm_eps"),
-            "must be > 0",
-            m.rms_norm_eps,
-        );
+        self.check(m.rope_theta > 0.0, &k("rope_theta"), "must be > 0", m.rope_theta);
+        self.check(m.rms_norm_eps > 0.0, &k("rms_norm_eps"), "must be > 0", m.rms_norm_eps);
         self.check(
             m.init_std > 0.0 && m.init_std < 1.0,
             &k("init_std"),
@@ -576,24 +542,9 @@ impl Validator<'_> {
     fn train(&mut self, t: &TrainSpec, prefix: &str) {
         let k = |s: &str| format!("{prefix}.{s}");
         self.check(t.steps > 0, &k("steps"), "must be > 0", t.steps);
-        self.check(
-            t.batch_size > 0,
-            &k("batch_size"),
-            "must be > 0",
-            t.batch_size,
-        );
-        self.check(
-            t.grad_accum > 0,
-            &k("grad_accum"),
-            "must be > 0",
-            t.grad_accum,
-        );
-        self.check(
-            t.lr > 0.0 && t.lr < 1.0,
-            &k("lr"),
-            "must be in (0, 1)",
-            t.lr,
-        );
+        self.check(t.batch_size > 0, &k("batch_size"), "must be > 0", t.batch_size);
+        self.check(t.grad_accum > 0, &k("grad_accum"), "must be > 0", t.grad_accum);
+        self.check(t.lr > 0.0 && t.lr < 1.0, &k("lr"), "must be in (0, 1)", t.lr);
         let min_lr = t.min_lr();
         self.check(
             (0.0..=t.lr).contains(&min_lr),
@@ -613,18 +564,8 @@ impl Validator<'_> {
             "must be in [0, 1)",
             t.weight_decay,
         );
-        self.check(
-            (0.0..1.0).contains(&t.beta1),
-            &k("beta1"),
-            "must be in [0, 1)",
-            t.beta1,
-        );
-        self.check(
-            (0.0..1.0).contains(&t.beta2),
-            &k("beta2"),
-            "must be in [0, 1)",
-            t.beta2,
-        );
+        self.check((0.0..1.0).contains(&t.beta1), &k("beta1"), "must be in [0, 1)", t.beta1);
+        self.check((0.0..1.0).contains(&t.beta2), &k("beta2"), "must be in [0, 1)", t.beta2);
         self.check(t.eps > 0.0, &k("eps"), "must be > 0", t.eps);
         self.check(
             t.grad_clip >= 0.0 && t.grad_clip.is_finite(),
@@ -665,18 +606,14 @@ mod tests {
 
     #[test]
     fn unknown_key_names_the_key_and_file() {
-        let err = parse("[student.train]\nlearning_rate = 0.1\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse("[student.train]\nlearning_rate = 0.1\n").unwrap_err().to_string();
         assert!(err.contains("test.toml"), "{err}");
         assert!(err.contains("learning_rate"), "{err}");
     }
 
     #[test]
     fn wrong_type_is_an_error() {
-        let err = parse("[student.train]\nsteps = \"ten\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse("[student.train]\nsteps = \"ten\"\n").unwrap_err().to_string();
         assert!(err.contains("steps"), "{err}");
     }
 
@@ -685,11 +622,7 @@ mod tests {
         let err = parse("[student.train]\nlr = -1.0\nbatch_size = 0\n[distill]\nalpha = 2.0\n")
             .unwrap_err()
             .to_string();
-        for key in [
-            "student.train.lr",
-            "student.train.batch_size",
-            "distill.alpha",
-        ] {
+        for key in ["student.train.lr", "student.train.batch_size", "distill.alpha"] {
             assert!(err.contains(key), "{key} missing from: {err}");
         }
     }

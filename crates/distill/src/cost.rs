@@ -119,8 +119,7 @@ impl Ledger {
         f.write_all(line.as_bytes()).at(&path)?;
         f.sync_all().at(&path)?;
         self.stages.push(cost);
-        let summary = serde_json::to_vec_pretty(&self.summary())
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let summary = serde_json::to_vec_pretty(&self.summary()).map_err(|e| Error::Invalid(e.to_string()))?;
         crate::checkpoint::write_file(&self.dir.join("cost.json"), &summary)
     }
 
@@ -222,22 +221,13 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
         let mut l = Ledger::new(dir.path());
         let p = CostConfig::default();
-        l.record(StageCost::new(
-            "a",
-            &gpu("H100", 8),
-            &p,
-            1800.0,
-            5,
-            1.0,
-            0.0,
-        ))?;
+        l.record(StageCost::new("a", &gpu("H100", 8), &p, 1800.0, 5, 1.0, 0.0))?;
         l.record(StageCost::new("b", &gpu("H100", 8), &p, 900.0, 5, 2.0, 0.5))?;
-        let lines = std::fs::read_to_string(dir.path().join("ledger.jsonl"))
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let lines =
+            std::fs::read_to_string(dir.path().join("ledger.jsonl")).map_err(|e| Error::Invalid(e.to_string()))?;
         assert_eq!(lines.lines().count(), 2);
         let s: CostSummary = serde_json::from_slice(
-            &std::fs::read(dir.path().join("cost.json"))
-                .map_err(|e| Error::Invalid(e.to_string()))?,
+            &std::fs::read(dir.path().join("cost.json")).map_err(|e| Error::Invalid(e.to_string()))?,
         )
         .map_err(|e| Error::Invalid(e.to_string()))?;
         assert!((s.total_device_hours - 6.0).abs() < 1e-9);

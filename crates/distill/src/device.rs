@@ -21,11 +21,7 @@ pub fn parse_device_name(s: &str) -> Result<DeviceName> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
             .map(DeviceName::Cuda)
-            .ok_or_else(|| {
-                Error::Device(format!(
-                    "unknown device {other:?}; use \"cpu\", \"cuda\" or \"cuda:N\""
-                ))
-            }),
+            .ok_or_else(|| Error::Device(format!("unknown device {other:?}; use \"cpu\", \"cuda\" or \"cuda:N\""))),
     }
 }
 

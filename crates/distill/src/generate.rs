@@ -25,12 +25,7 @@ pub struct Sampling {
 /// Decodes continuations of `prompts`, which must all have the same length
 /// (callers group prompts by length, so no padding or attention mask is needed).
 /// Returns the new ids of each prompt, without the final EOS, and the FLOPs spent.
-pub fn generate_batch(
-    model: &Llama,
-    prompts: &[Vec<u32>],
-    eos: u32,
-    s: &Sampling,
-) -> Result<(Vec<Vec<u32>>, f64)> {
+pub fn generate_batch(model: &Llama, prompts: &[Vec<u32>], eos: u32, s: &Sampling) -> Result<(Vec<Vec<u32>>, f64)> {
     let b = prompts.len();
     let t0 = prompts.first().map_or(0, |p| p.len());
     if b == 0 || t0 == 0 || prompts.iter().any(|p| p.len() != t0) {
@@ -57,9 +52,7 @@ pub fn generate_batch(
         let next: Vec<u32> = if s.temperature <= 0.0 {
             last.argmax(D::Minus1)?.to_vec1::<u32>()?
         } else {
-            let rows = (last / s.temperature)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
+            let rows = (last / s.temperature)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             rows.iter().map(|r| sample(r, &mut rng)).collect()
         };
         for (i, &tok) in next.iter().enumerate() {
@@ -125,11 +118,7 @@ pub fn accuracy(
     max_new_tokens: usize,
     batch_size: usize,
 ) -> Result<Accuracy> {
-    let chosen: Vec<&Example> = examples
-        .iter()
-        .filter(|e| e.answer.is_some())
-        .take(limit)
-        .collect();
+    let chosen: Vec<&Example> = examples.iter().filter(|e| e.answer.is_some()).take(limit).collect();
     // Group by prompt length so that each batch needs no padding.
     let mut by_len: BTreeMap<usize, Vec<(usize, Vec<u32>)>> = BTreeMap::new();
     for (i, e) in chosen.iter().enumerate() {

@@ -43,12 +43,7 @@ impl AdamW {
 
     /// One update with learning rate `lr`. Weight decay applies to matrices
     /// only, not to norm gains or biases.
-    pub fn step(
-        &mut self,
-        params: &BTreeMap<String, Var>,
-        grads: &BTreeMap<String, Tensor>,
-        lr: f64,
-    ) -> Result<()> {
+    pub fn step(&mut self, params: &BTreeMap<String, Var>, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2 = 1.0 - self.beta2.powi(self.step as i32);
@@ -109,8 +104,7 @@ pub fn lr_at(spec: &TrainSpec, step: usize) -> f64 {
     }
     let span = (spec.steps - warmup).max(1) as f64;
     let progress = ((step - warmup) as f64 / span).min(1.0);
-    spec.min_lr()
-        + 0.5 * (spec.lr - spec.min_lr()) * (1.0 + (std::f64::consts::PI * progress).cos())
+    spec.min_lr() + 0.5 * (spec.lr - spec.min_lr()) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
 #[cfg(test)]
@@ -144,13 +138,9 @@ mod tests {
         };
         let w = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0]], &Device::Cpu)?)?;
         let b = Var::from_tensor(&Tensor::new(&[0.5f32], &Device::Cpu)?)?;
-        let params: BTreeMap<_, _> =
-            [("w".to_string(), w.clone()), ("b".to_string(), b.clone())].into();
+        let params: BTreeMap<_, _> = [("w".to_string(), w.clone()), ("b".to_string(), b.clone())].into();
         let grads: BTreeMap<_, _> = [
-            (
-                "w".to_string(),
-                Tensor::new(&[[0.3f32, -4.0]], &Device::Cpu)?,
-            ),
+            ("w".to_string(), Tensor::new(&[[0.3f32, -4.0]], &Device::Cpu)?),
             ("b".to_string(), Tensor::new(&[-0.2f32], &Device::Cpu)?),
         ]
         .into();
@@ -158,18 +148,9 @@ mod tests {
         opt.step(&params, &grads, 0.01)?;
         let w1 = w.as_tensor().to_vec2::<f32>()?;
         let b1 = b.as_tensor().to_vec1::<f32>()?;
-        assert!(
-            (w1[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6,
-            "{w1:?}"
-        );
-        assert!(
-            (w1[0][1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6,
-            "{w1:?}"
-        );
-        assert!(
-            (b1[0] - (0.5 + 0.01)).abs() < 1e-6,
-            "bias is not decayed: {b1:?}"
-        );
+        assert!((w1[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6, "{w1:?}");
+        assert!((w1[0][1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6, "{w1:?}");
+        assert!((b1[0] - (0.5 + 0.01)).abs() < 1e-6, "bias is not decayed: {b1:?}");
         Ok(())
     }
 

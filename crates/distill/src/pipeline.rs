@@ -69,10 +69,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     // Stage: prepare (data, tokenizer, teacher checkpoint if given).
     let seed = cfg.run.seed;
     let t0 = Instant::now();
-    progress.message(&format!(
-        "device: {} x {} ({})",
-        info.count, info.name, info.kind
-    ));
+    progress.message(&format!("device: {} x {} ({})", info.count, info.name, info.kind));
     let splits = data::load(&cfg.data, seed)?;
     let loaded_teacher = match &cfg.teacher.checkpoint {
         Some(dir) => Some(checkpoint::load(dir, &dev)?),
@@ -106,7 +103,9 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     let (train_enc, dropped) = batch::encode(&tok, &splits.train, cfg.data.seq_len)?;
     let (eval_enc, _) = batch::encode(&tok, &splits.eval, cfg.data.seq_len)?;
     if dropped > 0 {
-        progress.message(&format!("{dropped} training examples had no completion left after truncation to seq_len and were skipped"));
+        progress.message(&format!(
+            "{dropped} training examples had no completion left after truncation to seq_len and were skipped"
+        ));
     }
     if train_enc.is_empty() || eval_enc.is_empty() {
         return Err(Error::Invalid(format!(
@@ -144,16 +143,15 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         0.0,
     ))?;
 
-    let save_to =
-        |dir: &Path, m: &Llama, opt: &crate::optim::AdamW, state: &checkpoint::TrainerState| {
-            let extras = SaveExtras {
-                tokenizer: &tok,
-                resolved_config: &resolved,
-                state: Some(state),
-                optimizer: Some(opt),
-            };
-            checkpoint::save(dir, m, &extras)
+    let save_to = |dir: &Path, m: &Llama, opt: &crate::optim::AdamW, state: &checkpoint::TrainerState| {
+        let extras = SaveExtras {
+            tokenizer: &tok,
+            resolved_config: &resolved,
+            state: Some(state),
+            optimizer: Some(opt),
         };
+        checkpoint::save(dir, m, &extras)
+    };
     let stage_in = |name, seed| StageInput {
         name,
         train: &train_enc,
@@ -172,12 +170,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         None => {
             let t0 = Instant::now();
             let mcfg = ModelConfig::from_spec(&cfg.teacher.model, vocab, tok.bos, tok.eos, tok.pad);
-            let model = Llama::init(
-                mcfg,
-                cfg.teacher.model.init_std,
-                sub_seed(seed, "teacher-init"),
-                &dev,
-            )?;
+            let model = Llama::init(mcfg, cfg.teacher.model.init_std, sub_seed(seed, "teacher-init"), &dev)?;
             let dir = run_dir.join("teacher");
             let mut save = |m: &Llama, o: &_, s: &_| save_to(&dir, m, o, s);
             let stats = train::train(
@@ -242,11 +235,10 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     progress.message("evaluating on the held-out set");
     let mut models = Vec::new();
     let (mut eval_tokens, mut eval_flops) = (0u64, 0.0);
-    let all = std::iter::once(("teacher", &teacher, teacher_dir))
-        .chain(students.iter().map(|(n, m, d)| (*n, m, d.clone())));
+    let all =
+        std::iter::once(("teacher", &teacher, teacher_dir)).chain(students.iter().map(|(n, m, d)| (*n, m, d.clone())));
     for (name, model, dir) in all {
-        let (report, tokens, flops) =
-            evaluate(name, model, &tok, &dir, &eval_enc, &splits.eval, cfg)?;
+        let (report, tokens, flops) = evaluate(name, model, &tok, &dir, &eval_enc, &splits.eval, cfg)?;
         eval_tokens += tokens;
         eval_flops += flops;
         models.push(report);
@@ -288,19 +280,18 @@ fn evaluate(
         .iter()
         .map(|e| model.cfg.forward_flops_per_token(e.ids.len()) * (e.ids.len() - 1) as f64)
         .sum();
-    let acc: Option<Accuracy> =
-        if eval_examples.iter().any(|e| e.answer.is_some()) && cfg.eval.examples > 0 {
-            Some(generate::accuracy(
-                model,
-                tok,
-                eval_examples,
-                cfg.eval.examples,
-                cfg.eval.max_new_tokens,
-                cfg.eval.batch_size,
-            )?)
-        } else {
-            None
-        };
+    let acc: Option<Accuracy> = if eval_examples.iter().any(|e| e.answer.is_some()) && cfg.eval.examples > 0 {
+        Some(generate::accuracy(
+            model,
+            tok,
+            eval_examples,
+            cfg.eval.examples,
+            cfg.eval.max_new_tokens,
+            cfg.eval.batch_size,
+        )?)
+    } else {
+        None
+    };
     flops += acc.as_ref().map_or(0.0, |a| a.flops);
     let gen_tokens = acc.as_ref().map_or(0, |a| a.tokens);
     Ok((
@@ -312,9 +303,7 @@ fn evaluate(
             accuracy: acc.as_ref().map(|a| a.accuracy),
             correct: acc.as_ref().map_or(0, |a| a.correct),
             evaluated: acc.as_ref().map_or(0, |a| a.evaluated),
-            samples: acc
-                .map(|a| a.samples.into_iter().take(3).collect())
-                .unwrap_or_default(),
+            samples: acc.map(|a| a.samples.into_iter().take(3).collect()).unwrap_or_default(),
         },
         tokens + gen_tokens,
         flops,
@@ -323,11 +312,7 @@ fn evaluate(
 
 /// `distill eval --checkpoint DIR`: rebuilds the held-out set from the
 /// checkpoint's own `distill.toml` (or `config`, when given) and evaluates it.
-pub fn eval_checkpoint(
-    dir: &Path,
-    config: Option<&Config>,
-    device: &Device,
-) -> Result<ModelReport> {
+pub fn eval_checkpoint(dir: &Path, config: Option<&Config>, device: &Device) -> Result<ModelReport> {
     let (model, tok) = checkpoint::load(dir, device)?;
     let cfg = match config {
         Some(c) => c.clone(),
@@ -364,10 +349,7 @@ pub fn render(r: &Report) -> String {
         let acc = m.accuracy.map_or("-".into(), |a| {
             format!("{:.1}% ({}/{})", 100.0 * a, m.correct, m.evaluated)
         });
-        s += &format!(
-            "| {} | {} | {:.4} | {} |\n",
-            m.name, m.params, m.eval_loss, acc
-        );
+        s += &format!("| {} | {} | {:.4} | {} |\n", m.name, m.params, m.eval_loss, acc);
     }
     s += "\n";
     s += &verdict(r);

@@ -20,14 +20,7 @@ pub const EOS: &str = "<|eos|>";
 
 /// End-of-sequence names used by common model families, tried in order when a
 /// loaded tokenizer lacks ours.
-const EOS_ALIASES: &[&str] = &[
-    EOS,
-    "<|endoftext|>",
-    "</s>",
-    "<|im_end|>",
-    "<|end_of_text|>",
-    "<eos>",
-];
+const EOS_ALIASES: &[&str] = &[EOS, "<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>"];
 const BOS_ALIASES: &[&str] = &[BOS, "<|im_start|>", "<s>", "<|begin_of_text|>", "<bos>"];
 const PAD_ALIASES: &[&str] = &[PAD, "<pad>", "<|finetune_right_pad_id|>"];
 
@@ -41,15 +34,9 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Trains a byte-level BPE with single-digit number tokens (which makes
     /// arithmetic learnable) on `texts`.
-    pub fn train<'a>(
-        texts: impl Iterator<Item = &'a str> + Send,
-        vocab_size: usize,
-    ) -> Result<Self> {
+    pub fn train<'a>(texts: impl Iterator<Item = &'a str> + Send, vocab_size: usize) -> Result<Self> {
         let mut inner = tokenizers::Tokenizer::new(BPE::default());
-        let pre: Vec<PreTokenizerWrapper> = vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ];
+        let pre: Vec<PreTokenizerWrapper> = vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()];
         inner.with_pre_tokenizer(Some(Sequence::new(pre)));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         let specials = [PAD, BOS, EOS].map(|s| AddedToken::from(s, true)).to_vec();
@@ -81,16 +68,10 @@ impl Tokenizer {
 
     fn wrap(inner: tokenizers::Tokenizer) -> std::result::Result<Self, String> {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let eos = find(EOS_ALIASES)
-            .ok_or_else(|| format!("no end-of-sequence token (looked for {EOS_ALIASES:?})"))?;
+        let eos = find(EOS_ALIASES).ok_or_else(|| format!("no end-of-sequence token (looked for {EOS_ALIASES:?})"))?;
         let bos = find(BOS_ALIASES).unwrap_or(eos);
         let pad = find(PAD_ALIASES).unwrap_or(eos);
-        Ok(Self {
-            inner,
-            bos,
-            eos,
-            pad,
-        })
+        Ok(Self { inner, bos, eos, pad })
     }
 
     /// A copy of another tokenizer (e.g. a loaded teacher's).
@@ -107,6 +88,26 @@ impl Tokenizer {
         self.inner
             .save(path, false)
             .map_err(|e| Error::Tokenizer(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// The text of a token id.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Hugging Face `tokenizer_config.json`, so that `AutoTokenizer` loads the
+    /// directory as a fast tokenizer with our special tokens.
+    pub fn hf_config(&self, model_max_length: usize) -> serde_json::Value {
+        serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.token(self.bos),
+            "eos_token": self.token(self.eos),
+            "pad_token": self.token(self.pad),
+            "add_bos_token": false,
+            "add_eos_token": false,
+            "clean_up_tokenization_spaces": false,
+            "model_max_length": model_max_length,
+        })
     }
 
     /// Vocabulary size including special tokens.
@@ -153,14 +154,8 @@ mod tests {
         let path = dir.path().join("tokenizer.json");
         tok.save(&path)?;
         let again = Tokenizer::load(&path)?;
-        assert_eq!(
-            again.encode("Tom has 125 apples.")?,
-            tok.encode("Tom has 125 apples.")?
-        );
-        assert_eq!(
-            (again.bos, again.eos, again.pad),
-            (tok.bos, tok.eos, tok.pad)
-        );
+        assert_eq!(again.encode("Tom has 125 apples.")?, tok.encode("Tom has 125 apples.")?);
+        assert_eq!((again.bos, again.eos, again.pad), (tok.bos, tok.eos, tok.pad));
         assert_ne!(tok.eos, tok.pad);
         Ok(())
     }
@@ -170,10 +165,7 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
         let path = dir.path().join("tokenizer.json");
         std::fs::write(&path, b"{\"model\": 3").map_err(|e| Error::Invalid(e.to_string()))?;
-        let err = Tokenizer::load(&path)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = Tokenizer::load(&path).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("tokenizer.json"), "{err}");
         Ok(())
     }

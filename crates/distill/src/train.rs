@@ -85,10 +85,7 @@ pub fn train(
     progress: &dyn Progress,
 ) -> Result<StageStats> {
     if input.train.is_empty() {
-        return Err(Error::Invalid(format!(
-            "stage {}: no training examples",
-            input.name
-        )));
+        return Err(Error::Invalid(format!("stage {}: no training examples", input.name)));
     }
     let device = model.device().clone();
     let params = model.params();
@@ -119,8 +116,7 @@ pub fn train(
             let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
             let teacher_logits = match teacher {
                 Some(tch) => {
-                    stats.teacher_flops +=
-                        tch.model.cfg.forward_flops_per_token(t) * b.positions as f64;
+                    stats.teacher_flops += tch.model.cfg.forward_flops_per_token(t) * b.positions as f64;
                     Some(tch.model.forward(&b.inputs)?.flatten_to(1)?.detach()) // (B*T, V)
                 }
                 None => None,

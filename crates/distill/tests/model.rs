@@ -1,6 +1,8 @@
 //! The model really trains, matches candle-transformers' Llama, and its
 //! checkpoints really reload.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -28,9 +30,7 @@ fn cfg(tied: bool, bias: bool, kv_heads: usize) -> ModelConfig {
 }
 
 fn ids(b: usize, t: usize, seed: u32) -> Tensor {
-    let v: Vec<u32> = (0..b * t)
-        .map(|i| (i as u32 * 7919 + seed * 104_729) % 300)
-        .collect();
+    let v: Vec<u32> = (0..b * t).map(|i| (i as u32 * 7919 + seed * 104_729) % 300).collect();
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
 }
 
@@ -114,16 +114,11 @@ fn matches_candle_transformers_llama() -> R {
                 optimizer: None,
             },
         )?;
-        let hf: ct::LlamaConfig =
-            serde_json::from_slice(&std::fs::read(ck.join("config.json")).unwrap()).unwrap();
+        let hf: ct::LlamaConfig = serde_json::from_slice(&std::fs::read(ck.join("config.json")).unwrap()).unwrap();
         let hf = hf.into_config(false);
         // SAFETY: the file was just written by us and is not modified while mapped.
         let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(
-                &[ck.join("model.safetensors")],
-                DType::F32,
-                &Device::Cpu,
-            )?
+            candle_nn::VarBuilder::from_mmaped_safetensors(&[ck.join("model.safetensors")], DType::F32, &Device::Cpu)?
         };
         let theirs = ct::Llama::load(vb, &hf)?;
         let mut cache = ct::Cache::new(false, DType::F32, &hf, &Device::Cpu)?;
@@ -148,11 +143,7 @@ fn kv_cache_gives_the_same_logits_as_a_full_forward() -> R {
     }
     assert_eq!(cache.len(), 10);
     let inc = Tensor::cat(&parts, 1)?;
-    let diff = (full - inc)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
+    let diff = (full - inc)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     assert!(diff < 1e-4, "max |diff| = {diff}");
     Ok(())
 }
@@ -238,12 +229,8 @@ fn checkpoint_reloads_model_tokenizer_and_optimizer() -> R {
             .map(String::as_str),
         Some("pt")
     );
-    let hf: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(ck.join("config.json")).unwrap()).unwrap();
-    assert_eq!(
-        hf["model_type"], "qwen2",
-        "q/k/v biases are saved as a Qwen2 config"
-    );
+    let hf: serde_json::Value = serde_json::from_slice(&std::fs::read(ck.join("config.json")).unwrap()).unwrap();
+    assert_eq!(hf["model_type"], "qwen2", "q/k/v biases are saved as a Qwen2 config");
     Ok(())
 }
 
@@ -283,11 +270,7 @@ fn damaged_checkpoints_are_clear_errors_not_panics() -> R {
     for cut in [0usize, 7, 100, 5000] {
         let d = copy(&format!("trunc{cut}"));
         let bytes = std::fs::read(good.join("model.safetensors")).unwrap();
-        std::fs::write(
-            d.join("model.safetensors"),
-            &bytes[..cut.min(bytes.len() - 1)],
-        )
-        .unwrap();
+        std::fs::write(d.join("model.safetensors"), &bytes[..cut.min(bytes.len() - 1)]).unwrap();
         let e = load_err(&d);
         assert!(e.contains("model.safetensors"), "{e}");
     }
@@ -298,8 +281,7 @@ fn damaged_checkpoints_are_clear_errors_not_panics() -> R {
     assert!(e.contains("config.json") && e.contains("JSON"), "{e}");
 
     let d = copy("badshape");
-    let mut hf: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(good.join("config.json")).unwrap()).unwrap();
+    let mut hf: serde_json::Value = serde_json::from_slice(&std::fs::read(good.join("config.json")).unwrap()).unwrap();
     hf["intermediate_size"] = 50.into();
     std::fs::write(d.join("config.json"), serde_json::to_vec(&hf).unwrap()).unwrap();
     let e = load_err(&d);

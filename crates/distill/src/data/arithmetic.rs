@@ -18,12 +18,11 @@ pub struct Difficulty {
 }
 
 const NAMES: &[&str] = &[
-    "Ava", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena", "Milo",
-    "Nora", "Omar", "Pia", "Quin", "Rosa", "Sam", "Tara",
+    "Ava", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena", "Milo", "Nora", "Omar",
+    "Pia", "Quin", "Rosa", "Sam", "Tara",
 ];
 const ITEMS: &[&str] = &[
-    "apples", "marbles", "coins", "books", "stickers", "shells", "pencils", "cards", "eggs",
-    "stamps",
+    "apples", "marbles", "coins", "books", "stickers", "shells", "pencils", "cards", "eggs", "stamps",
 ];
 
 /// One problem drawn from `rng`.
@@ -65,9 +64,7 @@ pub fn problem(rng: &mut ChaCha8Rng, d: &Difficulty) -> Example {
                 value - b
             }
             _ => {
-                let (k, word) = *[(2, "doubles"), (3, "triples")]
-                    .choose(rng)
-                    .unwrap_or(&(2, "doubles"));
+                let (k, word) = *[(2, "doubles"), (3, "triples")].choose(rng).unwrap_or(&(2, "doubles"));
                 text += &format!(" Then {name} {word} the {item}.");
                 solution.push(format!("{value} * {k} = {}", value * k));
                 value * k
@@ -94,11 +91,7 @@ pub fn generate(n: usize, d: &Difficulty, seed: u64, stream: u64) -> Vec<Example
 pub fn extract_answer(text: &str) -> Option<i64> {
     let (_, tail) = text.rsplit_once("####")?;
     let token = tail.split_whitespace().next()?;
-    token
-        .trim_end_matches(['.', ','])
-        .replace(',', "")
-        .parse()
-        .ok()
+    token.trim_end_matches(['.', ',']).replace(',', "").parse().ok()
 }
 
 /// Whether `completion` ends in the expected answer.

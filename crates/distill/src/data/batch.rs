@@ -20,11 +20,7 @@ pub struct Encoded {
 
 /// Encodes examples; examples left with no completion token after truncation
 /// are dropped, and their number returned.
-pub fn encode(
-    tok: &Tokenizer,
-    examples: &[Example],
-    seq_len: usize,
-) -> Result<(Vec<Encoded>, usize)> {
+pub fn encode(tok: &Tokenizer, examples: &[Example], seq_len: usize) -> Result<(Vec<Encoded>, usize)> {
     let mut out = Vec::with_capacity(examples.len());
     let mut dropped = 0;
     for ex in examples {
@@ -97,11 +93,7 @@ pub struct Order {
 
 impl Order {
     pub fn new(n: usize, seed: u64) -> Self {
-        Self {
-            n,
-            seed,
-            cached: None,
-        }
+        Self { n, seed, cached: None }
     }
 
     fn perm(&mut self, epoch: usize) -> &[usize] {
@@ -112,10 +104,7 @@ impl Order {
             p.shuffle(&mut rng);
             self.cached = Some((epoch, p));
         }
-        self.cached
-            .as_ref()
-            .map(|(_, p)| p.as_slice())
-            .unwrap_or(&[])
+        self.cached.as_ref().map(|(_, p)| p.as_slice()).unwrap_or(&[])
     }
 
     /// Indices of micro-batch `k` of size `bs`.
@@ -148,14 +137,8 @@ mod tests {
             b.inputs.to_vec2::<u32>()?,
             vec![vec![1, 10, 11, 20, 21], vec![1, 10, 20, 0, 0]]
         );
-        assert_eq!(
-            b.targets.to_vec1::<u32>()?,
-            vec![10, 11, 20, 21, 2, 10, 20, 2, 0, 0]
-        );
-        assert_eq!(
-            b.mask.to_vec1::<f32>()?,
-            vec![0., 0., 1., 1., 1., 0., 1., 1., 0., 0.]
-        );
+        assert_eq!(b.targets.to_vec1::<u32>()?, vec![10, 11, 20, 21, 2, 10, 20, 2, 0, 0]);
+        assert_eq!(b.mask.to_vec1::<f32>()?, vec![0., 0., 1., 1., 1., 0., 1., 1., 0., 0.]);
         assert_eq!(b.loss_tokens, 5);
         Ok(())
     }

@@ -175,11 +175,7 @@ mod tests {
     fn jsonl_errors_name_the_line() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
         let p = dir.path().join("d.jsonl");
-        std::fs::write(
-            &p,
-            "{\"prompt\":\"a\",\"completion\":\"b #### 2\"}\n{\"prompt\":1}\n",
-        )
-        .at(&p)?;
+        std::fs::write(&p, "{\"prompt\":\"a\",\"completion\":\"b #### 2\"}\n{\"prompt\":1}\n").at(&p)?;
         let err = read_jsonl(&p).unwrap_err().to_string();
         assert!(err.contains("d.jsonl") && err.contains("line 2"), "{err}");
         std::fs::write(&p, "{\"prompt\":\"a\",\"completion\":\"b #### 2\"}\n\n").at(&p)?;
@@ -192,9 +188,7 @@ mod tests {
     fn text_is_cut_into_pieces_and_split() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
         let p = dir.path().join("t.txt");
-        let body: String = (0..200)
-            .map(|i| format!("line number {i} of the text\n"))
-            .collect();
+        let body: String = (0..200).map(|i| format!("line number {i} of the text\n")).collect();
         std::fs::write(&p, &body).at(&p)?;
         let pieces = read_text(&p, 16)?;
         assert!(pieces.len() > 10);

@@ -84,11 +84,7 @@ mod tests {
         let mask = Tensor::new(&[1f32, 1.], &Device::Cpu)?;
         let l = distill_loss(&s, Some(&te), &targets, &mask, 0.5, 2.0, 2.0)?;
         let ce = expected_ce(&[[1., 2., 0.], [0., 0., 3.]], &[1, 2]);
-        let kd = expected_kd(
-            &[[1., 2., 0.], [0., 0., 3.]],
-            &[[2., 0., 1.], [1., 1., 1.]],
-            2.0,
-        );
+        let kd = expected_kd(&[[1., 2., 0.], [0., 0., 3.]], &[[2., 0., 1.], [1., 1., 1.]], 2.0);
         assert!((l.ce as f64 - ce).abs() < 1e-6, "{} vs {ce}", l.ce);
         assert!((l.kd as f64 - kd).abs() < 1e-5, "{} vs {kd}", l.kd);
         let total = l.total.to_scalar::<f32>()? as f64;

@@ -95,10 +95,7 @@ impl ModelConfig {
 
     /// All parameters.
     pub fn num_params(&self) -> usize {
-        self.param_shapes()
-            .values()
-            .map(|s| s.iter().product::<usize>())
-            .sum()
+        self.param_shapes().values().map(|s| s.iter().product::<usize>()).sum()
     }
 
     /// Parameters that take part in matmuls (everything but the embedding lookup
@@ -119,8 +116,7 @@ impl ModelConfig {
     /// Forward FLOPs per token at context length `ctx`, as in PaLM (Chowdhery et al.
     /// 2022, appendix B): 2 per matmul weight plus 4 * layers * attention width * ctx.
     pub fn forward_flops_per_token(&self, ctx: usize) -> f64 {
-        let attn = 4.0
-            * (self.num_hidden_layers * self.num_attention_heads * self.head_dim() * ctx) as f64;
+        let attn = 4.0 * (self.num_hidden_layers * self.num_attention_heads * self.head_dim() * ctx) as f64;
         2.0 * self.matmul_params() as f64 + attn
     }
 
@@ -167,17 +163,13 @@ impl ModelConfig {
                 .map(|x| x as usize)
                 .ok_or_else(|| format!("key `{k}` is missing or not a non-negative integer"))
         };
-        let model_type = v
-            .get("model_type")
-            .and_then(|x| x.as_str())
-            .unwrap_or("llama");
+        let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("llama");
         let attention_bias = match model_type {
             "llama" => {
-                if v.get("attention_bias")
-                    .and_then(|x| x.as_bool())
-                    .unwrap_or(false)
-                {
-                    return Err("Llama models with attention_bias = true (bias on o_proj too) are not supported".into());
+                if v.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(false) {
+                    return Err(
+                        "Llama models with attention_bias = true (bias on o_proj too) are not supported".into(),
+                    );
                 }
                 false
             }
@@ -220,19 +212,10 @@ impl ModelConfig {
             num_hidden_layers: get("num_hidden_layers")?,
             num_attention_heads: heads,
             num_key_value_heads: kv,
-            rms_norm_eps: v
-                .get("rms_norm_eps")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(1e-6),
-            rope_theta: v
-                .get("rope_theta")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(10_000.0),
+            rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            rope_theta: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10_000.0),
             max_position_embeddings: get("max_position_embeddings")?,
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(false),
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
             attention_bias,
             bos_token_id: token("bos_token_id").unwrap_or(eos),
             eos_token_id: eos,
@@ -318,13 +301,9 @@ impl Llama {
             params.insert(name, Var::from_tensor(&t).map_err(|e| e.to_string())?);
         }
         // A tied checkpoint saved by other tools may still carry lm_head.weight.
-        tensors
-            .remove("lm_head.weight")
-            .filter(|_| cfg.tie_word_embeddings);
+        tensors.remove("lm_head.weight").filter(|_| cfg.tie_word_embeddings);
         if let Some(extra) = tensors.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
-            return Err(format!(
-                "unexpected tensor `{extra}` (not part of this architecture)"
-            ));
+            return Err(format!("unexpected tensor `{extra}` (not part of this architecture)"));
         }
         Self::from_vars(cfg, params, device).map_err(|e| e.to_string())
     }
@@ -442,9 +421,7 @@ impl Llama {
         };
         let proj = |n: &str, heads: usize| -> Result<Tensor> {
             let y = linear(x, self.w(&format!("{p}.self_attn.{n}.weight"))?, bias(n)?)?;
-            Ok(y.reshape((b, t, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?) // (B, heads, T, D)
+            Ok(y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?) // (B, heads, T, D)
         };
         let q = rope(&proj("q_proj", h)?, cos, sin)?;
         let mut k = rope(&proj("k_proj", hkv)?, cos, sin)?;
@@ -489,10 +466,7 @@ impl Llama {
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (bs, t, i) = x.dims3()?;
     let o = w.dim(0)?;
-    let y = x
-        .reshape((bs * t, i))?
-        .matmul(&w.t()?)?
-        .reshape((bs, t, o))?;
+    let y = x.reshape((bs * t, i))?.matmul(&w.t()?)?.reshape((bs, t, o))?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -529,24 +503,14 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, hkv, s, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, hkv, n, s, d))?
-        .reshape((b, hkv * n, s, d))?)
+    Ok(x.unsqueeze(2)?.expand((b, hkv, n, s, d))?.reshape((b, hkv * n, s, d))?)
 }
 
 /// Additive causal mask for `t` new queries after `offset` cached keys: (T, offset + T).
 fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let s = offset + t;
     let data: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
+        .flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Ok(Tensor::from_vec(data, (t, s), device)?)
 }
