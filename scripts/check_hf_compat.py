@@ -38,7 +38,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
+import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
+# transformers >= 4.56 renamed `torch_dtype` to `dtype` (the old name warns).
+DTYPE_KW = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,7 +85,7 @@ def check_load(ckpt):
     tlog.addHandler(cap)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            ckpt, torch_dtype=torch.float32, output_loading_info=True
+            ckpt, **{DTYPE_KW: torch.float32}, output_loading_info=True
         )
         tok = AutoTokenizer.from_pretrained(ckpt)
     finally:

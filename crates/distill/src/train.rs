@@ -222,3 +222,71 @@ pub fn eval_loss(model: &Llama, data: &[Encoded], batch_size: usize, pad: u32) -
     }
     Ok(if n == 0 { 0.0 } else { (sum / n as f64) as f32 })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelSpec;
+    use crate::model::ModelConfig;
+    use candle_core::Device;
+
+    fn data() -> Vec<Encoded> {
+        (0..8u32)
+            .map(|i| Encoded {
+                ids: (0..6 + i % 3).map(|j| 3 + (i * 5 + j) % 40).collect(),
+                prompt_len: 2,
+            })
+            .collect()
+    }
+
+    fn trained(batch_size: usize, grad_accum: usize) -> Result<Vec<f32>> {
+        let spec = ModelSpec {
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 1,
+            num_heads: 2,
+            ..ModelSpec::default()
+        };
+        let model = Llama::init(ModelConfig::from_spec(&spec, 48, 1, 2, 0), 0.1, 3, &Device::Cpu)?;
+        let train = data();
+        let input = StageInput {
+            name: "t",
+            train: &train,
+            eval: &train,
+            pad: 0,
+            seed: 1,
+        };
+        let ts = TrainSpec {
+            steps: 2,
+            batch_size,
+            grad_accum,
+            ..TrainSpec::default()
+        };
+        train_stage_for_test(&input, &model, &ts)?;
+        Ok(model.tensors().values().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect())
+    }
+
+    fn train_stage_for_test(input: &StageInput, model: &Llama, spec: &TrainSpec) -> Result<StageStats> {
+        let mut saves = 0;
+        let mut save = |_: &Llama, _: &AdamW, _: &TrainerState| -> Result<()> {
+            saves += 1;
+            Ok(())
+        };
+        let stats = train(input, model, None, spec, &mut save, &Silent)?;
+        assert_eq!(saves, 1, "one checkpoint at the end");
+        Ok(stats)
+    }
+
+    /// Loss is normalised by the tokens of the whole step, so accumulating two
+    /// micro-batches of 4 equals one batch of 8 (up to summation order).
+    #[test]
+    fn gradient_accumulation_matches_one_big_batch() -> Result<()> {
+        let big = trained(8, 1)?;
+        let acc = trained(4, 2)?;
+        let max_diff = big.iter().zip(&acc).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_diff < 1e-5, "max |diff| = {max_diff}");
+        let other = trained(4, 1)?;
+        assert!(big.iter().zip(&other).any(|(a, b)| a != b));
+        Ok(())
+    }
+}
