@@ -11,6 +11,10 @@ Checks, each reported as PASS or FAIL:
   tokenizer  The AutoTokenizer ids equal those of the `tokenizers` library
              reading tokenizer.json directly (no automatic BOS/EOS), and the
              special-token ids agree with config.json.
+  loss       For a few prompt/completion pairs, the mean cross-entropy over the
+             completion tokens + EOS (teacher forcing) in transformers equals the
+             `held-out loss` that `distill eval --config` prints for a one-example
+             JSONL held-out set (to its 4 printed decimals).
   generate   For several prompts, greedy decoding in transformers from
              [bos] + encode(prompt) gives the same text as
              `distill generate` (decoded with special tokens skipped, stopping
@@ -26,10 +30,13 @@ Run (after `pip install torch transformers safetensors` in some venv):
 """
 
 import argparse
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -60,7 +67,13 @@ TOK_PROMPTS = GEN_PROMPTS + [
     "unicode: café → ünïcödé",
 ]
 
-results = []  # (check, ok, detail)
+LOSS_EXAMPLES = [
+    (GEN_PROMPTS[0], "3 + 4 = 7\n#### 7"),
+    (GEN_PROMPTS[1], "7 - 2 = 5\n5 * 2 = 10\n#### 10"),
+    ("The", " quick brown fox jumps over the lazy dog. 0123456789"),
+]
+
+results = []  # (check, ok)
 
 
 def report(check, ok, detail=""):
@@ -76,7 +89,7 @@ class Capture(logging.Handler):
         self.messages = []
 
     def emit(self, record):
-        self.messages.append(record.getMessage())
+        self.messages.append(re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))  # drop colours
 
 
 def check_load(ckpt):
@@ -94,7 +107,8 @@ def check_load(ckpt):
     problems = [f"{k}={info.get(k)}" for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     problems += [f"error_msgs={info['error_msgs']}"] if info.get("error_msgs") else []
     weight_words = ("newly initialized", "not used", "not initialized", "missing", "unexpected", "mismatch")
-    problems += [f"warning: {m}" for m in cap.messages if any(w in m.lower() for w in weight_words)]
+    problems += [f"transformers warned: {m.strip().splitlines()[0]} ..." for m in cap.messages
+                 if any(w in m.lower() for w in weight_words)]
 
     # Every parameter must be the file's tensor (so nothing was silently re-initialised).
     file = load_file(str(Path(ckpt) / "model.safetensors"))
@@ -187,6 +201,44 @@ def check_generate(distill, ckpt, model, tok, prompts, n):
                    f"\n         (min top-2 logit gap in hf decoding {gap:.3g})")
 
 
+def rust_loss(distill, ckpt, prompt, completion, tmp):
+    """`distill eval` on a JSONL whose every record is this example, so the
+    held-out split (a seeded shuffle) can only be this example."""
+    data, cfg = Path(tmp) / "data.jsonl", Path(tmp) / "eval.toml"
+    data.write_text((json.dumps({"prompt": prompt, "completion": completion}) + "\n") * 2)
+    cfg.write_text(f'[data]\nsource = "jsonl"\npath = {json.dumps(str(data))}\neval_fraction = 0.5\n'
+                   'seq_len = 512\n\n[eval]\nexamples = 1\nmax_new_tokens = 1\n')
+    proc = subprocess.run([distill, "eval", "--checkpoint", str(ckpt), "--config", str(cfg)],
+                          capture_output=True, text=True)
+    m = re.search(r"held-out loss: ([0-9.]+)", proc.stdout)
+    if proc.returncode != 0 or not m:
+        raise RuntimeError(f"distill eval exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return float(m.group(1))
+
+
+def hf_loss(model, tok, prompt, completion):
+    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    p = [model.config.bos_token_id] + enc(prompt)
+    ids = torch.tensor([p + enc(completion) + [model.config.eos_token_id]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    ce = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    return ce[len(p) - 1:].mean().item()  # targets from the first completion token on
+
+
+def check_loss(distill, ckpt, model, tok):
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (p, c) in enumerate(LOSS_EXAMPLES):
+            try:
+                rust = rust_loss(distill, ckpt, p, c, tmp)
+            except Exception as e:  # noqa: BLE001
+                report(f"loss[{i}]", False, str(e))
+                continue
+            hf = hf_loss(model, tok, p, c)
+            # distill prints 4 decimals: allow the rounding (5e-5) and float noise.
+            report(f"loss[{i}]", abs(hf - rust) <= 1.5e-4, f"hf {hf:.6f} vs distill {rust:.4f}, completion {c!r}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", type=Path, help="a distill checkpoint directory, e.g. runs/small/student")
@@ -200,6 +252,7 @@ def main():
     print(f"checkpoint: {args.checkpoint}")
     model, tok = check_load(args.checkpoint)
     check_tokenizer(args.checkpoint, tok, model)
+    check_loss(args.distill, args.checkpoint, model, tok)
     check_generate(args.distill, args.checkpoint, model, tok, args.prompt or GEN_PROMPTS, args.max_new_tokens)
 
     failed = [c for c, ok in results if not ok]

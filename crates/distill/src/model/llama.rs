@@ -128,7 +128,7 @@ impl ModelConfig {
         } else {
             ("LlamaForCausalLM", "llama")
         };
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "architectures": [arch],
             "model_type": model_type,
             "vocab_size": self.vocab_size,
@@ -143,7 +143,6 @@ impl ModelConfig {
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": false,
             "mlp_bias": false,
             "use_sliding_window": false,
             "initializer_range": 0.02,
@@ -152,7 +151,13 @@ impl ModelConfig {
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
             "use_cache": true,
-        })
+        });
+        // Llama's `attention_bias` would also put a bias on o_proj; Qwen2 has
+        // q/k/v biases by definition, so the key is written for Llama only.
+        if !self.attention_bias {
+            v["attention_bias"] = false.into();
+        }
+        v
     }
 
     /// Reads a Hugging Face Llama or Qwen2 `config.json`.
