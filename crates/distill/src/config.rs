@@ -239,6 +239,10 @@ pub struct TeacherConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct StudentConfig {
+    /// Train the students on only the first N training examples (the "transfer
+    /// set"), as when the teacher was trained on far more data than the student
+    /// gets. Default: all of them.
+    pub train_examples: Option<usize>,
     /// The student architecture; the baseline uses the same one and the same initial weights.
     pub model: ModelSpec,
     /// Training settings shared by the distilled student and the baseline.
@@ -425,6 +429,9 @@ impl Config {
         if self.teacher.checkpoint.is_none() {
             v.model(&self.teacher.model, "teacher.model", d.seq_len);
             v.train(&self.teacher.train, "teacher.train");
+        }
+        if let Some(n) = self.student.train_examples {
+            v.check(n > 0, "student.train_examples", "must be > 0", n);
         }
         v.model(&self.student.model, "student.model", d.seq_len);
         v.train(&self.student.train, "student.train");

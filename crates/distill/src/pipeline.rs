@@ -128,9 +128,11 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     let mut ledger = Ledger::new(&run_dir);
     tok.save(&run_dir.join("tokenizer.json"))?;
 
+    let student_train = &train_enc[..cfg.student.train_examples.unwrap_or(usize::MAX).min(train_enc.len())];
     progress.message(&format!(
-        "data: {} train / {} held-out examples, tokenizer: {vocab} tokens",
+        "data: {} train ({} for the students) / {} held-out examples, tokenizer: {vocab} tokens",
         train_enc.len(),
+        student_train.len(),
         eval_enc.len()
     ));
     ledger.record(StageCost::new(
@@ -152,9 +154,9 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         };
         checkpoint::save(dir, m, &extras)
     };
-    let stage_in = |name, seed| StageInput {
+    let stage_in = |name, train, seed| StageInput {
         name,
-        train: &train_enc,
+        train,
         eval: &eval_enc,
         pad: tok.pad,
         seed,
@@ -174,7 +176,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
             let dir = run_dir.join("teacher");
             let mut save = |m: &Llama, o: &_, s: &_| save_to(&dir, m, o, s);
             let stats = train::train(
-                &stage_in("teacher", sub_seed(seed, "teacher-data")),
+                &stage_in("teacher", &train_enc, sub_seed(seed, "teacher-data")),
                 &model,
                 None,
                 &cfg.teacher.train,
@@ -211,7 +213,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         let mut save = |m: &Llama, o: &_, s: &_| save_to(&dir, m, o, s);
         let t = with_teacher.then_some(&kd);
         let stats = train::train(
-            &stage_in(name, sub_seed(seed, "student-data")),
+            &stage_in(name, student_train, sub_seed(seed, "student-data")),
             &model,
             t,
             &cfg.student.train,

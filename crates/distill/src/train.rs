@@ -263,7 +263,11 @@ mod tests {
             ..TrainSpec::default()
         };
         train_stage_for_test(&input, &model, &ts)?;
-        Ok(model.tensors().values().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect())
+        Ok(model
+            .tensors()
+            .values()
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect())
     }
 
     fn train_stage_for_test(input: &StageInput, model: &Llama, spec: &TrainSpec) -> Result<StageStats> {
