@@ -232,6 +232,8 @@ impl TrainSpec {
 pub struct TeacherConfig {
     /// Load the teacher from this checkpoint directory instead of training it.
     pub checkpoint: Option<PathBuf>,
+    /// Train the teacher on only the first N training examples. Default: all of them.
+    pub train_examples: Option<usize>,
     pub model: ModelSpec,
     pub train: TrainSpec,
 }
@@ -239,9 +241,10 @@ pub struct TeacherConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct StudentConfig {
-    /// Train the students on only the first N training examples (the "transfer
-    /// set"), as when the teacher was trained on far more data than the student
-    /// gets. Default: all of them.
+    /// Train the students on only the last N training examples (the "transfer
+    /// set"). With `teacher.train_examples` this sets up the usual distillation
+    /// setting: the teacher learned from data the students never see, and the
+    /// students learn from a smaller set. Default: all of them.
     pub train_examples: Option<usize>,
     /// The student architecture; the baseline uses the same one and the same initial weights.
     pub model: ModelSpec,
@@ -429,6 +432,9 @@ impl Config {
         if self.teacher.checkpoint.is_none() {
             v.model(&self.teacher.model, "teacher.model", d.seq_len);
             v.train(&self.teacher.train, "teacher.train");
+        }
+        if let Some(n) = self.teacher.train_examples {
+            v.check(n > 0, "teacher.train_examples", "must be > 0", n);
         }
         if let Some(n) = self.student.train_examples {
             v.check(n > 0, "student.train_examples", "must be > 0", n);

@@ -128,10 +128,13 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     let mut ledger = Ledger::new(&run_dir);
     tok.save(&run_dir.join("tokenizer.json"))?;
 
-    let student_train = &train_enc[..cfg.student.train_examples.unwrap_or(usize::MAX).min(train_enc.len())];
+    let n = train_enc.len();
+    let teacher_train = &train_enc[..cfg.teacher.train_examples.unwrap_or(n).min(n)];
+    let student_train = &train_enc[n - cfg.student.train_examples.unwrap_or(n).min(n)..];
     progress.message(&format!(
-        "data: {} train ({} for the students) / {} held-out examples, tokenizer: {vocab} tokens",
-        train_enc.len(),
+        "data: {} train ({} for the teacher, {} for the students) / {} held-out examples, tokenizer: {vocab} tokens",
+        n,
+        teacher_train.len(),
         student_train.len(),
         eval_enc.len()
     ));
@@ -176,7 +179,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
             let dir = run_dir.join("teacher");
             let mut save = |m: &Llama, o: &_, s: &_| save_to(&dir, m, o, s);
             let stats = train::train(
-                &stage_in("teacher", &train_enc, sub_seed(seed, "teacher-data")),
+                &stage_in("teacher", teacher_train, sub_seed(seed, "teacher-data")),
                 &model,
                 None,
                 &cfg.teacher.train,
