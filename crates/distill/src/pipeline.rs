@@ -86,20 +86,41 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
             Tokenizer::train(texts, cfg.tokenizer.vocab_size)?
         }
     };
-    let vocab = tok.vocab_size();
-    if let (Some((teacher, _)), Some(p)) = (&loaded_teacher, &cfg.tokenizer.path) {
-        if teacher.cfg.vocab_size != vocab {
-            return Err(Error::Config {
-                path: p.clone(),
-                msg: format!(
-                    "teacher/student vocabulary mismatch: teacher {} has vocab_size {}, tokenizer.path has {vocab} tokens; \
-                     distillation needs one vocabulary (drop tokenizer.path to use the teacher's tokenizer)",
-                    cfg.teacher.checkpoint.as_deref().unwrap_or(Path::new("?")).display(),
-                    teacher.cfg.vocab_size
-                ),
-            });
+    // The students' vocabulary is the teacher's: KD compares their logits
+    // token by token. A loaded teacher may pad its vocabulary beyond the
+    // tokenizer (as many Hugging Face models do); the students then match it.
+    let vocab = match &loaded_teacher {
+        None => tok.vocab_size(),
+        Some((teacher, teacher_tok)) => {
+            let teacher_dir = cfg.teacher.checkpoint.as_deref().unwrap_or(Path::new("?"));
+            let same = tok.vocab_map() == teacher_tok.vocab_map();
+            if !same || tok.vocab_size() > teacher.cfg.vocab_size {
+                return Err(Error::Config {
+                    path: cfg.tokenizer.path.clone().unwrap_or_else(|| teacher_dir.to_path_buf()),
+                    msg: format!(
+                        "teacher/student vocabulary mismatch: the teacher {} has {} tokens (vocab_size {}), \
+                         tokenizer.path has {} tokens{}; distillation needs one vocabulary \
+                         (drop tokenizer.path to use the teacher's tokenizer)",
+                        teacher_dir.display(),
+                        teacher_tok.vocab_size(),
+                        teacher.cfg.vocab_size,
+                        tok.vocab_size(),
+                        if same { "" } else { " with different token ids" },
+                    ),
+                });
+            }
+            if teacher.cfg.max_position_embeddings < cfg.data.seq_len {
+                return Err(Error::Config {
+                    path: teacher_dir.to_path_buf(),
+                    msg: format!(
+                        "the teacher's max_position_embeddings {} is shorter than data.seq_len {}; lower data.seq_len",
+                        teacher.cfg.max_position_embeddings, cfg.data.seq_len
+                    ),
+                });
+            }
+            teacher.cfg.vocab_size
         }
-    }
+    };
     let (train_enc, dropped) = batch::encode(&tok, &splits.train, cfg.data.seq_len)?;
     let (eval_enc, _) = batch::encode(&tok, &splits.eval, cfg.data.seq_len)?;
     if dropped > 0 {

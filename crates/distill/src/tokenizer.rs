@@ -110,6 +110,11 @@ impl Tokenizer {
         })
     }
 
+    /// Token text -> id, special tokens included.
+    pub fn vocab_map(&self) -> std::collections::HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+
     /// Vocabulary size including special tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
