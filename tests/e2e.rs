@@ -291,3 +291,38 @@ fn help_documents_every_subcommand() {
         assert!(out.contains(word), "--help lacks {word}:\n{out}");
     }
 }
+
+#[test]
+fn every_divergence_trains_a_student() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(tiny()).unwrap();
+    for loss in [
+        "forward_kl",
+        "reverse_kl",
+        "jsd",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+        "tvd",
+    ] {
+        let cfg = tmp.path().join(format!("{loss}.toml"));
+        let body = base
+            .replace("temperature = 2.0", &format!("temperature = 2.0\nloss = \"{loss}\""))
+            .replace("steps = 30", "steps = 3")
+            .replace("examples = 16", "examples = 2");
+        std::fs::write(&cfg, body).unwrap();
+        ok(bin()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--out-dir")
+            .arg(tmp.path())
+            .arg("--name")
+            .arg(loss));
+        let ledger = std::fs::read_to_string(tmp.path().join(loss).join("ledger.jsonl")).unwrap();
+        assert!(ledger.contains("\"stage\":\"student\""), "{loss}: {ledger}");
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.path().join(loss).join("student/trainer_state.json")).unwrap())
+                .unwrap();
+        assert_eq!(state["step"], 3);
+        assert!(state["last_loss"].as_f64().unwrap().is_finite());
+    }
+}

@@ -259,6 +259,28 @@ pub struct DistillConfig {
     pub alpha: f64,
     /// Softmax temperature of the KD term (scaled by T^2, as Hinton et al. 2015). Default 2.0.
     pub temperature: f64,
+    /// The divergence between teacher and student: "forward_kl" (default, Hinton),
+    /// "reverse_kl" (MiniLLM), "jsd" (GKD, with `beta`), "skew_forward_kl" and
+    /// "skew_reverse_kl" (DistiLLM, with `skew`), "tvd".
+    pub loss: LossKind,
+    /// Generalized JSD weight: 0 gives forward KL, 1 reverse KL. Default 0.5.
+    pub beta: f64,
+    /// Skew of the skew KL losses, in [0, 1). Default 0.1.
+    pub skew: f64,
+    /// Use the fused CPU kernels (one pass per row, analytic backward). false
+    /// uses the plain candle composition, which implements forward_kl only. Default true.
+    pub fused: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    ForwardKl,
+    ReverseKl,
+    Jsd,
+    SkewForwardKl,
+    SkewReverseKl,
+    Tvd,
 }
 
 impl Default for DistillConfig {
@@ -266,6 +288,25 @@ impl Default for DistillConfig {
         Self {
             alpha: 0.5,
             temperature: 2.0,
+            loss: LossKind::ForwardKl,
+            beta: 0.5,
+            skew: 0.1,
+            fused: true,
+        }
+    }
+}
+
+impl DistillConfig {
+    /// The divergence with its parameter.
+    pub fn divergence(&self) -> crate::loss::Divergence {
+        use crate::loss::Divergence as D;
+        match self.loss {
+            LossKind::ForwardKl => D::ForwardKl,
+            LossKind::ReverseKl => D::ReverseKl,
+            LossKind::Jsd => D::Jsd { beta: self.beta },
+            LossKind::SkewForwardKl => D::SkewForwardKl { skew: self.skew },
+            LossKind::SkewReverseKl => D::SkewReverseKl { skew: self.skew },
+            LossKind::Tvd => D::Tvd,
         }
     }
 }
@@ -453,6 +494,25 @@ impl Config {
             "must be > 0",
             self.distill.temperature,
         );
+        let dc = &self.distill;
+        v.check(
+            (0.0..=1.0).contains(&dc.beta),
+            "distill.beta",
+            "must be in [0, 1]",
+            dc.beta,
+        );
+        v.check(
+            (0.0..1.0).contains(&dc.skew),
+            "distill.skew",
+            "must be in [0, 1)",
+            dc.skew,
+        );
+        v.check(
+            dc.fused || dc.loss == LossKind::ForwardKl,
+            "distill.fused",
+            "can be false only with loss = \"forward_kl\" (the plain reference composition implements no other divergence)",
+            dc.fused,
+        );
         v.check(
             self.eval.max_new_tokens > 0,
             "eval.max_new_tokens",
@@ -638,6 +698,23 @@ mod tests {
         for key in ["student.train.lr", "student.train.batch_size", "distill.alpha"] {
             assert!(err.contains(key), "{key} missing from: {err}");
         }
+    }
+
+    #[test]
+    fn loss_family_is_selected_and_checked() -> Result<()> {
+        let c = parse("[distill]\nloss = \"jsd\"\nbeta = 0.25\n")?;
+        assert_eq!(c.distill.divergence(), crate::loss::Divergence::Jsd { beta: 0.25 });
+        let err = parse("[distill]\nloss = \"skew_reverse_kl\"\nskew = 1.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("distill.skew"), "{err}");
+        let err = parse("[distill]\nloss = \"tvd\"\nfused = false\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("distill.fused"), "{err}");
+        let err = parse("[distill]\nloss = \"kl\"\n").unwrap_err().to_string();
+        assert!(err.contains("forward_kl"), "{err}");
+        Ok(())
     }
 
     #[test]

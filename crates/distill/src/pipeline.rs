@@ -23,7 +23,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::generate::{self, Accuracy};
 use crate::model::{llama::fnv1a, Llama, ModelConfig};
 use crate::tokenizer::Tokenizer;
-use crate::train::{self, Progress, StageInput, Teacher};
+use crate::train::{self, LossImpl, Progress, StageInput, Teacher};
 
 /// Options from the command line that override the config.
 #[derive(Debug, Clone, Default)]
@@ -186,6 +186,12 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         seed,
     };
 
+    let loss_impl = if cfg.distill.fused {
+        LossImpl::Fused
+    } else {
+        LossImpl::Reference
+    };
+
     // Stage: teacher.
     let (teacher, teacher_dir) = match loaded_teacher {
         Some((m, _)) => {
@@ -204,6 +210,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
                 &model,
                 None,
                 &cfg.teacher.train,
+                loss_impl,
                 &mut save,
                 progress,
             )?;
@@ -228,6 +235,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         model: &teacher,
         alpha: cfg.distill.alpha,
         temperature: cfg.distill.temperature,
+        divergence: cfg.distill.divergence(),
     };
     let mut students = Vec::new();
     for (name, with_teacher) in [("student", true), ("baseline", false)] {
@@ -241,6 +249,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
             &model,
             t,
             &cfg.student.train,
+            loss_impl,
             &mut save,
             progress,
         )?;

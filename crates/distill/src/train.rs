@@ -12,7 +12,7 @@ use crate::checkpoint::TrainerState;
 use crate::config::TrainSpec;
 use crate::data::batch::{make_batch, Batch, Encoded, Order};
 use crate::error::{Error, Result};
-use crate::loss::distill_loss;
+use crate::loss::{distill_loss, distill_loss_fused, Divergence};
 use crate::model::Llama;
 use crate::optim::{clip_grad_norm, lr_at, AdamW};
 
@@ -48,6 +48,7 @@ pub struct Teacher<'a> {
     /// Weight of the hard-label CE; 1 - alpha weighs the KD term.
     pub alpha: f64,
     pub temperature: f64,
+    pub divergence: Divergence,
 }
 
 pub struct StageInput<'a> {
@@ -73,6 +74,15 @@ pub struct StageStats {
     pub final_eval_loss: f32,
 }
 
+/// Which implementation computes the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossImpl {
+    /// Fused CPU kernels with analytic backward (`loss::fused`).
+    Fused,
+    /// The plain candle composition (`loss::reference`), forward KL only.
+    Reference,
+}
+
 /// Called with the model, optimiser and state whenever a checkpoint is due.
 pub type SaveFn<'a> = dyn FnMut(&Llama, &AdamW, &TrainerState) -> Result<()> + 'a;
 
@@ -81,6 +91,7 @@ pub fn train(
     model: &Llama,
     teacher: Option<&Teacher>,
     spec: &TrainSpec,
+    loss_impl: LossImpl,
     save: &mut SaveFn,
     progress: &dyn Progress,
 ) -> Result<StageStats> {
@@ -92,7 +103,14 @@ pub fn train(
     let mut opt = AdamW::new(spec, params)?;
     let mut order = Order::new(input.train.len(), input.seed);
     let mut stats = StageStats::default();
-    let (alpha, temperature) = teacher.map_or((1.0, 1.0), |t| (t.alpha, t.temperature));
+    let (alpha, temperature, divergence) = teacher.map_or((1.0, 1.0, Divergence::ForwardKl), |t| {
+        (t.alpha, t.temperature, t.divergence)
+    });
+    if loss_impl == LossImpl::Reference && divergence != Divergence::ForwardKl {
+        return Err(Error::Invalid(format!(
+            "the reference loss implements forward_kl only, not {divergence}; use the fused loss"
+        )));
+    }
     progress.stage_start(input.name, spec.steps);
 
     for step in 0..spec.steps {
@@ -121,15 +139,13 @@ pub fn train(
                 }
                 None => None,
             };
-            let parts = distill_loss(
-                &logits,
-                teacher_logits.as_ref(),
-                &b.targets,
-                &b.mask,
-                alpha,
-                temperature,
-                denom as f64,
-            )?;
+            let (tl, d) = (teacher_logits.as_ref(), denom as f64);
+            let parts = match loss_impl {
+                LossImpl::Fused => {
+                    distill_loss_fused(&logits, tl, &b.targets, &b.mask, alpha, temperature, d, divergence)?
+                }
+                LossImpl::Reference => distill_loss(&logits, tl, &b.targets, &b.mask, alpha, temperature, d)?,
+            };
             let total = parts.total.to_scalar::<f32>()?;
             for (term, value) in [("loss", total), ("ce", parts.ce), ("kd", parts.kd)] {
                 if !value.is_finite() {
@@ -276,7 +292,7 @@ mod tests {
             saves += 1;
             Ok(())
         };
-        let stats = train(input, model, None, spec, &mut save, &Silent)?;
+        let stats = train(input, model, None, spec, LossImpl::Reference, &mut save, &Silent)?;
         assert_eq!(saves, 1, "one checkpoint at the end");
         Ok(stats)
     }

@@ -1,6 +1,10 @@
 //! Training losses. `reference` holds plain candle compositions; fused kernels
 //! with analytic backward sit beside them and are checked against them.
 
+pub mod family;
+pub mod fused;
 pub mod reference;
 
+pub use family::{divergence_rows_reference, Divergence};
+pub use fused::{cross_entropy_rows, distill_loss_fused, divergence_rows};
 pub use reference::{distill_loss, LossParts};

@@ -16,7 +16,7 @@ pub struct LossParts {
     pub total: Tensor, // scalar
     /// Cross-entropy against the labels (per valid token).
     pub ce: f32,
-    /// T^2 * forward KL (per valid token); 0 without a teacher.
+    /// T^2 * the divergence (forward KL here; the chosen one in `fused`), per valid token; 0 without a teacher.
     pub kd: f32,
 }
 
