@@ -50,6 +50,17 @@ fn fails(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
+/// Runs `cfg` as run `name` under `out_dir`; the results land in `out_dir/name`.
+fn run_variant(cfg: &Path, out_dir: &Path, name: &str) {
+    ok(bin()
+        .arg("--config")
+        .arg(cfg)
+        .arg("--out-dir")
+        .arg(out_dir)
+        .arg("--name")
+        .arg(name));
+}
+
 fn tiny_run(out_dir: &Path) -> PathBuf {
     ok(bin().arg("--config").arg(tiny()).arg("--out-dir").arg(out_dir));
     out_dir.join("tiny")
@@ -208,13 +219,7 @@ fn user_jsonl_and_text_data_train() {
             )
             .replace("steps = 30", "steps = 4");
         std::fs::write(&cfg, body).unwrap();
-        ok(bin()
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--out-dir")
-            .arg(tmp.path())
-            .arg("--name")
-            .arg(source));
+        run_variant(&cfg, tmp.path(), source);
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(tmp.path().join(source).join("report.json")).unwrap()).unwrap();
         let student = &report["models"][1];
@@ -310,13 +315,7 @@ fn every_divergence_trains_a_student() {
             .replace("steps = 30", "steps = 3")
             .replace("examples = 16", "examples = 2");
         std::fs::write(&cfg, body).unwrap();
-        ok(bin()
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--out-dir")
-            .arg(tmp.path())
-            .arg("--name")
-            .arg(loss));
+        run_variant(&cfg, tmp.path(), loss);
         let ledger = std::fs::read_to_string(tmp.path().join(loss).join("ledger.jsonl")).unwrap();
         assert!(ledger.contains("\"stage\":\"student\""), "{loss}: {ledger}");
         let state: serde_json::Value =

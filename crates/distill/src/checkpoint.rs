@@ -108,7 +108,7 @@ pub fn save(dir: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
         meta.insert("step".to_string(), opt.step.to_string());
         write_safetensors_meta(&tmp.join("optimizer.safetensors"), &moments, meta)?;
     }
-    sync_dir(&tmp)?;
+    sync_dir(&tmp);
 
     // Swap into place: the old copy is only removed once the new one is live.
     let old = parent.join(format!(".{name}.old"));
@@ -119,7 +119,7 @@ pub fn save(dir: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
         std::fs::rename(dir, &old).at(dir)?;
     }
     std::fs::rename(&tmp, dir).at(dir)?;
-    sync_dir(parent)?;
+    sync_dir(parent);
     if old.exists() {
         std::fs::remove_dir_all(&old).at(&old)?;
     }
@@ -139,12 +139,11 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().at(path)
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+fn sync_dir(dir: &Path) {
     // Directory fsync makes the renames durable; not all platforms allow it.
     if let Ok(f) = File::open(dir) {
         let _ = f.sync_all();
     }
-    Ok(())
 }
 
 fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {

@@ -77,7 +77,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     };
     let tok = match (&cfg.tokenizer.path, &loaded_teacher) {
         (Some(p), _) => Tokenizer::load(p)?,
-        (None, Some((_, t))) => Tokenizer::load_from(t)?,
+        (None, Some((_, t))) => t.clone(),
         (None, None) => {
             let texts = splits
                 .train

@@ -24,6 +24,7 @@ const EOS_ALIASES: &[&str] = &[EOS, "<|endoftext|>", "</s>", "<|im_end|>", "<|en
 const BOS_ALIASES: &[&str] = &[BOS, "<|im_start|>", "<s>", "<|begin_of_text|>", "<bos>"];
 const PAD_ALIASES: &[&str] = &[PAD, "<pad>", "<|finetune_right_pad_id|>"];
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos: u32,
@@ -72,16 +73,6 @@ impl Tokenizer {
         let bos = find(BOS_ALIASES).unwrap_or(eos);
         let pad = find(PAD_ALIASES).unwrap_or(eos);
         Ok(Self { inner, bos, eos, pad })
-    }
-
-    /// A copy of another tokenizer (e.g. a loaded teacher's).
-    pub fn load_from(other: &Tokenizer) -> Result<Self> {
-        Ok(Self {
-            inner: other.inner.clone(),
-            bos: other.bos,
-            eos: other.eos,
-            pad: other.pad,
-        })
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
