@@ -325,3 +325,169 @@ fn every_divergence_trains_a_student() {
         assert!(state["last_loss"].as_f64().unwrap().is_finite());
     }
 }
+
+/// The DeepSeek-R1 recipe on the tiny config: teacher traces with rejection
+/// sampling, the four students, and sharded generation that merges into the
+/// single-process file byte for byte.
+#[test]
+fn r1_recipe_runs_and_sharded_generation_merges_byte_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("r1.toml");
+    let body = std::fs::read_to_string(tiny()).unwrap().replace("name = \"tiny\"", "name = \"r1\"")
+        .replace("[teacher.train]\nsteps = 30", "[teacher.train]\nsteps = 80")
+        + "\n[student]\ntrain_examples = 96\n\n[traces]\nenabled = true\nsamples = 4\ntemperature = 1.0\nmax_new_tokens = 40\n";
+    std::fs::write(&cfg, body).unwrap();
+    run_variant(&cfg, tmp.path(), "r1");
+    let run_dir = tmp.path().join("r1");
+
+    // One record per sample, each with the verifier's verdict; kept ones are correct.
+    let traces: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("traces.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(traces.len(), 96 * 4);
+    for t in &traces {
+        for key in [
+            "prompt",
+            "completion",
+            "verdict",
+            "teacher",
+            "temperature",
+            "top_p",
+            "seed",
+        ] {
+            assert!(t.get(key).is_some(), "trace record lacks {key}: {t}");
+        }
+        if t["kept"] == true {
+            assert_eq!(t["verdict"], "correct");
+            assert_eq!(t["answer"], t["predicted"]);
+        }
+    }
+    assert!(
+        traces.iter().any(|t| t["kept"] == true),
+        "the tiny teacher solved nothing"
+    );
+    let ledger = std::fs::read_to_string(run_dir.join("ledger.jsonl")).unwrap();
+    let names: Vec<String> = ledger
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["stage"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "prepare",
+            "teacher",
+            "traces",
+            "student",
+            "student-kd",
+            "baseline",
+            "oracle",
+            "eval"
+        ]
+    );
+    let report = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
+    assert!(
+        report.contains("Rejection sampling") && report.contains("SFT data creation"),
+        "{report}"
+    );
+    for stage in ["student", "student-kd", "baseline", "oracle"] {
+        ok(bin().arg("eval").arg("--checkpoint").arg(run_dir.join(stage)));
+    }
+
+    // Sharded generation outside the pipeline: 2 and 3 shards merge into the
+    // single-process file byte for byte.
+    let prompts = tmp.path().join("prompts.jsonl");
+    let lines: String = (0..14)
+        .map(|i| format!("{{\"prompt\":\"Ava has {i} apples. Then Ava buys 2 more. How many apples does Ava have now?\\n\",\"answer\":{}}}\n", i + 2))
+        .chain(["{\"prompt\":\"Sam has 1 coins. Then Sam doubles the coins. How many coins does Sam have now?\\n\"}\n".to_string()])
+        .collect();
+    std::fs::write(&prompts, lines).unwrap();
+    let gen = |out: &Path, shard: Option<&str>| {
+        let mut cmd = bin();
+        cmd.args([
+            "generate",
+            "--samples",
+            "3",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "11",
+        ])
+        .args(["--batch-size", "6", "--max-new-tokens", "24"])
+        .arg("--checkpoint")
+        .arg(run_dir.join("teacher"))
+        .arg("--input")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(out);
+        if let Some(s) = shard {
+            cmd.args(["--shard", s]);
+        }
+        ok(&mut cmd);
+    };
+    let whole = tmp.path().join("whole.jsonl");
+    gen(&whole, None);
+    let whole_bytes = std::fs::read(&whole).unwrap();
+    // 14 prompts with answers x 3 samples; the prompt without an answer is skipped.
+    assert_eq!(String::from_utf8_lossy(&whole_bytes).lines().count(), 42);
+    for n in [2, 3] {
+        let mut shards = Vec::new();
+        for i in (0..n).rev() {
+            let p = tmp.path().join(format!("shard-{i}-of-{n}.jsonl"));
+            gen(&p, Some(&format!("{i}/{n}")));
+            assert!(std::fs::read(&p).unwrap().len() < whole_bytes.len());
+            shards.push(p);
+        }
+        let merged = tmp.path().join(format!("merged-{n}.jsonl"));
+        ok(bin()
+            .arg("merge")
+            .arg("--out")
+            .arg(&merged)
+            .arg("--input")
+            .arg(&prompts)
+            .args(&shards));
+        assert!(
+            std::fs::read(&merged).unwrap() == whole_bytes,
+            "{n} shards do not merge into the whole"
+        );
+        // A missing shard is an error when the prompts are given, and a shard given twice always is.
+        let err = fails(
+            bin()
+                .arg("merge")
+                .arg("--out")
+                .arg(tmp.path().join("x.jsonl"))
+                .arg("--input")
+                .arg(&prompts)
+                .args(&shards[1..]),
+        );
+        assert!(err.contains("shard"), "{err}");
+        let err = fails(
+            bin()
+                .arg("merge")
+                .arg("--out")
+                .arg(tmp.path().join("y.jsonl"))
+                .args([&shards[0], &shards[0]]),
+        );
+        assert!(err.contains("twice"), "{err}");
+    }
+    let err = fails(bin().arg("merge").arg("--out").arg(&whole).arg(&whole));
+    assert!(err.contains("--force"), "{err}");
+    let err = fails(
+        bin()
+            .args(["generate", "--shard", "2/2", "--out"])
+            .arg(tmp.path().join("z.jsonl"))
+            .arg("--checkpoint")
+            .arg(run_dir.join("teacher"))
+            .arg("--input")
+            .arg(&prompts),
+    );
+    assert!(err.contains("0 <= i < n"), "{err}");
+}

@@ -47,25 +47,73 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Generate a continuation of a prompt with a checkpoint.
-    Generate {
-        /// A checkpoint directory, e.g. runs/small/student.
+    /// Generate with a checkpoint: one prompt (--prompt), or teacher traces with
+    /// rejection sampling for a JSONL file of prompts (--input, --out), optionally
+    /// as one shard of a larger job (--shard i/n; join the shards with `distill merge`).
+    Generate(GenerateArgs),
+    /// Join trace shards written by `distill generate --shard i/n` into one file,
+    /// identical byte for byte to a single-process run.
+    Merge {
+        /// The merged trace file to write.
         #[arg(long)]
-        checkpoint: PathBuf,
-        /// The prompt text.
+        out: PathBuf,
+        /// The prompts file the shards were made from; every prompt's samples must then be present.
         #[arg(long)]
-        prompt: String,
-        #[arg(long, default_value_t = 128)]
-        max_new_tokens: usize,
-        /// 0 decodes greedily.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        input: Option<PathBuf>,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        force: bool,
+        /// The shard files, in any order.
+        #[arg(required = true, num_args = 1..)]
+        shards: Vec<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A checkpoint directory, e.g. runs/small/teacher.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// One prompt; the continuation is printed.
+    #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+    prompt: Option<String>,
+    /// A JSONL file of prompts: {"prompt": ..., "answer": N} (or a "completion" ending in `#### N`).
+    #[arg(long, requires = "out")]
+    input: Option<PathBuf>,
+    /// The trace file to write (JSONL, one record per sample, with the verifier's verdict).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Samples per prompt (K).
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling mass; 1 keeps the whole distribution.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Which correct samples to keep: first or all.
+    #[arg(long, default_value = "first", value_parser = ["first", "all"])]
+    keep: String,
+    /// Reject correct samples longer than this many tokens.
+    #[arg(long)]
+    max_completion_tokens: Option<usize>,
+    /// Samples decoded together.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Run only shard i of n (counted from 0), e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    force: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args, Default)]
@@ -97,14 +145,13 @@ fn main() -> ExitCode {
             config,
             device,
         }) => eval(checkpoint, config, &device),
-        Some(Command::Generate {
-            checkpoint,
-            prompt,
-            max_new_tokens,
-            temperature,
-            seed,
-            device,
-        }) => generate(checkpoint, &prompt, max_new_tokens, temperature, seed, &device),
+        Some(Command::Generate(args)) => generate(args),
+        Some(Command::Merge {
+            out,
+            input,
+            force,
+            shards,
+        }) => merge(&out, input.as_deref(), force, &shards),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,26 +201,103 @@ fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::R
     Ok(())
 }
 
-fn generate(
-    checkpoint: PathBuf,
-    prompt: &str,
-    max_new_tokens: usize,
-    temperature: f64,
-    seed: u64,
-    device: &str,
-) -> anyhow::Result<()> {
-    let dev = open_device(device)?;
-    let (model, tok) = distill::checkpoint::load(&checkpoint, &dev)?;
-    let mut ids = vec![tok.bos];
-    ids.extend(tok.encode(prompt)?);
-    let s = distill::generate::Sampling {
-        max_new_tokens,
-        temperature,
-        seed,
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    use distill::generate::{generate_rows, row_rng, Sampling};
+    use distill::traces::{self, Keep, Shard, TraceSettings};
+    if a.samples == 0 || a.batch_size == 0 {
+        anyhow::bail!("--samples and --batch-size must be at least 1");
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) || !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        anyhow::bail!("--top-p must be in (0, 1] and --temperature >= 0 (0 decodes greedily)");
+    }
+    let shard = a.shard.as_deref().map(Shard::parse).transpose()?;
+    if let Some(out) = a.out.as_deref().filter(|o| o.exists() && !a.force) {
+        anyhow::bail!("{} already exists; pass --force to replace it", out.display());
+    }
+    let dev = open_device(&a.device)?;
+    let (model, tok) = distill::checkpoint::load(&a.checkpoint, &dev)?;
+    let sampling = Sampling {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
     };
-    let (out, _) = distill::generate::generate_batch(&model, &[ids], tok.eos, &s)?;
-    let text = tok.decode(out.first().map(Vec::as_slice).unwrap_or(&[]))?;
-    println!("{prompt}{text}");
+    let Some(input) = a.input else {
+        let prompt = a.prompt.unwrap_or_default();
+        let mut ids = vec![tok.bos];
+        ids.extend(tok.encode(&prompt)?);
+        let rows = vec![ids; a.samples];
+        let mut rngs: Vec<_> = (0..a.samples as u64).map(|k| row_rng(a.seed, k)).collect();
+        let (out, _) = generate_rows(&model, &rows, tok.eos, &sampling, &mut rngs)?;
+        for g in out {
+            println!("{prompt}{}", tok.decode(&g.ids)?);
+        }
+        return Ok(());
+    };
+    let prompts = traces::read_prompts(&input)?;
+    let settings = TraceSettings {
+        samples: a.samples,
+        sampling,
+        keep: if a.keep == "all" { Keep::All } else { Keep::First },
+        max_completion_tokens: a.max_completion_tokens,
+        batch_rows: a.batch_size,
+    };
+    let id = distill::checkpoint::content_id(&a.checkpoint)?;
+    let bars = Bars::default();
+    let mut started = false;
+    let mut on_batch = |done: usize, total: usize| {
+        if !started {
+            bars.stage_start("generate", total);
+            started = true;
+        }
+        bars.advance(done, "batches");
+    };
+    let (records, acc) = traces::generate(
+        &model,
+        &tok,
+        &id,
+        &prompts,
+        &settings,
+        shard.unwrap_or(Shard::WHOLE),
+        &mut on_batch,
+    )?;
+    bars.stage_end();
+    let out = a.out.context("--out is required with --input")?;
+    traces::write(&out, &records)?;
+    eprintln!(
+        "{}: {} samples on {} prompts, {} correct, {} kept (acceptance {:.1}%), {} prompts solved",
+        out.display(),
+        acc.samples,
+        acc.prompts,
+        acc.correct,
+        acc.kept,
+        100.0 * acc.acceptance_rate,
+        acc.prompts_solved
+    );
+    Ok(())
+}
+
+fn merge(
+    out: &std::path::Path,
+    input: Option<&std::path::Path>,
+    force: bool,
+    shards: &[PathBuf],
+) -> anyhow::Result<()> {
+    if out.exists() && !force {
+        anyhow::bail!("{} already exists; pass --force to replace it", out.display());
+    }
+    let prompts = input.map(distill::traces::read_prompts).transpose()?;
+    let records = distill::traces::merge(shards, prompts.as_deref())?;
+    distill::traces::write(out, &records)?;
+    let acc = distill::traces::Acceptance::of(&records);
+    eprintln!(
+        "{}: {} records from {} shards, {} kept (acceptance {:.1}%)",
+        out.display(),
+        records.len(),
+        shards.len(),
+        acc.kept,
+        100.0 * acc.acceptance_rate
+    );
     Ok(())
 }
 
@@ -221,6 +345,13 @@ impl Progress for Bars {
             } else {
                 pb.println(line);
             }
+        }
+    }
+
+    fn advance(&self, done: usize, msg: &str) {
+        if let Some(pb) = self.bar.borrow().as_ref() {
+            pb.set_position(done as u64);
+            pb.set_message(msg.to_string());
         }
     }
 

@@ -139,6 +139,37 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().at(path)
 }
 
+/// Writes a file atomically: a temporary sibling, fsync, rename, then fsync
+/// the folder. A crash leaves either the old file or the new one, never half.
+pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy().to_string());
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    write_file(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).at(path)?;
+    sync_dir(
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    );
+    Ok(())
+}
+
+/// A short content id of a checkpoint: the first 16 hex digits of the
+/// SHA-256 of its `model.safetensors`. Records made from a checkpoint (teacher
+/// traces) carry it, so that they can be traced to the exact weights.
+pub fn content_id(dir: &Path) -> Result<String> {
+    use sha2::Digest;
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).at(&p)?;
+    let digest = sha2::Sha256::digest(&bytes);
+    Ok(format!(
+        "sha256:{}",
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
 fn sync_dir(dir: &Path) {
     // Directory fsync makes the renames durable; not all platforms allow it.
     if let Ok(f) = File::open(dir) {

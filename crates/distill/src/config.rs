@@ -21,6 +21,7 @@ pub struct Config {
     pub teacher: TeacherConfig,
     pub student: StudentConfig,
     pub distill: DistillConfig,
+    pub traces: TracesConfig,
     pub eval: EvalConfig,
     pub cost: CostConfig,
 }
@@ -311,6 +312,55 @@ impl DistillConfig {
     }
 }
 
+/// The DeepSeek-R1 distillation recipe: the teacher writes K solutions per
+/// student prompt, the verifier keeps the correct ones (rejection sampling),
+/// and the students learn from those. With `enabled = true` the students are:
+/// `student` (fine-tuned on the kept traces), `student-kd` (the same traces
+/// plus logit distillation with the `[distill]` settings), `baseline` (the
+/// same prompts with final answers only, no teacher) and `oracle` (the task's
+/// own step-by-step gold solutions, no teacher).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracesConfig {
+    /// Use the recipe above instead of plain logit distillation. Default false.
+    pub enabled: bool,
+    /// Samples drawn per prompt (K). Default 4.
+    pub samples: usize,
+    /// Sampling temperature. Default 0.7.
+    pub temperature: f64,
+    /// Nucleus (top-p) mass; 1 keeps the whole distribution. Default 0.95.
+    pub top_p: f64,
+    /// Most tokens per sample; a sample that has not ended by then is rejected. Default 96.
+    pub max_new_tokens: usize,
+    /// "first": keep the first correct sample of each prompt (default); "all": every correct one.
+    pub keep: crate::traces::Keep,
+    /// Reject correct samples longer than this many tokens. Default: no limit.
+    pub max_completion_tokens: Option<usize>,
+    /// Samples decoded together. Default 64.
+    pub batch_size: usize,
+    /// Train `student-kd` (traces plus logit distillation). Default true.
+    pub logit_kd: bool,
+    /// Train `oracle` on the gold solutions. Default true.
+    pub oracle: bool,
+}
+
+impl Default for TracesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            samples: 4,
+            temperature: 0.7,
+            top_p: 0.95,
+            max_new_tokens: 96,
+            keep: crate::traces::Keep::First,
+            max_completion_tokens: None,
+            batch_size: 64,
+            logit_kd: true,
+            oracle: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
@@ -513,6 +563,43 @@ impl Config {
             "can be false only with loss = \"forward_kl\" (the plain reference composition implements no other divergence)",
             dc.fused,
         );
+        let t = &self.traces;
+        if t.enabled {
+            v.check(
+                (1..=1024).contains(&t.samples),
+                "traces.samples",
+                "must be in 1..=1024",
+                t.samples,
+            );
+            v.check(
+                t.temperature >= 0.0 && t.temperature.is_finite(),
+                "traces.temperature",
+                "must be >= 0 (0 decodes greedily)",
+                t.temperature,
+            );
+            v.check(
+                t.top_p > 0.0 && t.top_p <= 1.0,
+                "traces.top_p",
+                "must be in (0, 1]",
+                t.top_p,
+            );
+            v.check(
+                t.max_new_tokens > 0,
+                "traces.max_new_tokens",
+                "must be > 0",
+                t.max_new_tokens,
+            );
+            v.check(t.batch_size > 0, "traces.batch_size", "must be > 0", t.batch_size);
+            if let Some(m) = t.max_completion_tokens {
+                v.check(m > 0, "traces.max_completion_tokens", "must be > 0", m);
+            }
+            v.check(
+                d.source != DataSource::Text,
+                "traces.enabled",
+                "needs a task with a verifier (data.source = \"arithmetic\", or \"jsonl\" whose completions end in `#### N`); plain text has none",
+                t.enabled,
+            );
+        }
         v.check(
             self.eval.max_new_tokens > 0,
             "eval.max_new_tokens",
@@ -714,6 +801,25 @@ mod tests {
         assert!(err.contains("distill.fused"), "{err}");
         let err = parse("[distill]\nloss = \"kl\"\n").unwrap_err().to_string();
         assert!(err.contains("forward_kl"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn traces_section_is_checked_only_when_enabled() -> Result<()> {
+        let c = parse("[traces]\nsamples = 0\n")?;
+        assert!(!c.traces.enabled);
+        let err = parse("[traces]\nenabled = true\nsamples = 0\ntop_p = 1.5\nkeep = \"some\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keep") && err.contains("first"), "{err}");
+        let err = parse("[traces]\nenabled = true\nsamples = 0\ntop_p = 1.5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("traces.samples") && err.contains("traces.top_p"), "{err}");
+        let err = parse("[data]\nsource = \"text\"\npath = \"x.txt\"\n[traces]\nenabled = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("traces.enabled") && err.contains("verifier"), "{err}");
         Ok(())
     }
 

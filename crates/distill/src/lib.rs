@@ -14,6 +14,7 @@ pub mod model;
 pub mod optim;
 pub mod pipeline;
 pub mod tokenizer;
+pub mod traces;
 pub mod train;
 
 pub use config::Config;

@@ -49,9 +49,17 @@ pub struct ModelReport {
 pub struct Report {
     pub run_dir: PathBuf,
     pub device: DeviceInfo,
+    /// The trace stage's acceptance figures, when the R1 recipe ran.
+    pub traces: Option<TracesReport>,
     pub models: Vec<ModelReport>,
     pub cost: crate::cost::CostSummary,
     pub cost_table: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TracesReport {
+    pub path: PathBuf,
+    pub acceptance: crate::traces::Acceptance,
 }
 
 /// Derived seeds, so that each use of the master seed is independent.
@@ -227,8 +235,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         }
     };
 
-    // Stages: the distilled student, then the baseline from the same initial
-    // weights and the same data order, without the teacher.
+    // The student stages: which models, on which data, with or without the teacher.
     let scfg = ModelConfig::from_spec(&cfg.student.model, vocab, tok.bos, tok.eos, tok.pad);
     let student_seed = sub_seed(seed, "student-init");
     let kd = Teacher {
@@ -237,15 +244,97 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         temperature: cfg.distill.temperature,
         divergence: cfg.distill.divergence(),
     };
+    let mut traces_report = None;
+    let plans: Vec<(&str, Vec<batch::Encoded>, bool)> = if cfg.traces.enabled {
+        // Stage: teacher-written traces on the students' prompts, verified.
+        let n_ex = splits.train.len();
+        let k = cfg.student.train_examples.unwrap_or(n_ex).min(n_ex);
+        let student_examples = &splits.train[n_ex - k..];
+        let t0 = Instant::now();
+        let (records, acc) = write_traces(&teacher, &teacher_dir, &tok, student_examples, cfg, seed, progress)?;
+        let path = run_dir.join("traces.jsonl");
+        crate::traces::write(&path, &records)?;
+        ledger.record(StageCost::new(
+            "traces",
+            &info,
+            &cfg.cost,
+            t0.elapsed().as_secs_f64(),
+            acc.tokens,
+            acc.flops,
+            0.0,
+        ))?;
+        progress.message(&format!(
+            "traces: kept {} of {} samples ({:.1}%), {} of {} prompts solved -> {}",
+            acc.kept,
+            acc.samples,
+            100.0 * acc.acceptance_rate,
+            acc.prompts_solved,
+            acc.prompts,
+            path.display()
+        ));
+        let kept: Vec<Example> = records
+            .iter()
+            .filter(|r| r.kept)
+            .map(|r| Example {
+                prompt: r.prompt.clone(),
+                completion: r.completion.clone(),
+                answer: r.answer,
+            })
+            .collect();
+        if kept.is_empty() {
+            return Err(Error::Invalid(format!(
+                "the teacher solved none of {} prompts, so there are no traces to learn from ({}); \
+                 train the teacher longer, or raise traces.samples or traces.max_new_tokens",
+                acc.prompts,
+                path.display()
+            )));
+        }
+        let answers_only: Vec<Example> = student_examples
+            .iter()
+            .filter_map(|e| {
+                e.answer.map(|a| Example {
+                    prompt: e.prompt.clone(),
+                    completion: format!("#### {a}"),
+                    answer: Some(a),
+                })
+            })
+            .collect();
+        let enc = |ex: &[Example]| batch::encode(&tok, ex, cfg.data.seq_len).map(|r| r.0);
+        let kept_enc = enc(&kept)?;
+        let mut plans = vec![("student", kept_enc.clone(), false)];
+        if cfg.traces.logit_kd {
+            plans.push(("student-kd", kept_enc, true));
+        }
+        plans.push(("baseline", enc(&answers_only)?, false));
+        if cfg.traces.oracle {
+            plans.push(("oracle", enc(student_examples)?, false));
+        }
+        traces_report = Some(TracesReport { path, acceptance: acc });
+        plans
+    } else {
+        // Logit distillation: the distilled student, then the baseline from the
+        // same initial weights and the same data order, without the teacher.
+        vec![
+            ("student", student_train.to_vec(), true),
+            ("baseline", student_train.to_vec(), false),
+        ]
+    };
+
     let mut students = Vec::new();
-    for (name, with_teacher) in [("student", true), ("baseline", false)] {
+    for (name, data, with_teacher) in &plans {
+        if data.is_empty() {
+            return Err(Error::Invalid(format!(
+                "stage {name}: no training examples fit in data.seq_len = {}",
+                cfg.data.seq_len
+            )));
+        }
         let t0 = Instant::now();
         let model = Llama::init(scfg.clone(), cfg.student.model.init_std, student_seed, &dev)?;
         let dir = run_dir.join(name);
         let mut save = |m: &Llama, o: &_, s: &_| save_to(&dir, m, o, s);
         let t = with_teacher.then_some(&kd);
         let stats = train::train(
-            &stage_in(name, student_train, sub_seed(seed, "student-data")),
+            &stage_in(name, data, sub_seed(seed, "student-data")),
             &model,
             t,
             &cfg.student.train,
@@ -262,10 +351,10 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
             stats.flops,
             stats.teacher_flops,
         ))?;
-        students.push((name, model, dir));
+        students.push((*name, model, dir));
     }
 
-    // Stage: evaluation of all three on the held-out set.
+    // Stage: evaluation of every model on the held-out set.
     let t0 = Instant::now();
     progress.message("evaluating on the held-out set");
     let mut models = Vec::new();
@@ -291,12 +380,71 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     let report = Report {
         run_dir: run_dir.clone(),
         device: info,
+        traces: traces_report,
         models,
         cost: ledger.summary(),
         cost_table: ledger.table(),
     };
     write_report(&run_dir, &report)?;
     Ok(report)
+}
+
+/// Samples `[traces]` solutions from the teacher for every student prompt and
+/// verifies them.
+fn write_traces(
+    teacher: &Llama,
+    teacher_dir: &Path,
+    tok: &Tokenizer,
+    examples: &[Example],
+    cfg: &Config,
+    seed: u64,
+    progress: &dyn Progress,
+) -> Result<(Vec<crate::traces::TraceRecord>, crate::traces::Acceptance)> {
+    let tc = &cfg.traces;
+    let prompts: Vec<crate::traces::Prompt> = examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| crate::traces::Prompt {
+            id: i as u64,
+            prompt: e.prompt.clone(),
+            answer: e.answer,
+        })
+        .collect();
+    if prompts.iter().all(|p| p.answer.is_none()) {
+        return Err(Error::Invalid(
+            "traces.enabled needs prompts with verifiable answers (`#### N` at the end of each completion); \
+             the student examples have none"
+                .into(),
+        ));
+    }
+    let settings = crate::traces::TraceSettings {
+        samples: tc.samples,
+        sampling: generate::Sampling {
+            max_new_tokens: tc.max_new_tokens,
+            temperature: tc.temperature,
+            top_p: tc.top_p,
+            seed: sub_seed(seed, "traces"),
+        },
+        keep: tc.keep,
+        max_completion_tokens: tc.max_completion_tokens,
+        batch_rows: tc.batch_size,
+    };
+    let id = checkpoint::content_id(teacher_dir)?;
+    let total = prompts.iter().filter(|p| p.answer.is_some()).count();
+    progress.stage_start("traces", total);
+    let per_batch = (tc.batch_size / tc.samples).max(1);
+    let mut on_batch = |done: usize, _of: usize| progress.advance((done * per_batch).min(total), "prompts sampled");
+    let out = crate::traces::generate(
+        teacher,
+        tok,
+        &id,
+        &prompts,
+        &settings,
+        crate::traces::Shard::WHOLE,
+        &mut on_batch,
+    );
+    progress.stage_end();
+    out
 }
 
 /// Held-out loss and (for tasks with answers) greedy-decoding accuracy.
@@ -376,17 +524,58 @@ fn write_report(run_dir: &Path, r: &Report) -> Result<()> {
     checkpoint::write_file(&run_dir.join("report.md"), render(r).as_bytes())
 }
 
-/// The report as Markdown: the model table, the student-vs-baseline verdict, the cost table.
+/// The report as Markdown: the model table with each model's own training
+/// cost, the acceptance figures of the trace stage, the verdict, and the cost table.
 pub fn render(r: &Report) -> String {
     let mut s = format!("# distill run {}\n\n", r.run_dir.display());
-    s += "| model | params | held-out loss | held-out accuracy |\n|---|---:|---:|---:|\n";
+    let stage = |n: &str| r.cost.stages.iter().find(|c| c.stage == n);
+    s += "| model | params | held-out loss | held-out accuracy | trained in (device-h) | dollars |\n";
+    s += "|---|---:|---:|---:|---:|---:|\n";
     for m in &r.models {
         let acc = m.accuracy.map_or("-".into(), |a| {
             format!("{:.1}% ({}/{})", 100.0 * a, m.correct, m.evaluated)
         });
-        s += &format!("| {} | {} | {:.4} | {} |\n", m.name, m.params, m.eval_loss, acc);
+        let (h, d) = stage(&m.name).map_or(("loaded".into(), "-".into()), |c| {
+            (format!("{:.4}", c.device_hours), format!("${:.4}", c.dollars))
+        });
+        s += &format!(
+            "| {} | {} | {:.4} | {} | {} | {} |\n",
+            m.name, m.params, m.eval_loss, acc, h, d
+        );
     }
     s += "\n";
+    if let Some(t) = &r.traces {
+        let a = &t.acceptance;
+        s += &format!(
+            "Rejection sampling: {} samples on {} prompts, {} correct, {} kept ({:.1}%); {} prompts have a kept trace. Traces: {}\n\n",
+            a.samples,
+            a.prompts,
+            a.correct,
+            a.kept,
+            100.0 * a.acceptance_rate,
+            a.prompts_solved,
+            t.path.display()
+        );
+        // The distilled student's full price, in the layout of the DeepSeek-R1
+        // Nature paper's cost table (teacher / SFT data creation / student).
+        s += "| cost of the distilled student | device-hours | dollars |\n|---|---:|---:|\n";
+        let mut total = (0.0, 0.0);
+        for (label, name) in [
+            ("teacher training", "teacher"),
+            ("SFT data creation (traces)", "traces"),
+            ("student fine-tuning", "student"),
+        ] {
+            match stage(name) {
+                Some(c) => {
+                    total.0 += c.device_hours;
+                    total.1 += c.dollars;
+                    s += &format!("| {label} | {:.4} | ${:.4} |\n", c.device_hours, c.dollars);
+                }
+                None => s += &format!("| {label} | loaded | - |\n"),
+            }
+        }
+        s += &format!("| total | {:.4} | ${:.4} |\n\n", total.0, total.1);
+    }
     s += &verdict(r);
     s += "\n\n## Cost\n\n```\n";
     s += &r.cost_table;
@@ -394,21 +583,52 @@ pub fn render(r: &Report) -> String {
     s
 }
 
-/// One line comparing the distilled student with its baseline.
+/// Lines comparing the distilled student with its baseline (and, with the
+/// R1 recipe, with the oracle and the teacher).
 pub fn verdict(r: &Report) -> String {
     let get = |n: &str| r.models.iter().find(|m| m.name == n);
-    match (get("student"), get("baseline")) {
-        (Some(st), Some(b)) => match (st.accuracy, b.accuracy) {
-            (Some(sa), Some(ba)) => format!(
-                "Distilled student: {:.1}% held-out accuracy vs baseline {:.1}% ({:+.1} points); held-out loss {:.4} vs {:.4}.",
-                100.0 * sa,
-                100.0 * ba,
-                100.0 * (sa - ba),
-                st.eval_loss,
-                b.eval_loss
-            ),
-            _ => format!("Distilled student held-out loss {:.4} vs baseline {:.4}.", st.eval_loss, b.eval_loss),
-        },
-        _ => String::new(),
+    let (Some(st), Some(b)) = (get("student"), get("baseline")) else {
+        return String::new();
+    };
+    let (what, base) = if r.traces.is_some() {
+        (
+            "Distilled student (verified teacher traces)",
+            "baseline (final answers only)",
+        )
+    } else {
+        ("Distilled student", "baseline")
+    };
+    let (Some(sa), Some(ba)) = (st.accuracy, b.accuracy) else {
+        return format!(
+            "{what}: held-out loss {:.4} vs {base} {:.4}.",
+            st.eval_loss, b.eval_loss
+        );
+    };
+    let mut s = format!(
+        "{what}: {:.1}% held-out accuracy vs {base} {:.1}% ({:+.1} points); held-out loss {:.4} vs {:.4}.",
+        100.0 * sa,
+        100.0 * ba,
+        100.0 * (sa - ba),
+        st.eval_loss,
+        b.eval_loss
+    );
+    for (name, label) in [
+        ("student-kd", "traces + logit KD"),
+        ("oracle", "gold solutions, no teacher"),
+    ] {
+        if let Some(a) = get(name).and_then(|m| m.accuracy) {
+            s += &format!(" {name} ({label}): {:.1}%.", 100.0 * a);
+        }
     }
+    if let Some((t, ta)) = get("teacher").and_then(|t| t.accuracy.map(|a| (t, a))) {
+        if ta > 0.0 {
+            s += &format!(
+                " The student reaches {:.0}% of the teacher's accuracy ({:.1}%) with 1/{:.1} of its parameters.",
+                100.0 * sa / ta,
+                100.0 * ta,
+                t.params as f64 / st.params.max(1) as f64
+            );
+        }
+    }
+    s
 }

@@ -34,6 +34,8 @@ pub struct StepLog {
 pub trait Progress {
     fn stage_start(&self, _stage: &str, _total_steps: usize) {}
     fn step(&self, _log: &StepLog) {}
+    /// Progress of a stage that is not a training loop (e.g. generation).
+    fn advance(&self, _done: usize, _msg: &str) {}
     fn message(&self, _msg: &str) {}
     fn stage_end(&self) {}
 }
