@@ -207,7 +207,8 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if a.samples == 0 || a.batch_size == 0 {
         anyhow::bail!("--samples and --batch-size must be at least 1");
     }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) || !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+    let valid = a.top_p > 0.0 && a.top_p <= 1.0 && a.temperature >= 0.0 && a.temperature.is_finite();
+    if !valid {
         anyhow::bail!("--top-p must be in (0, 1] and --temperature >= 0 (0 decodes greedily)");
     }
     let shard = a.shard.as_deref().map(Shard::parse).transpose()?;
