@@ -20,8 +20,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// `distill --config FILE` runs the whole job: train (or load) the teacher,
 /// distil a student from it, train the same student without the teacher as a
-/// baseline, evaluate all three on held-out data, and write checkpoints, the
-/// cost ledger and a report to runs/<name>/.
+/// baseline, evaluate them all on held-out data, and write checkpoints, the
+/// cost ledger and a report to runs/<name>/. With `[traces] enabled = true`
+/// it runs the DeepSeek-R1 recipe instead: the teacher writes solutions, the
+/// verified ones are kept, and students learn from them.
 #[derive(Parser)]
 #[command(name = "distill", version, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -130,6 +132,9 @@ struct RunArgs {
     /// Overrides [run] out_dir.
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Overrides [run] seed (data, initial weights, data order and sampling all derive from it).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Replace an existing run directory.
     #[arg(long)]
     force: bool,
@@ -176,6 +181,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(o) = args.out_dir {
         cfg.run.out_dir = o;
+    }
+    if let Some(seed) = args.seed {
+        cfg.run.seed = seed;
     }
     let report = pipeline::run(&cfg, &RunOptions { force: args.force }, &Bars::default())?;
     println!("\n{}", pipeline::render(&report));

@@ -1,11 +1,15 @@
 //! The whole job: data -> tokenizer -> teacher -> distilled student ->
 //! baseline student -> evaluation -> report, with a cost-ledger entry per stage.
+//! With `[traces] enabled`, the DeepSeek-R1 recipe: teacher -> traces
+//! (rejection sampling) -> student (traces), student-kd (traces + logit KD),
+//! baseline (answers only), oracle (gold solutions) -> evaluation -> report.
 //!
 //! Run directory layout (`runs/<name>/`):
 //! ```text
-//! config.toml     resolved config     teacher/ student/ baseline/   checkpoints
-//! ledger.jsonl    one line per stage  cost.json                     cost summary
-//! report.json     all figures         report.md                     the same, for people
+//! config.toml     resolved config     teacher/ student/ baseline/ ...  checkpoints
+//! ledger.jsonl    one line per stage  cost.json                        cost summary
+//! report.json     all figures         report.md                        the same, for people
+//! traces.jsonl    every teacher sample with its verdict (R1 recipe)
 //! ```
 
 use std::path::{Path, PathBuf};
