@@ -491,3 +491,166 @@ fn r1_recipe_runs_and_sharded_generation_merges_byte_identically() {
     );
     assert!(err.contains("0 <= i < n"), "{err}");
 }
+
+/// The tiny config as the R1 recipe (every stage kind: teacher, traces, four
+/// students, eval), with a checkpoint every 3 steps.
+fn r1_kill_config(dir: &Path) -> PathBuf {
+    let cfg = dir.join("kill.toml");
+    let body = std::fs::read_to_string(tiny())
+        .unwrap()
+        .replace("name = \"tiny\"", "name = \"kill\"")
+        .replace("[teacher.train]\nsteps = 30", "[teacher.train]\nsteps = 80\nsave_every = 3")
+        .replace("[student.train]\nsteps = 30", "[student.train]\nsteps = 30\nsave_every = 3")
+        + "\n[student]\ntrain_examples = 64\n\n[traces]\nenabled = true\nsamples = 2\ntemperature = 1.0\nmax_new_tokens = 40\n";
+    std::fs::write(&cfg, body).unwrap();
+    cfg
+}
+
+/// Every checkpoint directory on disk (final and periodic) passes its
+/// checksums and loads; temporary folders of interrupted writes are counted.
+fn check_checkpoints_on_disk(run_dir: &Path) -> usize {
+    let mut temps = 0;
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for top in [run_dir.to_path_buf(), run_dir.join("checkpoints")] {
+        let Ok(rd) = std::fs::read_dir(&top) else { continue };
+        for e in rd {
+            let p = e.unwrap().path();
+            if !p.is_dir() {
+                continue;
+            }
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                temps += 1;
+            } else if top.ends_with("checkpoints") {
+                for e in std::fs::read_dir(&p).unwrap() {
+                    let q = e.unwrap().path();
+                    if q.file_name().unwrap().to_string_lossy().starts_with('.') {
+                        temps += 1;
+                    } else {
+                        dirs.push(q);
+                    }
+                }
+            } else if name != "checkpoints" {
+                dirs.push(p);
+            }
+        }
+    }
+    for d in dirs {
+        distill::checkpoint::verify(&d).unwrap_or_else(|e| panic!("damaged checkpoint on disk: {e}"));
+        distill::checkpoint::load(&d, &distill::candle::Device::Cpu)
+            .unwrap_or_else(|e| panic!("checkpoint does not load: {e}"));
+    }
+    temps
+}
+
+/// Kill -9 at pseudo-random moments, resume each time: the final weights and
+/// traces equal an uninterrupted run's byte for byte, every checkpoint on disk
+/// stays loadable, and the ledger bills the killed segments. CI runs 5 kill
+/// points; `scripts/kill-test.sh` runs more (DISTILL_KILL_POINTS).
+#[test]
+fn kill_anywhere_and_resume_gives_the_uninterrupted_result() {
+    let points: usize = std::env::var("DISTILL_KILL_POINTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = r1_kill_config(tmp.path());
+    let t0 = std::time::Instant::now();
+    run_variant(&cfg, &tmp.path().join("ref"), "kill");
+    let full = t0.elapsed().as_secs_f64();
+    let reference = tmp.path().join("ref/kill");
+
+    let out = tmp.path().join("killed");
+    let run_dir = out.join("kill");
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
+    let (mut kills, mut temps_seen, mut attempts) = (0, 0, 0);
+    loop {
+        attempts += 1;
+        assert!(attempts < 4 * points + 20, "the run never finished");
+        let mut cmd = bin();
+        if run_dir.join("config.toml").is_file() {
+            cmd.arg("resume").arg(&run_dir);
+        } else {
+            cmd.arg("--config").arg(&cfg).arg("--out-dir").arg(&out);
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kill points spread over the whole run, including checkpoint writes.
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let frac = (rng >> 11) as f64 / (1u64 << 53) as f64;
+        // Spaced so that `points` kills fit well inside one run's length, and
+        // at least 0.4 s apart, so that resumed segments get past their start-up.
+        let at = std::time::Duration::from_secs_f64(0.4 + frac * full / points as f64);
+        let start = std::time::Instant::now();
+        let mut finished = None;
+        while start.elapsed() < at || kills >= points {
+            if let Some(status) = child.try_wait().unwrap() {
+                finished = Some(status);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        match finished {
+            Some(status) => {
+                let mut err = String::new();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                assert!(status.success(), "a resumed run failed:\n{err}");
+                assert!(!err.contains("panicked"), "{err}");
+                break;
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+                if run_dir.is_dir() {
+                    temps_seen += check_checkpoints_on_disk(&run_dir);
+                }
+            }
+        }
+    }
+    assert!(kills >= points, "only {kills} kills landed");
+    let stages = ["teacher", "student", "student-kd", "baseline", "oracle"];
+    for stage in stages {
+        let a = std::fs::read(reference.join(stage).join("model.safetensors")).unwrap();
+        let b = std::fs::read(run_dir.join(stage).join("model.safetensors")).unwrap();
+        assert!(a == b, "{stage}: resumed weights differ from the uninterrupted run's");
+    }
+    assert_eq!(
+        std::fs::read(reference.join("traces.jsonl")).unwrap(),
+        std::fs::read(run_dir.join("traces.jsonl")).unwrap()
+    );
+    check_checkpoints_on_disk(&run_dir);
+
+    // Each stage completed once; killed segments are billed, and the totals add up.
+    let ledger: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("ledger.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for stage in stages.iter().chain(&["prepare", "traces", "eval"]) {
+        let n = ledger
+            .iter()
+            .filter(|r| r["stage"] == *stage && r.get("interrupted").is_none())
+            .count();
+        assert_eq!(n, 1, "{stage} completed {n} times in the ledger");
+    }
+    let killed = ledger.iter().filter(|r| r.get("interrupted").is_some()).count();
+    assert!(
+        killed >= 1 && killed <= kills,
+        "{killed} killed segments for {kills} kills"
+    );
+    let cost: serde_json::Value = serde_json::from_slice(&std::fs::read(run_dir.join("cost.json")).unwrap()).unwrap();
+    let sum: f64 = ledger.iter().map(|r| r["wall_seconds"].as_f64().unwrap()).sum();
+    assert!((cost["total_wall_seconds"].as_f64().unwrap() - sum).abs() < 1e-9);
+    eprintln!(
+        "kill test: {kills} kill points, {} runs, {temps_seen} kills left an unfinished checkpoint write behind, \
+         {killed} killed segments billed; all {} stages bitwise equal to the uninterrupted run",
+        attempts,
+        stages.len()
+    );
+}

@@ -37,6 +37,17 @@ struct Cli {
 enum Command {
     /// Run the whole pipeline (the same as `distill --config FILE`).
     Run(RunArgs),
+    /// Continue an interrupted run where it stopped: completed stages are kept,
+    /// the stage that was running continues from its last valid checkpoint, and
+    /// the time the killed segment ran is added to the cost ledger. On CPU the
+    /// result is bitwise identical to a run that never stopped.
+    Resume {
+        /// The run directory, e.g. runs/small.
+        run_dir: PathBuf,
+        /// cpu, cuda or cuda:N; overrides the run's device.
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Evaluate a checkpoint directory on its run's held-out set: loss and accuracy.
     Eval {
         /// A checkpoint directory, e.g. runs/small/student.
@@ -136,8 +147,11 @@ struct RunArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Replace an existing run directory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     force: bool,
+    /// Continue the config's existing run directory instead of starting anew (see `distill resume`).
+    #[arg(long)]
+    resume: bool,
 }
 
 fn main() -> ExitCode {
@@ -145,6 +159,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
+        Some(Command::Resume { run_dir, device }) => resume(&run_dir, device),
         Some(Command::Eval {
             checkpoint,
             config,
@@ -185,10 +200,47 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(seed) = args.seed {
         cfg.run.seed = seed;
     }
-    let report = pipeline::run(&cfg, &RunOptions { force: args.force }, &Bars::default())?;
+    let opts = RunOptions {
+        force: args.force,
+        resume: args.resume,
+    };
+    run_pipeline(&cfg, &opts)
+}
+
+fn run_pipeline(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
+    let report = pipeline::run(cfg, opts, &Bars::default())?;
     println!("\n{}", pipeline::render(&report));
     println!("run directory: {}", report.run_dir.display());
     Ok(())
+}
+
+fn resume(run_dir: &std::path::Path, device: Option<String>) -> anyhow::Result<()> {
+    let cfg_path = run_dir.join("config.toml");
+    if !cfg_path.is_file() {
+        anyhow::bail!(
+            "{} has no config.toml, so it is not a run directory; pass the folder a run wrote, e.g. runs/small",
+            run_dir.display()
+        );
+    }
+    let mut cfg = Config::load(&cfg_path)?;
+    let name = run_dir
+        .file_name()
+        .context("the run directory has no folder name")?
+        .to_string_lossy()
+        .to_string();
+    cfg.run.name = name;
+    cfg.run.out_dir = run_dir.parent().map(PathBuf::from).unwrap_or_default();
+    if let Some(d) = device {
+        distill::device::parse_device_name(&d)?;
+        cfg.run.device = d;
+    }
+    run_pipeline(
+        &cfg,
+        &RunOptions {
+            force: false,
+            resume: true,
+        },
+    )
 }
 
 fn open_device(name: &str) -> anyhow::Result<distill::candle::Device> {

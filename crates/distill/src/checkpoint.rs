@@ -42,6 +42,16 @@ pub struct TrainerState {
     pub seed: u64,
     pub tokens_seen: usize,
     pub last_loss: Option<f32>,
+    /// FLOPs of the stage so far (trained model) and of its teacher's forward
+    /// passes, so that a resumed stage reports the whole stage's work.
+    #[serde(default)]
+    pub flops: f64,
+    #[serde(default)]
+    pub teacher_flops: f64,
+    /// SHA-256 of `model.safetensors` and `optimizer.safetensors` as written,
+    /// so that a damaged checkpoint is detected before training resumes from it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checksums: BTreeMap<String, String>,
 }
 
 fn err(path: &Path, msg: impl Into<String>) -> Error {
@@ -92,10 +102,6 @@ pub fn save(dir: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
     let tok_cfg = extras.tokenizer.hf_config(cfg.max_position_embeddings);
     write_file(&tmp.join("tokenizer_config.json"), &pretty(&tok_cfg)?)?;
     write_file(&tmp.join("distill.toml"), extras.resolved_config.as_bytes())?;
-    if let Some(state) = extras.state {
-        let json = serde_json::to_value(state).map_err(|e| Error::Invalid(e.to_string()))?;
-        write_file(&tmp.join("trainer_state.json"), &pretty(&json)?)?;
-    }
     if let Some(opt) = extras.optimizer {
         let mut moments = BTreeMap::new();
         for (k, t) in &opt.m {
@@ -107,6 +113,14 @@ pub fn save(dir: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), opt.step.to_string());
         write_safetensors_meta(&tmp.join("optimizer.safetensors"), &moments, meta)?;
+    }
+    // The training state goes last and carries the checksums of the weights
+    // and moments written above.
+    if let Some(state) = extras.state {
+        let mut state = state.clone();
+        state.checksums = checksums(&tmp)?;
+        let json = serde_json::to_value(&state).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_file(&tmp.join("trainer_state.json"), &pretty(&json)?)?;
     }
     sync_dir(&tmp);
 
@@ -154,6 +168,52 @@ pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .unwrap_or(Path::new(".")),
     );
     Ok(())
+}
+
+const CHECKSUMMED: [&str; 2] = ["model.safetensors", "optimizer.safetensors"];
+
+fn sha256_hex(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).at(path)?;
+    Ok(sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// SHA-256 of the weights and optimizer files present in `dir`.
+fn checksums(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for f in CHECKSUMMED {
+        let p = dir.join(f);
+        if p.is_file() {
+            out.insert(f.to_string(), sha256_hex(&p)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `trainer_state.json` and checks the weights and optimizer files
+/// against the checksums it records. A checkpoint that fails this must not be
+/// resumed from.
+pub fn verify(dir: &Path) -> Result<TrainerState> {
+    let sp = require(dir, "trainer_state.json")?;
+    let text = std::fs::read_to_string(&sp).at(&sp)?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| err(&sp, format!("malformed: {e}")))?;
+    for f in CHECKSUMMED {
+        let want = state
+            .checksums
+            .get(f)
+            .ok_or_else(|| err(dir, format!("trainer_state.json has no checksum for {f}")))?;
+        let got = sha256_hex(&require(dir, f)?)?;
+        if &got != want {
+            return Err(err(
+                dir,
+                format!("{f} does not match the checksum in trainer_state.json (the file is damaged)"),
+            ));
+        }
+    }
+    Ok(state)
 }
 
 /// A short content id of a checkpoint: the first 16 hex digits of the

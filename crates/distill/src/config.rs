@@ -37,6 +37,10 @@ pub struct RunConfig {
     pub out_dir: PathBuf,
     /// "cpu", "cuda" or "cuda:N"; the `--device` flag overrides it. Default "cpu".
     pub device: String,
+    /// Periodic checkpoints (`[*.train] save_every`) kept per stage, newest
+    /// first; `distill resume` continues from the newest one that passes its
+    /// checksums. Default 2.
+    pub keep_checkpoints: usize,
 }
 
 impl Default for RunConfig {
@@ -46,6 +50,7 @@ impl Default for RunConfig {
             seed: 1234,
             out_dir: "runs".into(),
             device: "cpu".into(),
+            keep_checkpoints: 2,
         }
     }
 }
@@ -458,6 +463,12 @@ impl Config {
             "run.name",
             "must be a plain folder name (no slashes)",
             &r.name,
+        );
+        v.check(
+            r.keep_checkpoints >= 1,
+            "run.keep_checkpoints",
+            "must be >= 1",
+            r.keep_checkpoints,
         );
         v.check(
             crate::device::parse_device_name(&r.device).is_ok(),

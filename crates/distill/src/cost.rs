@@ -4,7 +4,10 @@
 //! used to price its training.
 //!
 //! Every finished stage is appended to `ledger.jsonl` (one JSON record per
-//! line, fsynced) and the whole table is rewritten to `cost.json`.
+//! line, fsynced) and the whole table is rewritten to `cost.json`. A stage
+//! that was killed and later resumed adds one `interrupted` record for the
+//! time it ran before the kill (from the run's heartbeat file), so the totals
+//! count every second the run used.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,6 +38,10 @@ pub struct StageCost {
     pub teacher_flops: f64,
     /// (flops + teacher_flops) / wall_seconds.
     pub flops_per_second: f64,
+    /// A segment of the stage that was killed before it finished: its time
+    /// and price count, its work is in the record of the resumed stage.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 /// The price of one device-hour for `dev` under `prices`.
@@ -79,6 +86,15 @@ impl StageCost {
             } else {
                 0.0
             },
+            interrupted: false,
+        }
+    }
+
+    /// The time a killed segment of `stage` ran; its work is counted when the stage completes.
+    pub fn interrupted(stage: &str, dev: &DeviceInfo, prices: &CostConfig, wall_seconds: f64) -> Self {
+        Self {
+            interrupted: true,
+            ..Self::new(stage, dev, prices, wall_seconds, 0, 0.0, 0.0)
         }
     }
 }
@@ -106,6 +122,47 @@ impl Ledger {
         }
     }
 
+    /// Reopens the ledger of an existing run. A last line torn by a crash in
+    /// the middle of an append is dropped (the file is rewritten without it);
+    /// a damaged line elsewhere is an error.
+    pub fn open(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join("ledger.jsonl");
+        let mut ledger = Self::new(run_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ledger),
+            Err(e) => return Err(Error::Io { path, source: e }),
+        };
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let mut torn = false;
+        for (i, line) in lines.iter().enumerate() {
+            match serde_json::from_str::<StageCost>(line) {
+                Ok(c) => ledger.stages.push(c),
+                Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => torn = true,
+                Err(e) => {
+                    return Err(Error::Data {
+                        path,
+                        msg: format!("line {}: not a ledger record ({e})", i + 1),
+                    })
+                }
+            }
+        }
+        if torn {
+            let mut body = String::new();
+            for c in &ledger.stages {
+                body += &serde_json::to_string(c).map_err(|e| Error::Invalid(e.to_string()))?;
+                body.push('\n');
+            }
+            crate::checkpoint::write_file_atomic(&path, body.as_bytes())?;
+        }
+        Ok(ledger)
+    }
+
+    /// Whether `stage` has completed (an interrupted segment does not count).
+    pub fn completed(&self, stage: &str) -> bool {
+        self.stages.iter().any(|c| c.stage == stage && !c.interrupted)
+    }
+
     /// Appends a stage to `ledger.jsonl` (fsynced) and rewrites `cost.json`.
     pub fn record(&mut self, cost: StageCost) -> Result<()> {
         let path = self.dir.join("ledger.jsonl");
@@ -120,7 +177,7 @@ impl Ledger {
         f.sync_all().at(&path)?;
         self.stages.push(cost);
         let summary = serde_json::to_vec_pretty(&self.summary()).map_err(|e| Error::Invalid(e.to_string()))?;
-        crate::checkpoint::write_file(&self.dir.join("cost.json"), &summary)
+        crate::checkpoint::write_file_atomic(&self.dir.join("cost.json"), &summary)
     }
 
     pub fn summary(&self) -> CostSummary {
@@ -137,13 +194,17 @@ impl Ledger {
     pub fn table(&self) -> String {
         let mut s = String::new();
         s += &format!(
-            "{:<10} {:>9} {:>13} {:>11} {:>12} {:>11} {:>11}\n",
+            "{:<20} {:>9} {:>13} {:>11} {:>12} {:>11} {:>11}\n",
             "stage", "wall s", "device-hours", "dollars", "tokens", "FLOPs", "FLOP/s"
         );
         for c in &self.stages {
             s += &format!(
-                "{:<10} {:>9.1} {:>13.5} {:>11.5} {:>12} {:>11.3e} {:>11.3e}\n",
-                c.stage,
+                "{:<20} {:>9.1} {:>13.5} {:>11.5} {:>12} {:>11.3e} {:>11.3e}\n",
+                if c.interrupted {
+                    format!("{} (killed)", c.stage)
+                } else {
+                    c.stage.clone()
+                },
                 c.wall_seconds,
                 c.device_hours,
                 c.dollars,
@@ -154,7 +215,7 @@ impl Ledger {
         }
         let t = self.summary();
         s += &format!(
-            "{:<10} {:>9.1} {:>13.5} {:>11.5} {:>12} {:>11.3e}\n",
+            "{:<20} {:>9.1} {:>13.5} {:>11.5} {:>12} {:>11.3e}\n",
             "total",
             t.total_wall_seconds,
             t.total_device_hours,

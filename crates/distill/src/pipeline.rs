@@ -34,6 +34,9 @@ use crate::train::{self, LossImpl, Progress, StageInput, Teacher};
 pub struct RunOptions {
     /// Replace an existing run directory.
     pub force: bool,
+    /// Continue the run in the existing run directory: completed stages are
+    /// loaded, the interrupted one continues from its last valid checkpoint.
+    pub resume: bool,
 }
 
 /// Held-out figures of one model.
@@ -75,7 +78,14 @@ fn sub_seed(seed: u64, what: &str) -> u64 {
 pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<Report> {
     let dev = device::open(device::parse_device_name(&cfg.run.device)?)?;
     let info = device::describe(&dev);
-    if cfg.run_dir().exists() && !opts.force {
+    let resume = opts.resume;
+    if resume && !cfg.run_dir().join("config.toml").is_file() {
+        return Err(Error::Invalid(format!(
+            "{} is not a run directory (it has no config.toml); nothing to resume",
+            cfg.run_dir().display()
+        )));
+    }
+    if !resume && cfg.run_dir().exists() && !opts.force {
         return Err(Error::RunExists(cfg.run_dir()));
     }
     // Stage: prepare (data, tokenizer, teacher checkpoint if given).
@@ -87,9 +97,11 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         Some(dir) => Some(checkpoint::load(dir, &dev)?),
         None => None,
     };
+    let saved_tok = cfg.run_dir().join("tokenizer.json");
     let tok = match (&cfg.tokenizer.path, &loaded_teacher) {
         (Some(p), _) => Tokenizer::load(p)?,
         (None, Some((_, t))) => t.clone(),
+        (None, None) if resume && saved_tok.is_file() => Tokenizer::load(&saved_tok)?,
         (None, None) => {
             let texts = splits
                 .train
@@ -149,17 +161,31 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     }
     // Inputs are all read and checked; only now is the run directory made.
     let run_dir = cfg.run_dir();
-    if run_dir.exists() {
-        if !opts.force {
-            return Err(Error::RunExists(run_dir));
-        }
-        std::fs::remove_dir_all(&run_dir).at(&run_dir)?;
-    }
-    std::fs::create_dir_all(&run_dir).at(&run_dir)?;
     let resolved = cfg.to_toml()?;
-    checkpoint::write_file(&run_dir.join("config.toml"), resolved.as_bytes())?;
-    let mut ledger = Ledger::new(&run_dir);
-    tok.save(&run_dir.join("tokenizer.json"))?;
+    let mut ledger = if resume {
+        let mut ledger = Ledger::open(&run_dir)?;
+        record_killed_segment(&run_dir, &mut ledger, &info, cfg, progress)?;
+        ledger
+    } else {
+        if run_dir.exists() {
+            if !opts.force {
+                return Err(Error::RunExists(run_dir));
+            }
+            std::fs::remove_dir_all(&run_dir).at(&run_dir)?;
+        }
+        std::fs::create_dir_all(&run_dir).at(&run_dir)?;
+        checkpoint::write_file_atomic(&run_dir.join("config.toml"), resolved.as_bytes())?;
+        let tok_tmp = run_dir.join(".tokenizer.json.tmp");
+        tok.save(&tok_tmp)?;
+        std::fs::rename(&tok_tmp, &saved_tok).at(&saved_tok)?;
+        Ledger::new(&run_dir)
+    };
+    let heartbeat = Heartbeat {
+        path: run_dir.join(HEARTBEAT),
+        inner: progress,
+        stage: Default::default(),
+    };
+    let progress: &dyn Progress = &heartbeat;
 
     let n = train_enc.len();
     let teacher_train = &train_enc[..cfg.teacher.train_examples.unwrap_or(n).min(n)];
@@ -171,15 +197,17 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         student_train.len(),
         eval_enc.len()
     ));
-    ledger.record(StageCost::new(
-        "prepare",
-        &info,
-        &cfg.cost,
-        t0.elapsed().as_secs_f64(),
-        0,
-        0.0,
-        0.0,
-    ))?;
+    if !ledger.completed("prepare") {
+        ledger.record(StageCost::new(
+            "prepare",
+            &info,
+            &cfg.cost,
+            t0.elapsed().as_secs_f64(),
+            0,
+            0.0,
+            0.0,
+        ))?;
+    }
 
     let save_to = |dir: &Path, m: &Llama, opt: &crate::optim::AdamW, state: &checkpoint::TrainerState| {
         let extras = SaveExtras {
@@ -190,18 +218,21 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         };
         checkpoint::save(dir, m, &extras)
     };
-    let stage_in = |name, train, seed| StageInput {
-        name,
-        train,
-        eval: &eval_enc,
-        pad: tok.pad,
-        seed,
-    };
-
     let loss_impl = if cfg.distill.fused {
         LossImpl::Fused
     } else {
         LossImpl::Reference
+    };
+    let env = StageEnv {
+        cfg,
+        run_dir: &run_dir,
+        dev: &dev,
+        info: &info,
+        eval: &eval_enc,
+        pad: tok.pad,
+        loss_impl,
+        resume,
+        save: &save_to,
     };
 
     // Stage: teacher.
@@ -212,30 +243,16 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
             (m, dir)
         }
         None => {
-            let t0 = Instant::now();
             let mcfg = ModelConfig::from_spec(&cfg.teacher.model, vocab, tok.bos, tok.eos, tok.pad);
-            let model = Llama::init(mcfg, cfg.teacher.model.init_std, sub_seed(seed, "teacher-init"), &dev)?;
-            let dir = run_dir.join("teacher");
-            let mut save = |m: &Llama, o: &_, s: &_| save_to(&dir, m, o, s);
-            let stats = train::train(
-                &stage_in("teacher", teacher_train, sub_seed(seed, "teacher-data")),
-                &model,
-                None,
-                &cfg.teacher.train,
-                loss_impl,
-                &mut save,
-                progress,
-            )?;
-            ledger.record(StageCost::new(
-                "teacher",
-                &info,
-                &cfg.cost,
-                t0.elapsed().as_secs_f64(),
-                stats.tokens,
-                stats.flops,
-                0.0,
-            ))?;
-            (model, dir)
+            let init = || Llama::init(mcfg, cfg.teacher.model.init_std, sub_seed(seed, "teacher-init"), &dev);
+            let data = StageData {
+                name: "teacher",
+                train: teacher_train,
+                seed: sub_seed(seed, "teacher-data"),
+                teacher: None,
+                spec: &cfg.teacher.train,
+            };
+            train_stage(&env, &data, init, &mut ledger, &heartbeat)?
         }
     };
 
@@ -254,19 +271,28 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         let n_ex = splits.train.len();
         let k = cfg.student.train_examples.unwrap_or(n_ex).min(n_ex);
         let student_examples = &splits.train[n_ex - k..];
-        let t0 = Instant::now();
-        let (records, acc) = write_traces(&teacher, &teacher_dir, &tok, student_examples, cfg, seed, progress)?;
         let path = run_dir.join("traces.jsonl");
-        crate::traces::write(&path, &records)?;
-        ledger.record(StageCost::new(
-            "traces",
-            &info,
-            &cfg.cost,
-            t0.elapsed().as_secs_f64(),
-            acc.tokens,
-            acc.flops,
-            0.0,
-        ))?;
+        let (records, acc) = if ledger.completed("traces") && path.is_file() {
+            let records = crate::traces::read(&path)?;
+            let acc = crate::traces::Acceptance::of(&records);
+            progress.message(&format!("traces: complete, read from {}", path.display()));
+            (records, acc)
+        } else {
+            let t0 = Instant::now();
+            let (records, acc) = write_traces(&teacher, &teacher_dir, &tok, student_examples, cfg, seed, progress)?;
+            crate::traces::write(&path, &records)?;
+            ledger.record(StageCost::new(
+                "traces",
+                &info,
+                &cfg.cost,
+                t0.elapsed().as_secs_f64(),
+                acc.tokens,
+                acc.flops,
+                0.0,
+            ))?;
+            heartbeat.clear();
+            (records, acc)
+        };
         progress.message(&format!(
             "traces: kept {} of {} samples ({:.1}%), {} of {} prompts solved -> {}",
             acc.kept,
@@ -325,41 +351,28 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     };
 
     let mut students = Vec::new();
-    for (name, data, with_teacher) in &plans {
-        if data.is_empty() {
+    for (name, train, with_teacher) in &plans {
+        if train.is_empty() {
             return Err(Error::Invalid(format!(
                 "stage {name}: no training examples fit in data.seq_len = {}",
                 cfg.data.seq_len
             )));
         }
-        let t0 = Instant::now();
-        let model = Llama::init(scfg.clone(), cfg.student.model.init_std, student_seed, &dev)?;
-        let dir = run_dir.join(name);
-        let mut save = |m: &Llama, o: &_, s: &_| save_to(&dir, m, o, s);
-        let t = with_teacher.then_some(&kd);
-        let stats = train::train(
-            &stage_in(name, data, sub_seed(seed, "student-data")),
-            &model,
-            t,
-            &cfg.student.train,
-            loss_impl,
-            &mut save,
-            progress,
-        )?;
-        ledger.record(StageCost::new(
+        let init = || Llama::init(scfg.clone(), cfg.student.model.init_std, student_seed, &dev);
+        let data = StageData {
             name,
-            &info,
-            &cfg.cost,
-            t0.elapsed().as_secs_f64(),
-            stats.tokens,
-            stats.flops,
-            stats.teacher_flops,
-        ))?;
+            train,
+            seed: sub_seed(seed, "student-data"),
+            teacher: with_teacher.then_some(&kd),
+            spec: &cfg.student.train,
+        };
+        let (model, dir) = train_stage(&env, &data, init, &mut ledger, &heartbeat)?;
         students.push((*name, model, dir));
     }
 
     // Stage: evaluation of every model on the held-out set.
     let t0 = Instant::now();
+    progress.stage_start("eval", 0);
     progress.message("evaluating on the held-out set");
     let mut models = Vec::new();
     let (mut eval_tokens, mut eval_flops) = (0u64, 0.0);
@@ -371,15 +384,20 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         eval_flops += flops;
         models.push(report);
     }
-    ledger.record(StageCost::new(
-        "eval",
-        &info,
-        &cfg.cost,
-        t0.elapsed().as_secs_f64(),
-        eval_tokens,
-        eval_flops,
-        0.0,
-    ))?;
+    // A resumed run that had finished is evaluated again (the figures are
+    // deterministic) but billed once.
+    if !ledger.completed("eval") {
+        ledger.record(StageCost::new(
+            "eval",
+            &info,
+            &cfg.cost,
+            t0.elapsed().as_secs_f64(),
+            eval_tokens,
+            eval_flops,
+            0.0,
+        ))?;
+    }
+    heartbeat.clear();
 
     let report = Report {
         run_dir: run_dir.clone(),
@@ -391,6 +409,241 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     };
     write_report(&run_dir, &report)?;
     Ok(report)
+}
+
+/// What every training stage shares.
+struct StageEnv<'a> {
+    cfg: &'a Config,
+    run_dir: &'a Path,
+    dev: &'a Device,
+    info: &'a DeviceInfo,
+    eval: &'a [batch::Encoded],
+    pad: u32,
+    loss_impl: LossImpl,
+    resume: bool,
+    save: &'a dyn Fn(&Path, &Llama, &crate::optim::AdamW, &checkpoint::TrainerState) -> Result<()>,
+}
+
+/// What one training stage learns from.
+struct StageData<'a> {
+    name: &'a str,
+    train: &'a [batch::Encoded],
+    seed: u64,
+    teacher: Option<&'a Teacher<'a>>,
+    spec: &'a crate::config::TrainSpec,
+}
+
+/// Where a stage keeps its periodic checkpoints: `checkpoints/<stage>/step-NNNNNN`.
+fn checkpoint_root(run_dir: &Path, stage: &str) -> PathBuf {
+    run_dir.join("checkpoints").join(stage)
+}
+
+/// The periodic checkpoints of a stage, newest first.
+fn periodic_checkpoints(root: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.reverse();
+    dirs
+}
+
+/// Trains one stage, or continues it from its newest checkpoint that passes
+/// its checksums (an older one is used, with a warning, when the newest is
+/// damaged), or loads it when a resumed run finds it complete.
+fn train_stage(
+    env: &StageEnv,
+    data: &StageData,
+    init: impl FnOnce() -> Result<Llama>,
+    ledger: &mut Ledger,
+    progress: &Heartbeat,
+) -> Result<(Llama, PathBuf)> {
+    let name = data.name;
+    let dir = env.run_dir.join(name);
+    let root = checkpoint_root(env.run_dir, name);
+    if env.resume {
+        if let Ok(state) = checkpoint::verify(&dir) {
+            if state.stage == name && state.step == state.total_steps {
+                let (model, _) = checkpoint::load(&dir, env.dev)?;
+                if !ledger.completed(name) {
+                    // Killed after the final checkpoint, before its ledger line.
+                    ledger.record(StageCost::new(
+                        name,
+                        env.info,
+                        &env.cfg.cost,
+                        0.0,
+                        state.tokens_seen as u64,
+                        state.flops,
+                        state.teacher_flops,
+                    ))?;
+                }
+                progress.message(&format!("{name}: complete, loaded from {}", dir.display()));
+                return Ok((model, dir));
+            }
+        }
+    }
+    let mut resume_from = None;
+    if env.resume {
+        for cand in periodic_checkpoints(&root) {
+            match checkpoint::verify(&cand) {
+                Ok(_) => {
+                    resume_from = Some(cand);
+                    break;
+                }
+                Err(e) => progress.message(&format!("warning: skipping a damaged checkpoint: {e}")),
+            }
+        }
+    }
+    let model = match &resume_from {
+        Some(d) => {
+            progress.message(&format!("{name}: resuming from {}", d.display()));
+            checkpoint::load(d, env.dev)?.0
+        }
+        None => init()?,
+    };
+    let t0 = Instant::now();
+    let keep = env.cfg.run.keep_checkpoints;
+    let mut save = |m: &Llama, o: &crate::optim::AdamW, s: &checkpoint::TrainerState| {
+        if s.step == s.total_steps {
+            return (env.save)(&dir, m, o, s);
+        }
+        (env.save)(&root.join(format!("step-{:06}", s.step)), m, o, s)?;
+        for old in periodic_checkpoints(&root).into_iter().skip(keep) {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        }
+        Ok(())
+    };
+    let input = StageInput {
+        name,
+        train: data.train,
+        eval: env.eval,
+        pad: env.pad,
+        seed: data.seed,
+        resume_from: resume_from.as_deref(),
+    };
+    let stats = train::train(
+        &input,
+        &model,
+        data.teacher,
+        data.spec,
+        env.loss_impl,
+        &mut save,
+        progress,
+    )?;
+    ledger.record(StageCost::new(
+        name,
+        env.info,
+        &env.cfg.cost,
+        t0.elapsed().as_secs_f64(),
+        stats.tokens,
+        stats.flops,
+        stats.teacher_flops,
+    ))?;
+    progress.clear();
+    Ok((model, dir))
+}
+
+/// The heartbeat file: which stage is running, since when, and when the
+/// process was last alive. A resumed run turns a leftover heartbeat into an
+/// `interrupted` ledger record, so the time of a killed segment is billed.
+const HEARTBEAT: &str = "heartbeat.json";
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Beat {
+    stage: String,
+    started_unix: f64,
+    alive_unix: f64,
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Forwards progress and keeps the heartbeat file current.
+struct Heartbeat<'a> {
+    path: PathBuf,
+    inner: &'a dyn Progress,
+    stage: std::cell::RefCell<Option<Beat>>,
+}
+
+impl Heartbeat<'_> {
+    fn beat(&self) {
+        if let Some(b) = self.stage.borrow_mut().as_mut() {
+            b.alive_unix = now_unix();
+            // Best effort: a lost beat costs at most the time until the next one.
+            if let Ok(bytes) = serde_json::to_vec(b) {
+                let tmp = self.path.with_extension("json.tmp");
+                if std::fs::write(&tmp, bytes).is_ok() {
+                    let _ = std::fs::rename(&tmp, &self.path);
+                }
+            }
+        }
+    }
+
+    /// The stage's ledger record is written: no segment is pending.
+    fn clear(&self) {
+        *self.stage.borrow_mut() = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Progress for Heartbeat<'_> {
+    fn stage_start(&self, stage: &str, total_steps: usize) {
+        let now = now_unix();
+        *self.stage.borrow_mut() = Some(Beat {
+            stage: stage.to_string(),
+            started_unix: now,
+            alive_unix: now,
+        });
+        self.beat();
+        if total_steps > 0 {
+            self.inner.stage_start(stage, total_steps);
+        }
+    }
+    fn step(&self, log: &train::StepLog) {
+        self.beat();
+        self.inner.step(log);
+    }
+    fn advance(&self, done: usize, msg: &str) {
+        self.beat();
+        self.inner.advance(done, msg);
+    }
+    fn message(&self, msg: &str) {
+        self.inner.message(msg);
+    }
+    fn stage_end(&self) {
+        self.beat();
+        self.inner.stage_end();
+    }
+}
+
+/// On resume: bills the segment a kill cut short, from its heartbeat.
+fn record_killed_segment(
+    run_dir: &Path,
+    ledger: &mut Ledger,
+    info: &DeviceInfo,
+    cfg: &Config,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let path = run_dir.join(HEARTBEAT);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    if let Ok(b) = serde_json::from_slice::<Beat>(&bytes) {
+        let wall = (b.alive_unix - b.started_unix).max(0.0);
+        progress.message(&format!(
+            "{}: the last run was killed {wall:.1} s into this stage; resuming",
+            b.stage
+        ));
+        ledger.record(StageCost::interrupted(&b.stage, info, &cfg.cost, wall))?;
+    }
+    std::fs::remove_file(&path).at(&path)
 }
 
 /// Samples `[traces]` solutions from the teacher for every student prompt and

@@ -60,6 +60,10 @@ pub struct StageInput<'a> {
     pub pad: u32,
     /// Seed of the data order.
     pub seed: u64,
+    /// Continue from this checkpoint (written by this stage): optimizer
+    /// moments, step, data position and the stage's totals are restored. The
+    /// caller loads the model's weights from it.
+    pub resume_from: Option<&'a std::path::Path>,
 }
 
 /// What a stage did, for the ledger and the report.
@@ -105,6 +109,31 @@ pub fn train(
     let mut opt = AdamW::new(spec, params)?;
     let mut order = Order::new(input.train.len(), input.seed);
     let mut stats = StageStats::default();
+    let mut start = 0;
+    if let Some(dir) = input.resume_from {
+        let state = crate::checkpoint::load_training_state(dir, &mut opt, &device)?;
+        let same = state.stage == input.name
+            && state.total_steps == spec.steps
+            && state.seed == input.seed
+            && state.micro_batches == state.step * spec.grad_accum
+            && state.step <= spec.steps;
+        if !same {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "was written by stage {} (step {}/{}, seed {}), which does not match stage {} ({} steps, seed {}); \
+                     resume with the run's own config.toml",
+                    state.stage, state.step, state.total_steps, state.seed, input.name, spec.steps, input.seed
+                ),
+            });
+        }
+        start = state.step;
+        stats.steps = state.step;
+        stats.tokens = state.tokens_seen as u64;
+        stats.flops = state.flops;
+        stats.teacher_flops = state.teacher_flops;
+        stats.final_loss = state.last_loss.unwrap_or(0.0);
+    }
     let (alpha, temperature, divergence) = teacher.map_or((1.0, 1.0, Divergence::ForwardKl), |t| {
         (t.alpha, t.temperature, t.divergence)
     });
@@ -115,7 +144,7 @@ pub fn train(
     }
     progress.stage_start(input.name, spec.steps);
 
-    for step in 0..spec.steps {
+    for step in start..spec.steps {
         let t0 = Instant::now();
         let lr = lr_at(spec, step);
         let batches = (0..spec.grad_accum)
@@ -219,6 +248,9 @@ pub fn train(
                 seed: input.seed,
                 tokens_seen: stats.tokens as usize,
                 last_loss: Some(loss),
+                flops: stats.flops,
+                teacher_flops: stats.teacher_flops,
+                checksums: Default::default(),
             };
             save(model, &opt, &state)?;
         }
@@ -273,6 +305,7 @@ mod tests {
             eval: &train,
             pad: 0,
             seed: 1,
+            resume_from: None,
         };
         let ts = TrainSpec {
             steps: 2,

@@ -183,6 +183,9 @@ fn checkpoint_reloads_model_tokenizer_and_optimizer() -> R {
         seed: 3,
         tokens_seen: 100,
         last_loss: Some(1.5),
+        flops: 1e9,
+        teacher_flops: 0.0,
+        checksums: Default::default(),
     };
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("student");
@@ -210,8 +213,22 @@ fn checkpoint_reloads_model_tokenizer_and_optimizer() -> R {
     assert_eq!(tok2.encode("Ava has 3")?, tok.encode("Ava has 3")?);
 
     let mut opt2 = AdamW::new(&TrainSpec::default(), m2.params())?;
-    let s2 = checkpoint::load_training_state(&ck, &mut opt2, &Device::Cpu)?;
+    let mut s2 = checkpoint::load_training_state(&ck, &mut opt2, &Device::Cpu)?;
+    assert_eq!(s2.checksums.len(), 2, "weights and moments are checksummed");
+    s2.checksums.clear();
     assert_eq!(s2, state);
+    // The checksums catch a damaged file that still parses.
+    checkpoint::verify(&ck)?;
+    let opt_file = ck.join("optimizer.safetensors");
+    let mut bytes = std::fs::read(&opt_file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&opt_file, &bytes).unwrap();
+    let err = checkpoint::verify(&ck).unwrap_err().to_string();
+    assert!(
+        err.contains("optimizer.safetensors") && err.contains("checksum"),
+        "{err}"
+    );
     assert_eq!(opt2.step, 1);
     for (k, t) in &opt.v {
         assert_eq!(
