@@ -530,7 +530,7 @@ fn check_checkpoints_on_disk(run_dir: &Path) -> usize {
                         dirs.push(q);
                     }
                 }
-            } else if name != "checkpoints" {
+            } else if name != "checkpoints" && name != "metrics" {
                 dirs.push(p);
             }
         }

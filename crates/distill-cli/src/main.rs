@@ -385,8 +385,8 @@ impl Progress for Bars {
         };
         pb.set_position(l.step as u64);
         pb.set_message(format!(
-            "loss {:.4} (ce {:.4} kd {:.4}) {:.0} tok/s",
-            l.loss, l.ce, l.kd, l.tokens_per_second
+            "loss {:.4} (ce {:.4} kd {:.4}) {:.0} tok/s, run ${:.4}",
+            l.loss, l.ce, l.kd, l.tokens_per_second, l.dollars
         ));
         if let Some(e) = l.eval_loss {
             let line = format!(

@@ -181,9 +181,11 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         Ledger::new(&run_dir)
     };
     let heartbeat = Heartbeat {
-        path: run_dir.join(HEARTBEAT),
+        run_dir: run_dir.clone(),
         inner: progress,
         stage: Default::default(),
+        dollars_per_second: crate::cost::price_per_hour(&cfg.cost, &info) * info.count as f64 / 3600.0,
+        spent_before: std::cell::Cell::new(ledger.summary().total_dollars),
     };
     let progress: &dyn Progress = &heartbeat;
 
@@ -290,7 +292,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
                 acc.flops,
                 0.0,
             ))?;
-            heartbeat.clear();
+            heartbeat.clear_after(&ledger);
             (records, acc)
         };
         progress.message(&format!(
@@ -505,6 +507,11 @@ fn train_stage(
         }
         None => init()?,
     };
+    let from_step = match &resume_from {
+        Some(d) => checkpoint::verify(d)?.step,
+        None => 0,
+    };
+    progress.truncate_metrics(name, from_step)?;
     let t0 = Instant::now();
     let keep = env.cfg.run.keep_checkpoints;
     let mut save = |m: &Llama, o: &crate::optim::AdamW, s: &checkpoint::TrainerState| {
@@ -543,7 +550,7 @@ fn train_stage(
         stats.flops,
         stats.teacher_flops,
     ))?;
-    progress.clear();
+    progress.clear_after(ledger);
     Ok((model, dir))
 }
 
@@ -565,11 +572,15 @@ fn now_unix() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Forwards progress and keeps the heartbeat file current.
+/// Forwards progress, keeps the heartbeat file current, appends every step to
+/// `metrics/<stage>.jsonl`, and adds the run's running cost to each step.
 struct Heartbeat<'a> {
-    path: PathBuf,
+    run_dir: PathBuf,
     inner: &'a dyn Progress,
     stage: std::cell::RefCell<Option<Beat>>,
+    dollars_per_second: f64,
+    /// Dollars of the ledger records written before the current stage.
+    spent_before: std::cell::Cell<f64>,
 }
 
 impl Heartbeat<'_> {
@@ -578,18 +589,62 @@ impl Heartbeat<'_> {
             b.alive_unix = now_unix();
             // Best effort: a lost beat costs at most the time until the next one.
             if let Ok(bytes) = serde_json::to_vec(b) {
-                let tmp = self.path.with_extension("json.tmp");
+                let path = self.run_dir.join(HEARTBEAT);
+                let tmp = path.with_extension("json.tmp");
                 if std::fs::write(&tmp, bytes).is_ok() {
-                    let _ = std::fs::rename(&tmp, &self.path);
+                    let _ = std::fs::rename(&tmp, &path);
                 }
             }
         }
     }
 
     /// The stage's ledger record is written: no segment is pending.
+    fn clear_after(&self, ledger: &Ledger) {
+        self.spent_before.set(ledger.summary().total_dollars);
+        self.clear();
+    }
+
     fn clear(&self) {
         *self.stage.borrow_mut() = None;
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.run_dir.join(HEARTBEAT));
+    }
+
+    fn metrics_path(&self, stage: &str) -> PathBuf {
+        self.run_dir.join("metrics").join(format!("{stage}.jsonl"))
+    }
+
+    /// A stage (re)starts after step `step`: metrics of later steps, from a
+    /// segment that was killed, are dropped so that every step appears once.
+    fn truncate_metrics(&self, stage: &str, step: usize) -> Result<()> {
+        let path = self.metrics_path(stage);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        checkpoint::write_file_atomic(&path, kept.as_bytes())
+    }
+
+    fn append_metrics(&self, stage: &str, log: &train::StepLog) {
+        use std::io::Write as _;
+        let path = self.metrics_path(stage);
+        let _ = std::fs::create_dir_all(self.run_dir.join("metrics"));
+        if let (Ok(mut line), Ok(mut f)) = (
+            serde_json::to_string(log),
+            std::fs::OpenOptions::new().create(true).append(true).open(&path),
+        ) {
+            line.push('\n');
+            // Metrics are a log, not state: a failed write must not stop training.
+            let _ = f.write_all(line.as_bytes());
+        }
     }
 }
 
@@ -608,7 +663,13 @@ impl Progress for Heartbeat<'_> {
     }
     fn step(&self, log: &train::StepLog) {
         self.beat();
-        self.inner.step(log);
+        let mut log = log.clone();
+        let stage = self.stage.borrow().as_ref().map(|b| (b.stage.clone(), now_unix() - b.started_unix));
+        if let Some((stage, elapsed)) = stage {
+            log.dollars = self.spent_before.get() + elapsed * self.dollars_per_second;
+            self.append_metrics(&stage, &log);
+        }
+        self.inner.step(&log);
     }
     fn advance(&self, done: usize, msg: &str) {
         self.beat();

@@ -16,8 +16,8 @@ use crate::loss::{distill_loss, distill_loss_fused, Divergence};
 use crate::model::Llama;
 use crate::optim::{clip_grad_norm, lr_at, AdamW};
 
-/// One logged optimiser step.
-#[derive(Debug, Clone)]
+/// One logged optimiser step (a line of `metrics/<stage>.jsonl`).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct StepLog {
     pub step: usize,
     pub total_steps: usize,
@@ -28,6 +28,8 @@ pub struct StepLog {
     pub grad_norm: f64,
     pub tokens_per_second: f64,
     pub eval_loss: Option<f32>,
+    /// What the whole run has cost so far, in dollars; filled in by the pipeline.
+    pub dollars: f64,
 }
 
 /// Receives progress; the CLI draws bars, tests stay silent.
@@ -238,6 +240,7 @@ pub fn train(
             grad_norm,
             tokens_per_second: step_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             eval_loss,
+            dollars: 0.0,
         });
         if last || (spec.save_every > 0 && (step + 1) % spec.save_every == 0) {
             let state = TrainerState {
