@@ -2,6 +2,7 @@
 //! ledger. The pipeline reads top to bottom in `pipeline.rs`:
 //! data -> tokenizer -> model -> loss -> train -> checkpoint -> cost -> report.
 
+pub mod charts;
 pub mod checkpoint;
 pub mod config;
 pub mod cost;
@@ -12,7 +13,9 @@ pub mod generate;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod peak;
 pub mod pipeline;
+pub mod projection;
 pub mod tokenizer;
 pub mod traces;
 pub mod train;

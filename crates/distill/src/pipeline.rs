@@ -664,7 +664,11 @@ impl Progress for Heartbeat<'_> {
     fn step(&self, log: &train::StepLog) {
         self.beat();
         let mut log = log.clone();
-        let stage = self.stage.borrow().as_ref().map(|b| (b.stage.clone(), now_unix() - b.started_unix));
+        let stage = self
+            .stage
+            .borrow()
+            .as_ref()
+            .map(|b| (b.stage.clone(), now_unix() - b.started_unix));
         if let Some((stage, elapsed)) = stage {
             log.dollars = self.spent_before.get() + elapsed * self.dollars_per_second;
             self.append_metrics(&stage, &log);
