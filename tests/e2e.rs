@@ -115,6 +115,47 @@ fn tiny_pipeline_writes_reloadable_checkpoints_ledger_and_report_and_is_reproduc
     assert!((cost["total_dollars"].as_f64().unwrap() - sum).abs() < 1e-12);
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(run_a.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["models"].as_array().unwrap().len(), 3);
+    // MFU against the measured CPU peak, per-step metrics, charts.
+    for s in &stages[1..] {
+        let mfu = s["mfu"].as_f64().unwrap();
+        assert!(mfu > 0.0 && mfu < 1.0, "{s}");
+        assert!(s["peak_flops_per_second"].as_f64().unwrap() > 1e9);
+    }
+    let metrics = std::fs::read_to_string(run_a.join("metrics/student.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 30, "one line per step");
+    for key in [
+        "step",
+        "loss",
+        "ce",
+        "kd",
+        "lr",
+        "grad_norm",
+        "tokens_per_second",
+        "dollars",
+    ] {
+        assert!(rows[0].get(key).is_some(), "metrics lack {key}: {}", rows[0]);
+    }
+    assert!(rows[29]["dollars"].as_f64().unwrap() > rows[0]["dollars"].as_f64().unwrap());
+    for svg in ["loss.svg", "cost.svg"] {
+        let text = std::fs::read_to_string(run_a.join(svg)).unwrap();
+        assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"), "{svg}");
+        for stage in ["teacher", "student", "baseline"] {
+            assert!(text.contains(stage), "{svg} lacks the {stage} series");
+        }
+    }
+    std::fs::remove_file(run_a.join("report.md")).unwrap();
+    let out = ok(bin().arg("report").arg(&run_a));
+    assert!(out.contains("MFU") && run_a.join("report.md").is_file(), "{out}");
+    // A finished run scales to another size and device.
+    let out = ok(bin()
+        .args([
+            "cost", "--params", "1.5e9", "--tokens", "1e10", "--device", "H100", "--count", "64", "--from",
+        ])
+        .arg(&run_a));
+    for stage in ["teacher", "student", "baseline", "total"] {
+        assert!(out.contains(stage), "{out}");
+    }
 
     // Same config and seed: bitwise-identical weights.
     let run_b = tiny_run(&tmp.path().join("b"));
@@ -292,7 +333,9 @@ fn cuda_request_without_cuda_build_is_refused_not_run_on_cpu() {
 #[test]
 fn help_documents_every_subcommand() {
     let out = ok(bin().arg("--help"));
-    for word in ["run", "eval", "generate", "--config", "--device", "--force"] {
+    for word in [
+        "run", "resume", "eval", "generate", "merge", "cost", "peak", "report", "--config", "--device", "--force",
+    ] {
         assert!(out.contains(word), "--help lacks {word}:\n{out}");
     }
 }
@@ -653,4 +696,23 @@ fn kill_anywhere_and_resume_gives_the_uninterrupted_result() {
         attempts,
         stages.len()
     );
+}
+
+#[test]
+fn cost_projects_the_deepseek_r1_table_from_its_inputs() {
+    // DeepSeek-R1 (Nature 645, 2025), supplementary cost table: 512 H800 for about
+    // 198 h (R1-Zero), about 5K GPU-hours (SFT data), 512 H800 for 80 h (R1), at $2.
+    let rows = [
+        (vec!["--wall-hours", "198", "--count", "512"], "101,376", "$202,752"),
+        (vec!["--device-hours", "5000"], "5,000", "$10,000"),
+        (vec!["--wall-hours", "80", "--count", "512"], "40,960", "$81,920"),
+    ];
+    for (args, hours, dollars) in rows {
+        let out = ok(bin().args(["cost", "--device", "H800"]).args(&args));
+        assert!(out.contains(hours) && out.contains(dollars), "{args:?}:\n{out}");
+    }
+    let err = fails(bin().args(["cost", "--device", "H800"]));
+    assert!(err.contains("--params") && err.contains("--device-hours"), "{err}");
+    let err = fails(bin().args(["cost", "--device", "TPU", "--params", "1e9", "--tokens", "1e9"]));
+    assert!(err.contains("peak"), "{err}");
 }

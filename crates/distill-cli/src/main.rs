@@ -48,6 +48,24 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Project device-hours, wall time and dollars from first principles (model
+    /// size, tokens, device, count, MFU), from device-hours or wall hours directly,
+    /// or by scaling a finished run (--from runs/NAME).
+    Cost(CostArgs),
+    /// Measure this machine's f32 GEMM peak (the CPU peak that MFU is measured against).
+    Peak {
+        /// Side of the square matrices.
+        #[arg(long, default_value_t = 2048)]
+        size: usize,
+        /// Timed multiplications (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
+    /// Render a finished run's report.md and charts (loss.svg, cost.svg) again.
+    Report {
+        /// The run directory, e.g. runs/small.
+        run_dir: PathBuf,
+    },
     /// Evaluate a checkpoint directory on its run's held-out set: loss and accuracy.
     Eval {
         /// A checkpoint directory, e.g. runs/small/student.
@@ -80,6 +98,50 @@ enum Command {
         #[arg(required = true, num_args = 1..)]
         shards: Vec<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct CostArgs {
+    /// GPU name (H800, H100, H200, A100, or the name cudarc reports) or "cpu".
+    #[arg(long)]
+    device: String,
+    /// Devices working in parallel.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Model parameters, e.g. 1.5e9.
+    #[arg(long)]
+    params: Option<f64>,
+    /// Tokens processed, e.g. 1e10.
+    #[arg(long)]
+    tokens: Option<f64>,
+    /// training (6 FLOPs per parameter per token) or forward (2).
+    #[arg(long, default_value = "training", value_parser = ["training", "forward"])]
+    kind: String,
+    /// Model FLOP utilisation, in (0, 1]. Default 0.4 (Llama 3 405B on H100s reached 38-43%).
+    #[arg(long)]
+    mfu: Option<f64>,
+    /// Precision whose peak applies: bf16, tf32 or fp32.
+    #[arg(long, default_value = "bf16")]
+    precision: String,
+    /// Peak FLOP/s of one device, for devices not in the table (a CPU: see `distill peak`).
+    #[arg(long)]
+    peak: Option<f64>,
+    /// Device-hours, instead of a model size.
+    #[arg(long, conflicts_with_all = ["params", "wall_hours"])]
+    device_hours: Option<f64>,
+    /// Wall-clock hours on --count devices, instead of a model size.
+    #[arg(long, conflicts_with_all = ["params", "device_hours"])]
+    wall_hours: Option<f64>,
+    /// Dollars per device-hour. Default: the [cost] price table (H800 $2.00, as DeepSeek-R1 assumed).
+    #[arg(long)]
+    price: Option<f64>,
+    /// Scale this finished run: its --stage model becomes --params and --tokens,
+    /// and every other stage keeps its measured share of the FLOPs.
+    #[arg(long, requires_all = ["params", "tokens"])]
+    from: Option<PathBuf>,
+    /// With --from: the stage that --params and --tokens describe.
+    #[arg(long, default_value = "teacher")]
+    stage: String,
 }
 
 #[derive(Args)]
@@ -160,6 +222,9 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
         Some(Command::Resume { run_dir, device }) => resume(&run_dir, device),
+        Some(Command::Cost(args)) => cost(args),
+        Some(Command::Peak { size, repeats }) => peak(size, repeats),
+        Some(Command::Report { run_dir }) => report(&run_dir),
         Some(Command::Eval {
             checkpoint,
             config,
@@ -241,6 +306,79 @@ fn resume(run_dir: &std::path::Path, device: Option<String>) -> anyhow::Result<(
             resume: true,
         },
     )
+}
+
+fn cost(a: CostArgs) -> anyhow::Result<()> {
+    use distill::projection::{self, Precision, ProjectionInput, Throughput, Work, WorkKind};
+    let prices = distill::config::CostConfig::default();
+    let price = a.price.unwrap_or_else(|| projection::device_price(&a.device, &prices));
+    let precision: Precision = a.precision.parse()?;
+    let throughput = Throughput {
+        mfu: a.mfu.unwrap_or(projection::DEFAULT_TRAINING_MFU),
+        precision,
+        peak_flops: a.peak,
+    };
+    let rows = if let Some(run) = &a.from {
+        let summary = projection::read_cost_summary(run)?;
+        let target = projection::ScaleTarget {
+            reference_stage: a.stage.clone(),
+            params: a.params.unwrap_or_default(),
+            tokens: a.tokens.unwrap_or_default(),
+            device: a.device.clone(),
+            count: a.count,
+            mfu: a.mfu,
+            precision,
+            price_per_device_hour: price,
+        };
+        projection::scale_run(&summary, &target)?
+    } else {
+        let work = match (a.params, a.tokens, a.device_hours, a.wall_hours) {
+            (Some(params), Some(tokens), None, None) => Work::Model {
+                params,
+                tokens,
+                kind: if a.kind == "forward" {
+                    WorkKind::Forward
+                } else {
+                    WorkKind::Training
+                },
+                throughput,
+            },
+            (None, None, Some(h), None) => Work::DeviceHours(h),
+            (None, None, None, Some(h)) => Work::WallHours(h),
+            _ => anyhow::bail!(
+                "give --params and --tokens (with --mfu), or --device-hours, or --wall-hours; \
+                 e.g. distill cost --params 1.5e9 --tokens 1e10 --device H100 --count 64"
+            ),
+        };
+        vec![projection::project(&ProjectionInput {
+            stage: "projection".into(),
+            device: a.device.clone(),
+            count: a.count,
+            price_per_device_hour: price,
+            work,
+        })?]
+    };
+    print!("{}", projection::render_table(&rows));
+    Ok(())
+}
+
+fn peak(size: usize, repeats: usize) -> anyhow::Result<()> {
+    let m = distill::peak::measure_cpu_peak(size, repeats)?;
+    println!(
+        "f32 GEMM {size}x{size}, {} threads on {}: best {:.1} GFLOP/s, median {:.1} GFLOP/s",
+        m.threads,
+        m.cpu_model,
+        m.flops_per_second / 1e9,
+        m.median_flops_per_second / 1e9
+    );
+    Ok(())
+}
+
+fn report(run_dir: &std::path::Path) -> anyhow::Result<()> {
+    let r = pipeline::rerender(run_dir)?;
+    println!("{}", pipeline::render(&r));
+    println!("wrote {}", run_dir.join("report.md").display());
+    Ok(())
 }
 
 fn open_device(name: &str) -> anyhow::Result<distill::candle::Device> {

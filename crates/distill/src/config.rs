@@ -400,6 +400,10 @@ pub struct CostConfig {
     /// detected GPU name). Defaults: H800 $2.00 (DeepSeek-R1, Nature 2025,
     /// supplementary), H100 $2.50, A100 $1.50.
     pub gpu_hour: std::collections::BTreeMap<String, f64>,
+    /// Peak FLOP/s of one device (one GPU, or one CPU core) for the MFU column
+    /// of the ledger. Default: the datasheet f32 peak of known GPUs, and for
+    /// CPUs a GEMM probe at the start of the run (`distill peak`).
+    pub peak_flops_per_device: Option<f64>,
 }
 
 impl Default for CostConfig {
@@ -411,6 +415,7 @@ impl Default for CostConfig {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
+            peak_flops_per_device: None,
         }
     }
 }
@@ -636,6 +641,14 @@ impl Config {
             "must be >= 0",
             c.default_gpu_hour,
         );
+        if let Some(p) = c.peak_flops_per_device {
+            v.check(
+                p > 0.0 && p.is_finite(),
+                "cost.peak_flops_per_device",
+                "must be > 0 (FLOP/s of one GPU or one CPU core)",
+                p,
+            );
+        }
         for (k, p) in &c.gpu_hour {
             v.check(
                 *p >= 0.0 && p.is_finite(),

@@ -38,6 +38,15 @@ pub struct StageCost {
     pub teacher_flops: f64,
     /// (flops + teacher_flops) / wall_seconds.
     pub flops_per_second: f64,
+    /// Peak FLOP/s of all the devices the stage ran on: the datasheet peak of
+    /// the GPU (f32, as `distill` trains), or the CPU's as measured by the GEMM
+    /// probe at the start of the run (`distill peak`), or `[cost]
+    /// peak_flops_per_device` times the device count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_flops_per_second: Option<f64>,
+    /// Model FLOP utilisation: flops_per_second / peak_flops_per_second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
     /// A segment of the stage that was killed before it finished: its time
     /// and price count, its work is in the record of the resumed stage.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -86,6 +95,8 @@ impl StageCost {
             } else {
                 0.0
             },
+            peak_flops_per_second: None,
+            mfu: None,
             interrupted: false,
         }
     }
@@ -112,6 +123,8 @@ pub struct CostSummary {
 pub struct Ledger {
     dir: PathBuf,
     pub stages: Vec<StageCost>,
+    /// Peak FLOP/s of the run's devices; records get it and their MFU.
+    pub peak_flops: Option<f64>,
 }
 
 impl Ledger {
@@ -119,6 +132,7 @@ impl Ledger {
         Self {
             dir: run_dir.to_path_buf(),
             stages: vec![],
+            peak_flops: None,
         }
     }
 
@@ -164,7 +178,13 @@ impl Ledger {
     }
 
     /// Appends a stage to `ledger.jsonl` (fsynced) and rewrites `cost.json`.
-    pub fn record(&mut self, cost: StageCost) -> Result<()> {
+    pub fn record(&mut self, mut cost: StageCost) -> Result<()> {
+        if let (Some(peak), None) = (self.peak_flops, cost.peak_flops_per_second) {
+            cost.peak_flops_per_second = Some(peak);
+            if !cost.interrupted && cost.flops_per_second > 0.0 && peak > 0.0 {
+                cost.mfu = Some(cost.flops_per_second / peak);
+            }
+        }
         let path = self.dir.join("ledger.jsonl");
         let mut line = serde_json::to_string(&cost).map_err(|e| Error::Invalid(e.to_string()))?;
         line.push('\n');
@@ -194,12 +214,12 @@ impl Ledger {
     pub fn table(&self) -> String {
         let mut s = String::new();
         s += &format!(
-            "{:<20} {:>9} {:>13} {:>11} {:>12} {:>11} {:>11}\n",
-            "stage", "wall s", "device-hours", "dollars", "tokens", "FLOPs", "FLOP/s"
+            "{:<20} {:>9} {:>13} {:>11} {:>12} {:>11} {:>11} {:>6}\n",
+            "stage", "wall s", "device-hours", "dollars", "tokens", "FLOPs", "FLOP/s", "MFU"
         );
         for c in &self.stages {
             s += &format!(
-                "{:<20} {:>9.1} {:>13.5} {:>11.5} {:>12} {:>11.3e} {:>11.3e}\n",
+                "{:<20} {:>9.1} {:>13.5} {:>11.5} {:>12} {:>11.3e} {:>11.3e} {:>6}\n",
                 if c.interrupted {
                     format!("{} (killed)", c.stage)
                 } else {
@@ -210,7 +230,8 @@ impl Ledger {
                 c.dollars,
                 c.tokens,
                 c.flops + c.teacher_flops,
-                c.flops_per_second
+                c.flops_per_second,
+                c.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m))
             );
         }
         let t = self.summary();
@@ -225,9 +246,13 @@ impl Ledger {
         );
         if let Some(c) = self.stages.first() {
             s += &format!(
-                "device: {} x {} ({}), ${:.4} per device-hour\n",
+                "device: {} x {} ({}), ${:.4} per device-hour",
                 c.device_count, c.device_name, c.device_kind, c.price_per_device_hour
             );
+            if let Some(p) = self.stages.iter().find_map(|c| c.peak_flops_per_second) {
+                s += &format!(", peak {p:.3e} FLOP/s");
+            }
+            s += "\n";
         }
         s
     }

@@ -220,7 +220,7 @@ pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut ChaCha8Rng
 }
 
 /// One decoded held-out example.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Sample {
     pub prompt: String,
     pub output: String,

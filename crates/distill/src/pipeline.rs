@@ -40,7 +40,7 @@ pub struct RunOptions {
 }
 
 /// Held-out figures of one model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ModelReport {
     pub name: String,
     pub checkpoint: PathBuf,
@@ -52,7 +52,7 @@ pub struct ModelReport {
     pub samples: Vec<generate::Sample>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Report {
     pub run_dir: PathBuf,
     pub device: DeviceInfo,
@@ -63,7 +63,7 @@ pub struct Report {
     pub cost_table: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TracesReport {
     pub path: PathBuf,
     pub acceptance: crate::traces::Acceptance,
@@ -180,6 +180,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         std::fs::rename(&tok_tmp, &saved_tok).at(&saved_tok)?;
         Ledger::new(&run_dir)
     };
+    ledger.peak_flops = run_peak(cfg, &info, progress)?;
     let heartbeat = Heartbeat {
         run_dir: run_dir.clone(),
         inner: progress,
@@ -711,6 +712,26 @@ fn record_killed_segment(
     std::fs::remove_file(&path).at(&path)
 }
 
+/// Peak FLOP/s of all the run's devices, for the ledger's MFU column: the
+/// config's per-device figure, else the datasheet f32 peak of a known GPU, else
+/// (CPU) a short GEMM probe on this machine.
+fn run_peak(cfg: &Config, info: &DeviceInfo, progress: &dyn Progress) -> Result<Option<f64>> {
+    let count = info.count as f64;
+    if let Some(p) = cfg.cost.peak_flops_per_device {
+        return Ok(Some(p * count));
+    }
+    if info.kind == "cpu" {
+        let m = crate::peak::measure_cpu_peak(1024, 5)?;
+        progress.message(&format!(
+            "peak: {:.1} GFLOP/s (f32 GEMM probe, {} threads); MFU in the ledger is measured against it",
+            m.flops_per_second / 1e9,
+            m.threads
+        ));
+        return Ok(Some(m.flops_per_second));
+    }
+    Ok(crate::projection::peak_flops(&info.name, crate::projection::Precision::Fp32).map(|p| p * count))
+}
+
 /// Samples `[traces]` solutions from the teacher for every student prompt and
 /// verifies them.
 fn write_traces(
@@ -842,8 +863,70 @@ pub fn eval_checkpoint(dir: &Path, config: Option<&Config>, device: &Device) -> 
 
 fn write_report(run_dir: &Path, r: &Report) -> Result<()> {
     let json = serde_json::to_vec_pretty(r).map_err(|e| Error::Invalid(e.to_string()))?;
-    checkpoint::write_file(&run_dir.join("report.json"), &json)?;
-    checkpoint::write_file(&run_dir.join("report.md"), render(r).as_bytes())
+    checkpoint::write_file_atomic(&run_dir.join("report.json"), &json)?;
+    write_charts(run_dir, r)?;
+    checkpoint::write_file_atomic(&run_dir.join("report.md"), render(r).as_bytes())
+}
+
+/// `distill report RUN_DIR`: renders report.md and the charts again from the
+/// run's report.json and metrics.
+pub fn rerender(run_dir: &Path) -> Result<Report> {
+    let path = run_dir.join("report.json");
+    let bytes = std::fs::read(&path).at(&path)?;
+    let r: Report = serde_json::from_slice(&bytes).map_err(|e| Error::Data {
+        path: path.clone(),
+        msg: format!("not a distill report ({e}); it is written when a run finishes"),
+    })?;
+    write_charts(run_dir, &r)?;
+    checkpoint::write_file_atomic(&run_dir.join("report.md"), render(&r).as_bytes())?;
+    Ok(r)
+}
+
+/// The training loss of every stage that logged metrics, by step.
+fn loss_series(run_dir: &Path, r: &Report) -> Vec<(String, Vec<(usize, f64)>)> {
+    let mut out = Vec::new();
+    for stage in r.cost.stages.iter().filter(|c| !c.interrupted).map(|c| &c.stage) {
+        let path = run_dir.join("metrics").join(format!("{stage}.jsonl"));
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let points: Vec<(usize, f64)> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v["step"].as_u64()? as usize, v["loss"].as_f64()?)))
+            .collect();
+        if !points.is_empty() {
+            out.push((stage.clone(), points));
+        }
+    }
+    out
+}
+
+/// `loss.svg` (training loss of every stage) and `cost.svg` (dollars per stage).
+fn write_charts(run_dir: &Path, r: &Report) -> Result<()> {
+    let series = loss_series(run_dir, r);
+    if !series.is_empty() {
+        let svg = crate::charts::loss_curves_svg(&series)?;
+        checkpoint::write_file_atomic(&run_dir.join("loss.svg"), svg.as_bytes())?;
+    }
+    let bars: Vec<(String, f64)> = r
+        .cost
+        .stages
+        .iter()
+        .map(|c| {
+            let name = if c.interrupted {
+                format!("{} (killed)", c.stage)
+            } else {
+                c.stage.clone()
+            };
+            (name, c.dollars)
+        })
+        .collect();
+    if !bars.is_empty() {
+        let svg = crate::charts::cost_bars_svg(&bars)?;
+        checkpoint::write_file_atomic(&run_dir.join("cost.svg"), svg.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// The report as Markdown: the model table with each model's own training
@@ -901,7 +984,7 @@ pub fn render(r: &Report) -> String {
     s += &verdict(r);
     s += "\n\n## Cost\n\n```\n";
     s += &r.cost_table;
-    s += "```\n";
+    s += "```\n\n![dollars per stage](cost.svg)\n\n## Training loss\n\n![training loss per stage](loss.svg)\n";
     s
 }
 

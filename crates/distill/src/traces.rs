@@ -130,7 +130,7 @@ impl Shard {
 }
 
 /// Counts of a generation job, for the report and the ledger.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Acceptance {
     /// Prompts with an expected answer that were sampled.
     pub prompts: usize,
