@@ -615,6 +615,11 @@ fn kill_anywhere_and_resume_gives_the_uninterrupted_result() {
             cmd.arg("resume").arg(&run_dir);
         } else {
             cmd.arg("--config").arg(&cfg).arg("--out-dir").arg(&out);
+            if run_dir.exists() {
+                // Killed after making the folder, before writing config.toml:
+                // nothing to resume, and starting anew needs --force.
+                cmd.arg("--force");
+            }
         }
         let mut child = cmd
             .stdout(std::process::Stdio::null())

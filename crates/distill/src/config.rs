@@ -202,6 +202,19 @@ pub struct TrainSpec {
     pub eval_every: usize,
     /// Write a checkpoint every this many steps; 0 = only at the end. Default 0.
     pub save_every: usize,
+    /// What a non-finite loss or gradient norm does: "stop" (default) ends the
+    /// stage with an error naming the step and the loss term, keeping the last
+    /// checkpoint; "skip" drops that step's update and goes on (at most 10
+    /// steps in a row).
+    pub on_nonfinite: NonFinitePolicy,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    #[default]
+    Stop,
+    Skip,
 }
 
 impl Default for TrainSpec {
@@ -220,6 +233,7 @@ impl Default for TrainSpec {
             grad_clip: 1.0,
             eval_every: 0,
             save_every: 0,
+            on_nonfinite: NonFinitePolicy::Stop,
         }
     }
 }

@@ -38,7 +38,7 @@ pub enum Error {
     RunExists(PathBuf),
 
     /// Training produced a non-finite loss.
-    #[error("stage {stage}: non-finite loss at step {step} ({term} = {value}); the last checkpoint on disk is intact. Lower the learning rate or raise grad_clip")]
+    #[error("stage {stage}: non-finite loss at step {step} ({term} = {value}); the last checkpoint on disk is intact. Lower the learning rate, or set on_nonfinite = \"skip\" in the stage's [*.train] to drop such steps")]
     NonFinite {
         stage: String,
         step: usize,

@@ -9,7 +9,10 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::checkpoint::TrainerState;
-use crate::config::TrainSpec;
+use crate::config::{NonFinitePolicy, TrainSpec};
+
+/// With `on_nonfinite = "skip"`, a stage still stops after this many skipped steps in a row.
+pub const MAX_SKIPS_IN_A_ROW: usize = 10;
 use crate::data::batch::{make_batch, Batch, Encoded, Order};
 use crate::error::{Error, Result};
 use crate::loss::{distill_loss, distill_loss_fused, Divergence};
@@ -80,6 +83,8 @@ pub struct StageStats {
     pub teacher_flops: f64,
     pub final_loss: f32,
     pub final_eval_loss: f32,
+    /// Steps whose update was dropped for a non-finite loss or gradient (`on_nonfinite = "skip"`).
+    pub skipped_steps: usize,
 }
 
 /// Which implementation computes the loss.
@@ -146,6 +151,7 @@ pub fn train(
     }
     progress.stage_start(input.name, spec.steps);
 
+    let mut skipped_in_a_row = 0;
     for step in start..spec.steps {
         let t0 = Instant::now();
         let lr = lr_at(spec, step);
@@ -162,6 +168,7 @@ pub fn train(
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let (mut loss, mut ce, mut kd) = (0f32, 0f32, 0f32);
         let mut step_tokens = 0u64;
+        let mut fault: Option<(&'static str, f32)> = None;
         for b in &batches {
             let (_, t) = b.inputs.dims2()?;
             let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
@@ -180,15 +187,11 @@ pub fn train(
                 LossImpl::Reference => distill_loss(&logits, tl, &b.targets, &b.mask, alpha, temperature, d)?,
             };
             let total = parts.total.to_scalar::<f32>()?;
-            for (term, value) in [("loss", total), ("ce", parts.ce), ("kd", parts.kd)] {
-                if !value.is_finite() {
-                    return Err(Error::NonFinite {
-                        stage: input.name.to_string(),
-                        step,
-                        term,
-                        value,
-                    });
-                }
+            fault = [("loss", total), ("ce", parts.ce), ("kd", parts.kd)]
+                .into_iter()
+                .find(|(_, v)| !v.is_finite());
+            if fault.is_some() {
+                break;
             }
             let g = parts.total.backward()?;
             for (name, var) in params {
@@ -208,16 +211,37 @@ pub fn train(
             step_tokens += b.tokens as u64;
             stats.flops += 3.0 * model.cfg.forward_flops_per_token(t) * b.positions as f64;
         }
-        let grad_norm = clip_grad_norm(&mut grads, spec.grad_clip)?;
-        if !grad_norm.is_finite() {
-            return Err(Error::NonFinite {
-                stage: input.name.to_string(),
-                step,
-                term: "gradient norm",
-                value: grad_norm as f32,
-            });
+        let grad_norm = if fault.is_none() {
+            clip_grad_norm(&mut grads, spec.grad_clip)?
+        } else {
+            f64::NAN
+        };
+        if fault.is_none() && !grad_norm.is_finite() {
+            fault = Some(("gradient norm", grad_norm as f32));
         }
-        opt.step(params, &grads, lr)?;
+        match fault {
+            None => {
+                opt.step(params, &grads, lr)?;
+                skipped_in_a_row = 0;
+            }
+            Some((term, value)) => {
+                skipped_in_a_row += 1;
+                stats.skipped_steps += 1;
+                if spec.on_nonfinite == NonFinitePolicy::Stop || skipped_in_a_row > MAX_SKIPS_IN_A_ROW {
+                    return Err(Error::NonFinite {
+                        stage: input.name.to_string(),
+                        step,
+                        term,
+                        value,
+                    });
+                }
+                progress.message(&format!(
+                    "{}: step {} skipped (non-finite {term} = {value}); on_nonfinite = \"skip\"",
+                    input.name,
+                    step + 1
+                ));
+            }
+        }
         stats.tokens += step_tokens;
         stats.steps = step + 1;
         stats.final_loss = loss;
@@ -333,6 +357,58 @@ mod tests {
         let stats = train(input, model, None, spec, LossImpl::Reference, &mut save, &Silent)?;
         assert_eq!(saves, 1, "one checkpoint at the end");
         Ok(stats)
+    }
+
+    /// A poisoned weight makes every loss NaN: "stop" names the step and the
+    /// term; "skip" drops the updates (the weights stay as they were) and gives
+    /// up after MAX_SKIPS_IN_A_ROW steps in a row.
+    #[test]
+    fn non_finite_loss_stops_or_skips() -> Result<()> {
+        let spec = ModelSpec {
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 1,
+            num_heads: 2,
+            ..ModelSpec::default()
+        };
+        let train = data();
+        let input = StageInput {
+            name: "t",
+            train: &train,
+            eval: &train,
+            pad: 0,
+            seed: 1,
+            resume_from: None,
+        };
+        let poisoned = || -> Result<Llama> {
+            let m = Llama::init(ModelConfig::from_spec(&spec, 48, 1, 2, 0), 0.1, 3, &Device::Cpu)?;
+            let w = &m.params()["model.norm.weight"];
+            w.set(&(w.as_tensor() * f64::NAN)?)?;
+            Ok(m)
+        };
+        let mut save = |_: &Llama, _: &AdamW, _: &TrainerState| -> Result<()> { Ok(()) };
+        let mut ts = TrainSpec {
+            steps: 3,
+            batch_size: 4,
+            ..TrainSpec::default()
+        };
+        let m = poisoned()?;
+        let err = train(&input, &m, None, &ts, LossImpl::Fused, &mut save, &Silent).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { step: 0, term: "loss", .. }), "{err}");
+
+        ts.on_nonfinite = NonFinitePolicy::Skip;
+        let m = poisoned()?;
+        let before = m.params()["model.embed_tokens.weight"].flatten_all()?.to_vec1::<f32>()?;
+        let stats = train(&input, &m, None, &ts, LossImpl::Fused, &mut save, &Silent)?;
+        assert_eq!(stats.skipped_steps, 3);
+        let after = m.params()["model.embed_tokens.weight"].flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(before, after, "a skipped step must not change the weights");
+
+        ts.steps = MAX_SKIPS_IN_A_ROW + 2;
+        let m = poisoned()?;
+        let err = train(&input, &m, None, &ts, LossImpl::Fused, &mut save, &Silent).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { .. }), "{err}");
+        Ok(())
     }
 
     /// Loss is normalised by the tokens of the whole step, so accumulating two
