@@ -371,11 +371,11 @@ mod tests {
             num_heads: 2,
             ..ModelSpec::default()
         };
-        let train = data();
+        let examples = data();
         let input = StageInput {
             name: "t",
-            train: &train,
-            eval: &train,
+            train: &examples,
+            eval: &examples,
             pad: 0,
             seed: 1,
             resume_from: None,
@@ -394,14 +394,28 @@ mod tests {
         };
         let m = poisoned()?;
         let err = train(&input, &m, None, &ts, LossImpl::Fused, &mut save, &Silent).unwrap_err();
-        assert!(matches!(err, Error::NonFinite { step: 0, term: "loss", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::NonFinite {
+                    step: 0,
+                    term: "loss",
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
         ts.on_nonfinite = NonFinitePolicy::Skip;
         let m = poisoned()?;
-        let before = m.params()["model.embed_tokens.weight"].flatten_all()?.to_vec1::<f32>()?;
+        let before = m.params()["model.embed_tokens.weight"]
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let stats = train(&input, &m, None, &ts, LossImpl::Fused, &mut save, &Silent)?;
         assert_eq!(stats.skipped_steps, 3);
-        let after = m.params()["model.embed_tokens.weight"].flatten_all()?.to_vec1::<f32>()?;
+        let after = m.params()["model.embed_tokens.weight"]
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(before, after, "a skipped step must not change the weights");
 
         ts.steps = MAX_SKIPS_IN_A_ROW + 2;

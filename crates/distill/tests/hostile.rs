@@ -135,14 +135,23 @@ fn damaged_checkpoint_files_are_errors_naming_the_file_never_panics() {
     // Checksums catch what still parses: every mutation of the weights or the
     // moments is refused.
     eprintln!("checkpoint mutations: {tried} tried, {refused} refused with an error, 0 panics");
-    assert!(refused * 10 >= tried * 8, "only {refused} of {tried} damaged checkpoints were refused");
+    assert!(
+        refused * 10 >= tried * 8,
+        "only {refused} of {tried} damaged checkpoints were refused"
+    );
 }
 
 #[test]
 fn damaged_data_and_trace_files_are_errors_naming_the_line_never_panics() {
     let tmp = tempfile::tempdir().unwrap();
     let jsonl: String = (0..6)
-        .map(|i| format!("{{\"prompt\":\"Ava has {i} apples.\",\"completion\":\"{i} + 1 = {}\\n#### {}\"}}\n", i + 1, i + 1))
+        .map(|i| {
+            format!(
+                "{{\"prompt\":\"Ava has {i} apples.\",\"completion\":\"{i} + 1 = {}\\n#### {}\"}}\n",
+                i + 1,
+                i + 1
+            )
+        })
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let path = tmp.path().join("data.jsonl");
@@ -151,7 +160,10 @@ fn damaged_data_and_trace_files_are_errors_naming_the_line_never_panics() {
         std::fs::write(&path, mutate(jsonl.as_bytes(), &mut rng)).unwrap();
         for (what, r) in [
             ("data", catch_unwind(|| distill::data::read_jsonl(&path).map(|_| ()))),
-            ("prompts", catch_unwind(|| distill::traces::read_prompts(&path).map(|_| ()))),
+            (
+                "prompts",
+                catch_unwind(|| distill::traces::read_prompts(&path).map(|_| ())),
+            ),
             ("traces", catch_unwind(|| distill::traces::read(&path).map(|_| ()))),
         ] {
             match r.unwrap_or_else(|_| panic!("panic reading a damaged {what} file (mutation {i})")) {
