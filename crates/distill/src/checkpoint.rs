@@ -266,7 +266,37 @@ fn write_safetensors_meta(
     write_file(path, &bytes)
 }
 
+/// The largest safetensors JSON header accepted (the format's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Checks the 8-byte header length against the file size and a sane bound
+/// before the file is read, so a damaged or hostile length never drives an
+/// allocation.
+fn check_safetensors_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = File::open(path).at(path)?;
+    let len = f.metadata().at(path)?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| {
+        err(
+            path,
+            format!("not a valid safetensors file: only {len} bytes (truncated?)"),
+        )
+    })?;
+    let header = u64::from_le_bytes(n);
+    if header > MAX_HEADER || header > len - 8 {
+        return Err(err(
+            path,
+            format!(
+                "not a valid safetensors file: its header claims {header} bytes but the file has {len} (truncated or corrupt?)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn read_safetensors(path: &Path, device: &Device) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    check_safetensors_header(path)?;
     let bytes = std::fs::read(path).at(path)?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
         err(

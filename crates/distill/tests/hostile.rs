@@ -255,3 +255,22 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_huge_safetensors_header_length_is_refused_before_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    write_checkpoint(&dir);
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let err = match checkpoint::load(&dir, &Device::Cpu) {
+        Ok(_) => panic!("a header length of 2^60 was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("model.safetensors") && err.contains("header claims"),
+        "{err}"
+    );
+}
