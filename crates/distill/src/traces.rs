@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::write_file_atomic;
-use crate::data::arithmetic;
-use crate::error::{Error, IoContext, Result};
+use crate::data::{arithmetic, read_jsonl_records};
+use crate::error::{Error, Result};
 use crate::generate::{generate_rows, row_rng, Sampling};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
@@ -293,22 +293,9 @@ pub fn write(path: &Path, records: &[TraceRecord]) -> Result<()> {
 
 /// Reads a trace file; a malformed line is an error naming the file and line.
 pub fn read(path: &Path) -> Result<Vec<TraceRecord>> {
-    let text = std::fs::read_to_string(path).at(path)?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let r: TraceRecord = serde_json::from_str(line).map_err(|e| Error::Data {
-            path: path.to_path_buf(),
-            msg: format!(
-                "line {}: not a trace record ({e}); was it written by `distill generate --out`?",
-                i + 1
-            ),
-        })?;
-        out.push(r);
-    }
-    Ok(out)
+    read_jsonl_records(path, |e| {
+        format!("not a trace record ({e}); was it written by `distill generate --out`?")
+    })
 }
 
 /// Joins shard files into one trace file's records, sorted by (id, sample).
@@ -386,29 +373,23 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>> {
         #[serde(default)]
         completion: Option<String>,
     }
-    let text = std::fs::read_to_string(path).at(path)?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let r: Record = serde_json::from_str(line).map_err(|e| Error::Data {
-            path: path.to_path_buf(),
-            msg: format!(
-                "line {}: expected {{\"prompt\": string, \"answer\": integer (optional), \
-                 \"completion\": string (optional)}}: {e}",
-                i + 1
-            ),
-        })?;
-        let answer = r
-            .answer
-            .or_else(|| r.completion.as_deref().and_then(arithmetic::extract_answer));
-        out.push(Prompt {
-            id: out.len() as u64,
+    let records: Vec<Record> = read_jsonl_records(path, |e| {
+        format!(
+            "expected {{\"prompt\": string, \"answer\": integer (optional), \
+             \"completion\": string (optional)}}: {e}"
+        )
+    })?;
+    let out: Vec<Prompt> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| Prompt {
+            id: i as u64,
+            answer: r
+                .answer
+                .or_else(|| r.completion.as_deref().and_then(arithmetic::extract_answer)),
             prompt: r.prompt,
-            answer,
-        });
-    }
+        })
+        .collect();
     if out.is_empty() {
         return Err(Error::Data {
             path: path.to_path_buf(),

@@ -90,6 +90,27 @@ fn split(mut all: Vec<Example>, fraction: f64, seed: u64, path: &Path) -> Result
     Ok(Splits { train: all, eval })
 }
 
+/// Parses every non-blank line of a JSONL file as a `T`. A line that does not
+/// parse is an error naming the file and the line; `expected` says what the
+/// line should have been, given the parser's complaint.
+pub(crate) fn read_jsonl_records<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    expected: impl Fn(&serde_json::Error) -> String,
+) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(line).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            msg: format!("line {}: {}", i + 1, expected(&e)),
+        })?);
+    }
+    Ok(out)
+}
+
 /// JSONL of `{"prompt": ..., "completion": ...}`; a line that does not parse is
 /// an error naming the line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
@@ -99,27 +120,17 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
         prompt: String,
         completion: String,
     }
-    let text = std::fs::read_to_string(path).at(path)?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let r: Record = serde_json::from_str(line).map_err(|e| Error::Data {
-            path: path.to_path_buf(),
-            msg: format!(
-                "line {}: expected {{\"prompt\": string, \"completion\": string}}: {e}",
-                i + 1
-            ),
-        })?;
-        let answer = arithmetic::extract_answer(&r.completion);
-        out.push(Example {
+    let records: Vec<Record> = read_jsonl_records(path, |e| {
+        format!("expected {{\"prompt\": string, \"completion\": string}}: {e}")
+    })?;
+    Ok(records
+        .into_iter()
+        .map(|r| Example {
+            answer: arithmetic::extract_answer(&r.completion),
             prompt: r.prompt,
             completion: r.completion,
-            answer,
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 /// Plain text, cut at line boundaries into pieces of about `seq_len` tokens
