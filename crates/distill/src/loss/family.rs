@@ -216,6 +216,67 @@ pub fn divergence_rows_reference(
     let t = (teacher.to_dtype(DType::F32)?.detach() / temperature)?; // (N, V)
     let lq = log_softmax(&s)?; // (N, V) student log-probs
     let lp = log_softmax(&t)?; // (N, V) teacher log-probs
+    divergence_of_log_probs(&lq, &lp, d)
+}
+
+/// Top-k form of `divergence_rows_reference`, from plain differentiable candle ops: the
+/// teacher is `indices` (N, k) and tempered `log_probs` (N, k) of its k most likely tokens,
+/// both distributions are coarsened to those k tokens plus one tail category (see
+/// `loss::topk` for why), and the divergence is taken between the coarsened ones.
+/// student (N, V) -> (N,) f32; the student gets gradients, the teacher none.
+pub fn top_k_divergence_rows_reference(
+    student: &Tensor,
+    indices: &Tensor,
+    log_probs: &Tensor,
+    d: Divergence,
+    temperature: f64,
+) -> Result<Tensor> {
+    d.validate()?;
+    let top = crate::loss::topk::TopK {
+        indices: indices.clone(),
+        log_probs: log_probs.clone(),
+    };
+    crate::loss::topk::check_top_k_shapes(student, &top)?;
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::Invalid(format!(
+            "distillation temperature must be a finite number > 0, got {temperature}"
+        )));
+    }
+    let (n, v) = student.dims2()?;
+    let idx = indices.to_dtype(DType::U32)?.contiguous()?; // (N, k)
+    let lq = log_softmax(&(student.to_dtype(DType::F32)? / temperature)?)?; // (N, V)
+    let lq_top = lq.gather(&idx, D::Minus1)?; // (N, k)
+                                              // 1 where a token is in the tail (not listed), built on the host: the reference
+                                              // favours plainness over speed.
+    let mut tail = vec![1u8; n * v];
+    for (r, row) in idx.to_vec2::<u32>()?.iter().enumerate() {
+        for &j in row {
+            tail[r * v + j as usize] = 0;
+        }
+    }
+    let tail = Tensor::from_vec(tail, (n, v), student.device())?;
+    let neg_inf = lq.zeros_like()?.affine(1.0, f64::NEG_INFINITY)?;
+    let in_tail = tail.where_cond(&lq, &neg_inf)?; // (N, V)
+    let max = in_tail.max_keepdim(D::Minus1)?.detach(); // (N, 1), -inf for an empty tail
+    let finite = max.ne(f64::NEG_INFINITY)?;
+    let max = finite.where_cond(&max, &max.zeros_like()?)?;
+    let lq_tail = (in_tail.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?; // (N, 1)
+    let lp = log_probs.to_dtype(DType::F32)?.detach(); // (N, k)
+                                                       // 1 - sum in f64, as the kernel does: in f32 it costs the tail 6e-8 absolute.
+    let mass = lp.to_dtype(DType::F64)?.exp()?.sum_keepdim(D::Minus1)?; // (N, 1)
+    let rest = (1.0 - mass)?.clamp(0f64, 1f64)?.to_dtype(DType::F32)?; // (N, 1)
+                                                                       // All tokens listed: the tail is empty, whatever rounding left of 1 - sum.
+    let rest = if idx.dim(1)? == v { rest.zeros_like()? } else { rest };
+    let lp_tail = rest.log()?; // log 0 = -inf for an empty tail
+    let lq_all = Tensor::cat(&[&lq_top, &lq_tail], 1)?; // (N, k + 1)
+    let lp_all = Tensor::cat(&[&lp, &lp_tail], 1)?; // (N, k + 1)
+    divergence_of_log_probs(&lq_all, &lp_all, d)
+}
+
+/// The divergence of each row from normalised log-probabilities: student `lq` and
+/// teacher `lp`, (N, C) -> (N,). Shared by the full-vocabulary and top-k references.
+fn divergence_of_log_probs(lq: &Tensor, lp: &Tensor, d: Divergence) -> Result<Tensor> {
+    let (lq, lp) = (lq.clone(), lp.clone());
     let q = lq.exp()?;
     let p = lp.exp()?;
     let rows = match d.canonical() {

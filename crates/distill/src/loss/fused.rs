@@ -160,7 +160,7 @@ pub fn distill_loss_fused(
 }
 
 /// The device check, up front, so that the error is the library's and names the way out.
-fn check_cpu(t: &Tensor, what: &str) -> Result<()> {
+pub(super) fn check_cpu(t: &Tensor, what: &str) -> Result<()> {
     if t.device().is_cpu() {
         Ok(())
     } else {
@@ -173,7 +173,7 @@ fn check_cpu(t: &Tensor, what: &str) -> Result<()> {
 }
 
 /// Float logits as a contiguous tensor in one of the dtypes the kernels read.
-fn float_input(t: &Tensor, what: &str) -> Result<Tensor> {
+pub(super) fn float_input(t: &Tensor, what: &str) -> Result<Tensor> {
     match t.dtype() {
         DType::F32 | DType::F16 | DType::BF16 | DType::F64 => Ok(t.contiguous()?),
         other => Err(Error::Invalid(format!(
@@ -205,7 +205,7 @@ struct CrossEntropyRows;
 /// (student (N, V), targets (N,) u32, grad_rows (N,) f32) -> d loss / d student (N, V).
 struct CrossEntropyRowsGrad;
 
-fn no_kernel(op: &'static str, device: &str) -> candle_core::Error {
+pub(super) fn no_kernel(op: &'static str, device: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!(
         "{op}: the fused distillation loss has no {device} kernel yet; use the reference loss \
          (loss::reference, loss::family::divergence_rows_reference) on this device"
@@ -214,7 +214,7 @@ fn no_kernel(op: &'static str, device: &str) -> candle_core::Error {
 }
 
 /// The shape of the rows, (..., V) -> (...), and V.
-fn rows_and_vocab(layout: &Layout) -> (Shape, usize) {
+pub(super) fn rows_and_vocab(layout: &Layout) -> (Shape, usize) {
     let dims = layout.dims();
     match dims.split_last() {
         Some((&v, rows)) => (Shape::from(rows.to_vec()), v),
@@ -223,7 +223,11 @@ fn rows_and_vocab(layout: &Layout) -> (Shape, usize) {
 }
 
 /// The contiguous part of a storage that a layout covers.
-fn contiguous_slice<'a, E>(data: &'a [E], layout: &Layout, op: &'static str) -> candle_core::Result<&'a [E]> {
+pub(super) fn contiguous_slice<'a, E>(
+    data: &'a [E],
+    layout: &Layout,
+    op: &'static str,
+) -> candle_core::Result<&'a [E]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => Err(candle_core::Error::RequiresContiguous { op }.bt()),
@@ -236,41 +240,42 @@ macro_rules! with_float_slice {
     ($op:expr, $storage:expr, $layout:expr, |$x:ident| $body:expr) => {
         match $storage {
             CpuStorage::F32(data) => {
-                let $x = contiguous_slice(data, $layout, $op)?;
+                let $x = $crate::loss::fused::contiguous_slice(data, $layout, $op)?;
                 $body
             }
             CpuStorage::F16(data) => {
-                let $x = contiguous_slice(data, $layout, $op)?;
+                let $x = $crate::loss::fused::contiguous_slice(data, $layout, $op)?;
                 $body
             }
             CpuStorage::BF16(data) => {
-                let $x = contiguous_slice(data, $layout, $op)?;
+                let $x = $crate::loss::fused::contiguous_slice(data, $layout, $op)?;
                 $body
             }
             CpuStorage::F64(data) => {
-                let $x = contiguous_slice(data, $layout, $op)?;
+                let $x = $crate::loss::fused::contiguous_slice(data, $layout, $op)?;
                 $body
             }
             other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), $op).bt()),
         }
     };
 }
+pub(super) use with_float_slice;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> candle_core::Result<&'a [f32]> {
+pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> candle_core::Result<&'a [f32]> {
     match s {
         CpuStorage::F32(data) => contiguous_slice(data, l, op),
         other => Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op).bt()),
     }
 }
 
-fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> candle_core::Result<&'a [u32]> {
+pub(super) fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> candle_core::Result<&'a [u32]> {
     match s {
         CpuStorage::U32(data) => contiguous_slice(data, l, op),
         other => Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op).bt()),
     }
 }
 
-fn check_rows(op: &'static str, what: &str, len: usize, rows: usize) -> candle_core::Result<()> {
+pub(super) fn check_rows(op: &'static str, what: &str, len: usize, rows: usize) -> candle_core::Result<()> {
     if len == rows {
         Ok(())
     } else {
@@ -534,13 +539,13 @@ const BLOCK: usize = 512;
 /// vocabularies do not drown in scheduling overhead.
 const MIN_ELEMS_PER_TASK: usize = 1 << 14;
 
-fn min_rows(v: usize) -> usize {
+pub(super) fn min_rows(v: usize) -> usize {
     (MIN_ELEMS_PER_TASK / v.max(1)).max(1)
 }
 
 /// Loads one element as f32 (exact for f16 and bf16; rounds f64; free for f32).
 #[inline(always)]
-fn ld<E: WithDType>(x: E) -> f32 {
+pub(super) fn ld<E: WithDType>(x: E) -> f32 {
     x.to_f64() as f32
 }
 
@@ -552,7 +557,7 @@ fn ld<E: WithDType>(x: E) -> f32 {
 /// returns exactly 0, so `exp(-inf) = 0` and the `0 log 0` guards see a true zero; above
 /// 88 it returns +inf (our arguments are <= 0 up to rounding); NaN stays NaN.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(super) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4; // ln 2 split so that n * LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -611,19 +616,19 @@ fn ln_1p_unit(y: f32) -> f32 {
 
 /// The per-call constants of the divergence kernels.
 #[derive(Clone, Copy)]
-struct Kernel {
-    divergence: Divergence,
+pub(super) struct Kernel {
+    pub(super) divergence: Divergence,
     /// 1/T, rounded to f32 as candle's `x / T` (an affine op) rounds it.
-    inv_t: f32,
+    pub(super) inv_t: f32,
     /// beta or skew, and the logs of the two mixture weights (log w, log(1 - w));
     /// log 0 = -inf makes the mixture exactly its other side.
-    w: f32,
-    ln_w: f32,
-    ln_1mw: f32,
+    pub(super) w: f32,
+    pub(super) ln_w: f32,
+    pub(super) ln_1mw: f32,
 }
 
 impl Kernel {
-    fn new(divergence: Divergence, temperature: f64) -> Self {
+    pub(super) fn new(divergence: Divergence, temperature: f64) -> Self {
         let w = match divergence {
             Divergence::Jsd { beta } => beta,
             Divergence::SkewForwardKl { skew } | Divergence::SkewReverseKl { skew } => skew,
@@ -737,20 +742,20 @@ impl OnlineLse {
 }
 
 #[derive(Clone, Copy)]
-struct LogNorm {
-    max: f32,
-    log_sum: f32,
+pub(super) struct LogNorm {
+    pub(super) max: f32,
+    pub(super) log_sum: f32,
 }
 
 impl LogNorm {
     #[inline(always)]
-    fn log_prob(self, x: f32) -> f32 {
+    pub(super) fn log_prob(self, x: f32) -> f32 {
         (x - self.max) - self.log_sum
     }
 
     /// Normaliser of `inv_t * x` over a row: one streaming pass.
     #[inline(always)]
-    fn of_row<S: WithDType>(s: &[S], inv_t: f32) -> Self {
+    pub(super) fn of_row<S: WithDType>(s: &[S], inv_t: f32) -> Self {
         let mut lse = OnlineLse::new();
         let mut buf = [0f32; BLOCK];
         for block in s.chunks(BLOCK) {
@@ -1044,7 +1049,7 @@ fn forward_rows<S: WithDType, T: WithDType>(k: &Kernel, s: &[S], t: &[T], v: usi
 }
 
 #[inline(always)]
-fn forward_row<S: WithDType, T: WithDType>(k: &Kernel, s: &[S], t: &[T]) -> f32 {
+pub(super) fn forward_row<S: WithDType, T: WithDType>(k: &Kernel, s: &[S], t: &[T]) -> f32 {
     let r = RowNorms::new(s, t, k.inv_t);
     let (w, ln_w, ln_1mw) = (k.w, k.ln_w, k.ln_1mw);
     match k.divergence {
@@ -1070,7 +1075,7 @@ fn backward_rows<S: WithDType, T: WithDType>(k: &Kernel, s: &[S], t: &[T], grad_
 }
 
 #[inline(always)]
-fn backward_row<S: WithDType, T: WithDType>(k: &Kernel, s: &[S], t: &[T], grad_row: f32, out: &mut [S]) {
+pub(super) fn backward_row<S: WithDType, T: WithDType>(k: &Kernel, s: &[S], t: &[T], grad_row: f32, out: &mut [S]) {
     // A row whose loss is not used (mask 0) keeps its zeros: skipping it saves the
     // work and keeps garbage in padded rows from turning into NaN gradients.
     if grad_row == 0.0 {

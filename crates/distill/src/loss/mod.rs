@@ -4,7 +4,9 @@
 pub mod family;
 pub mod fused;
 pub mod reference;
+pub mod topk;
 
-pub use family::{divergence_rows_reference, Divergence};
+pub use family::{divergence_rows_reference, top_k_divergence_rows_reference, Divergence};
 pub use fused::{cross_entropy_rows, distill_loss_fused, divergence_rows};
 pub use reference::{distill_loss, LossParts};
+pub use topk::{top_k_divergence_rows, top_k_of_logits, TopK};
