@@ -369,6 +369,66 @@ fn every_divergence_trains_a_student() {
     }
 }
 
+/// A top-k teacher online, and the offline logit cache: the `teacher-logits` stage writes
+/// shards and an index, the student trains from them without running the teacher, and a
+/// resumed run reuses the cache instead of writing it again.
+#[test]
+fn top_k_teacher_and_offline_logit_cache_train_a_student() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(tiny())
+        .unwrap()
+        .replace("steps = 30", "steps = 3")
+        .replace("examples = 16", "examples = 2");
+    for (name, extra) in [
+        ("topk-online", "top_k = 8\nloss = \"reverse_kl\""),
+        ("topk-cache", "top_k = 8\nlogit_cache = true"),
+    ] {
+        let cfg = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            base.replace("temperature = 2.0", &format!("temperature = 2.0\n{extra}")),
+        )
+        .unwrap();
+        run_variant(&cfg, tmp.path(), name);
+        let run_dir = tmp.path().join(name);
+        let ledger = std::fs::read_to_string(run_dir.join("ledger.jsonl")).unwrap();
+        let stage = |n: &str| -> serde_json::Value {
+            let line = ledger
+                .lines()
+                .find(|l| l.contains(&format!("\"stage\":\"{n}\"")))
+                .unwrap_or_else(|| panic!("{name}: no {n} in {ledger}"));
+            serde_json::from_str(line).unwrap()
+        };
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run_dir.join("student/trainer_state.json")).unwrap()).unwrap();
+        assert_eq!(state["step"], 3, "{name}");
+        assert!(state["last_loss"].as_f64().unwrap().is_finite(), "{name}");
+        let report = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
+        if name == "topk-online" {
+            assert!(stage("student")["teacher_flops"].as_f64().unwrap() > 0.0);
+            assert!(!run_dir.join("logit-cache").exists());
+            continue;
+        }
+        // The cache stage paid for the teacher's passes; the student ran none.
+        assert!(stage("teacher-logits")["flops"].as_f64().unwrap() > 0.0);
+        assert_eq!(stage("student")["teacher_flops"].as_f64().unwrap(), 0.0);
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run_dir.join("logit-cache/index.json")).unwrap()).unwrap();
+        assert_eq!(index["k"], 8);
+        assert!(run_dir.join("logit-cache/shard-00000.safetensors").is_file());
+        assert!(
+            report.contains("Offline logit cache") && report.contains("bytes per token"),
+            "{report}"
+        );
+        let again = run(bin().arg("resume").arg(&run_dir));
+        let said = String::from_utf8_lossy(&again.stderr);
+        assert!(
+            again.status.success() && said.contains("teacher-logits: complete"),
+            "{said}"
+        );
+    }
+}
+
 /// The DeepSeek-R1 recipe on the tiny config: teacher traces with rejection
 /// sampling, the four students, and sharded generation that merges into the
 /// single-process file byte for byte.

@@ -172,7 +172,7 @@ pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 const CHECKSUMMED: [&str; 2] = ["model.safetensors", "optimizer.safetensors"];
 
-fn sha256_hex(path: &Path) -> Result<String> {
+pub(crate) fn sha256_hex(path: &Path) -> Result<String> {
     use sha2::Digest;
     let bytes = std::fs::read(path).at(path)?;
     Ok(sha2::Sha256::digest(&bytes)
@@ -272,7 +272,7 @@ const MAX_HEADER: u64 = 100_000_000;
 /// Checks the 8-byte header length against the file size and a sane bound
 /// before the file is read, so a damaged or hostile length never drives an
 /// allocation.
-fn check_safetensors_header(path: &Path) -> Result<()> {
+pub(crate) fn check_safetensors_header(path: &Path) -> Result<()> {
     use std::io::Read;
     let mut f = File::open(path).at(path)?;
     let len = f.metadata().at(path)?.len();

@@ -275,8 +275,10 @@ pub struct StudentConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistillConfig {
-    /// Weight of the hard-label cross-entropy; (1 - alpha) weighs the KD term. Default 0.5.
-    pub alpha: f64,
+    /// Weight of the hard-label cross-entropy; (1 - ce_weight) weighs the KD term.
+    /// Default 0.5. `alpha`, its older name, is still read.
+    #[serde(alias = "alpha")]
+    pub ce_weight: f64,
     /// Softmax temperature of the KD term (scaled by T^2, as Hinton et al. 2015). Default 2.0.
     pub temperature: f64,
     /// The divergence between teacher and student: "forward_kl" (default, Hinton),
@@ -290,6 +292,14 @@ pub struct DistillConfig {
     /// Use the fused CPU kernels (one pass per row, analytic backward). false
     /// uses the plain candle composition, which implements forward_kl only. Default true.
     pub fused: bool,
+    /// Distil from the teacher's k most likely tokens per position (and the rest of its
+    /// mass as one tail category, see `loss::topk`) instead of its full distribution.
+    /// 0 (default) uses the full distribution.
+    pub top_k: usize,
+    /// Write the teacher's top-k log-probabilities over the distilled student's data to
+    /// an offline cache (`teacher-logits` stage, `<run>/logit-cache/`) and train that
+    /// student from the cache instead of running the teacher. Needs `top_k` >= 1.
+    pub logit_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -306,12 +316,14 @@ pub enum LossKind {
 impl Default for DistillConfig {
     fn default() -> Self {
         Self {
-            alpha: 0.5,
+            ce_weight: 0.5,
             temperature: 2.0,
             loss: LossKind::ForwardKl,
             beta: 0.5,
             skew: 0.1,
             fused: true,
+            top_k: 0,
+            logit_cache: false,
         }
     }
 }
@@ -563,10 +575,10 @@ impl Config {
         v.model(&self.student.model, "student.model", d.seq_len);
         v.train(&self.student.train, "student.train");
         v.check(
-            (0.0..=1.0).contains(&self.distill.alpha),
-            "distill.alpha",
+            (0.0..=1.0).contains(&self.distill.ce_weight),
+            "distill.ce_weight",
             "must be in [0, 1]",
-            self.distill.alpha,
+            self.distill.ce_weight,
         );
         v.check(
             self.distill.temperature > 0.0 && self.distill.temperature.is_finite(),
@@ -592,6 +604,30 @@ impl Config {
             "distill.fused",
             "can be false only with loss = \"forward_kl\" (the plain reference composition implements no other divergence)",
             dc.fused,
+        );
+        v.check(
+            dc.fused || dc.top_k == 0,
+            "distill.fused",
+            "must be true with top_k (the plain reference composition takes full teacher logits only)",
+            dc.fused,
+        );
+        v.check(
+            dc.top_k <= 1 << 20,
+            "distill.top_k",
+            "must be 0 (the full distribution) or a number of tokens below the vocabulary size",
+            dc.top_k,
+        );
+        v.check(
+            !dc.logit_cache || dc.top_k >= 1,
+            "distill.logit_cache",
+            "needs distill.top_k >= 1: the cache stores the teacher's top-k tokens (8 to 64 is usual)",
+            dc.logit_cache,
+        );
+        v.check(
+            !dc.logit_cache || !self.traces.enabled || self.traces.logit_kd,
+            "distill.logit_cache",
+            "has no student to serve: with [traces] enabled, only traces.logit_kd = true trains from teacher logits",
+            dc.logit_cache,
         );
         let t = &self.traces;
         if t.enabled {
@@ -817,10 +853,10 @@ mod tests {
 
     #[test]
     fn out_of_range_values_are_all_reported() {
-        let err = parse("[student.train]\nlr = -1.0\nbatch_size = 0\n[distill]\nalpha = 2.0\n")
+        let err = parse("[student.train]\nlr = -1.0\nbatch_size = 0\n[distill]\nce_weight = 2.0\n")
             .unwrap_err()
             .to_string();
-        for key in ["student.train.lr", "student.train.batch_size", "distill.alpha"] {
+        for key in ["student.train.lr", "student.train.batch_size", "distill.ce_weight"] {
             assert!(err.contains(key), "{key} missing from: {err}");
         }
     }
@@ -839,6 +875,34 @@ mod tests {
         assert!(err.contains("distill.fused"), "{err}");
         let err = parse("[distill]\nloss = \"kl\"\n").unwrap_err().to_string();
         assert!(err.contains("forward_kl"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn top_k_cache_and_ce_weight_keys() -> Result<()> {
+        // `alpha` is the older name of `ce_weight` and still reads.
+        assert_eq!(parse("[distill]\nalpha = 0.3\n")?.distill.ce_weight, 0.3);
+        let c = parse("[distill]\nce_weight = 0.2\ntop_k = 16\nlogit_cache = true\n")?;
+        assert_eq!(
+            (c.distill.ce_weight, c.distill.top_k, c.distill.logit_cache),
+            (0.2, 16, true)
+        );
+        for (text, key, hint) in [
+            ("[distill]\nlogit_cache = true\n", "distill.logit_cache", "top_k"),
+            (
+                "[distill]\ntop_k = 8\nfused = false\n",
+                "distill.fused",
+                "full teacher logits",
+            ),
+            (
+                "[traces]\nenabled = true\nlogit_kd = false\n[distill]\ntop_k = 8\nlogit_cache = true\n",
+                "distill.logit_cache",
+                "logit_kd",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(hint), "{text}: {err}");
+        }
         Ok(())
     }
 

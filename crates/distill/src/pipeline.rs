@@ -25,9 +25,10 @@ use crate::data::{self, batch, Example};
 use crate::device::{self, DeviceInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::{self, Accuracy};
+use crate::logit_cache::{self, LogitCache};
 use crate::model::{llama::fnv1a, Llama, ModelConfig};
 use crate::tokenizer::Tokenizer;
-use crate::train::{self, LossImpl, Progress, StageInput, Teacher};
+use crate::train::{self, LossImpl, Progress, StageInput, Teacher, TeacherSource};
 
 /// Options from the command line that override the config.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +59,9 @@ pub struct Report {
     pub device: DeviceInfo,
     /// The trace stage's acceptance figures, when the R1 recipe ran.
     pub traces: Option<TracesReport>,
+    /// The offline logit cache's index, when a student distilled from one.
+    #[serde(default)]
+    pub logit_cache: Option<crate::logit_cache::Index>,
     pub models: Vec<ModelReport>,
     pub cost: crate::cost::CostSummary,
     pub cost_table: String,
@@ -262,12 +266,6 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     // The student stages: which models, on which data, with or without the teacher.
     let scfg = ModelConfig::from_spec(&cfg.student.model, vocab, tok.bos, tok.eos, tok.pad);
     let student_seed = sub_seed(seed, "student-init");
-    let kd = Teacher {
-        model: &teacher,
-        alpha: cfg.distill.alpha,
-        temperature: cfg.distill.temperature,
-        divergence: cfg.distill.divergence(),
-    };
     let mut traces_report = None;
     let plans: Vec<(&str, Vec<batch::Encoded>, bool)> = if cfg.traces.enabled {
         // Stage: teacher-written traces on the students' prompts, verified.
@@ -354,6 +352,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     };
 
     let mut students = Vec::new();
+    let mut logit_cache_report = None;
     for (name, train, with_teacher) in &plans {
         if train.is_empty() {
             return Err(Error::Invalid(format!(
@@ -361,6 +360,24 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
                 cfg.data.seq_len
             )));
         }
+        // Stage: the offline logit cache, over the data of the student that distils from it.
+        let cache = if *with_teacher && cfg.distill.logit_cache {
+            let c = teacher_logit_cache(&env, &teacher, &teacher_dir, train, vocab, &mut ledger, &heartbeat)?;
+            logit_cache_report = Some(c.index.clone());
+            Some(c)
+        } else {
+            None
+        };
+        let kd = Teacher {
+            source: match &cache {
+                Some(c) => TeacherSource::Cache(c),
+                None => TeacherSource::Online(&teacher),
+            },
+            ce_weight: cfg.distill.ce_weight,
+            temperature: cfg.distill.temperature,
+            divergence: cfg.distill.divergence(),
+            top_k: (cfg.distill.top_k > 0).then_some(cfg.distill.top_k),
+        };
         let init = || Llama::init(scfg.clone(), cfg.student.model.init_std, student_seed, &dev);
         let data = StageData {
             name,
@@ -406,6 +423,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         run_dir: run_dir.clone(),
         device: info,
         traces: traces_report,
+        logit_cache: logit_cache_report,
         models,
         cost: ledger.summary(),
         cost_table: ledger.table(),
@@ -734,6 +752,67 @@ fn run_peak(cfg: &Config, info: &DeviceInfo, progress: &dyn Progress) -> Result<
 
 /// Samples `[traces]` solutions from the teacher for every student prompt and
 /// verifies them.
+/// The `teacher-logits` stage: the teacher's top-k log-probabilities over `data`, written
+/// to `<run>/logit-cache` once; a resumed run whose ledger has the stage reuses it.
+fn teacher_logit_cache(
+    env: &StageEnv,
+    teacher: &Llama,
+    teacher_dir: &Path,
+    data: &[batch::Encoded],
+    vocab: usize,
+    ledger: &mut Ledger,
+    progress: &Heartbeat,
+) -> Result<LogitCache> {
+    const STAGE: &str = "teacher-logits";
+    let cfg = env.cfg;
+    let dir = env.run_dir.join("logit-cache");
+    let expect = logit_cache::Expect {
+        data_fingerprint: logit_cache::fingerprint(data),
+        k: cfg.distill.top_k,
+        temperature: cfg.distill.temperature,
+        vocab_size: vocab,
+    };
+    if ledger.completed(STAGE) {
+        match LogitCache::open(&dir, data, &expect) {
+            Ok(c) => {
+                progress.message(&format!("{STAGE}: complete, read from {}", dir.display()));
+                return Ok(c);
+            }
+            Err(e) => progress.message(&format!(
+                "warning: {STAGE}: the cache is unusable ({e}); writing it again"
+            )),
+        }
+    }
+    let t0 = Instant::now();
+    progress.stage_start(STAGE, data.len());
+    let id = checkpoint::content_id(teacher_dir)?;
+    let batch = cfg.student.train.batch_size;
+    let (index, flops) = logit_cache::write(&dir, teacher, &id, data, &expect, batch, &|done, _| {
+        progress.advance(done, "examples through the teacher")
+    })?;
+    progress.stage_end();
+    ledger.record(StageCost::new(
+        STAGE,
+        env.info,
+        &cfg.cost,
+        t0.elapsed().as_secs_f64(),
+        data.iter().map(|e| e.ids.len() as u64 - 1).sum(),
+        flops,
+        0.0,
+    ))?;
+    progress.clear_after(ledger);
+    progress.message(&format!(
+        "{STAGE}: {} positions, top-{} at T = {}, {:.0} bytes per token ({:.2} MB) -> {}",
+        index.rows,
+        index.k,
+        index.temperature,
+        index.bytes_per_token,
+        index.bytes as f64 / 1e6,
+        dir.display()
+    ));
+    LogitCache::open(&dir, data, &expect)
+}
+
 fn write_traces(
     teacher: &Llama,
     teacher_dir: &Path,
@@ -949,6 +1028,20 @@ pub fn render(r: &Report) -> String {
         );
     }
     s += "\n";
+    if let Some(c) = &r.logit_cache {
+        s += &format!(
+            "Offline logit cache: the teacher's top-{} log-probabilities (T = {}) for {} positions of {} examples, \
+             {} bytes in {} shard(s): {:.0} bytes per token. Teacher {}.\n\n",
+            c.k,
+            c.temperature,
+            c.rows,
+            c.examples,
+            c.bytes,
+            c.shards.len(),
+            c.bytes_per_token,
+            c.teacher
+        );
+    }
     if let Some(t) = &r.traces {
         let a = &t.acceptance;
         s += &format!(

@@ -15,7 +15,8 @@ use crate::config::{NonFinitePolicy, TrainSpec};
 pub const MAX_SKIPS_IN_A_ROW: usize = 10;
 use crate::data::batch::{make_batch, Batch, Encoded, Order};
 use crate::error::{Error, Result};
-use crate::loss::{distill_loss, distill_loss_fused, Divergence};
+use crate::logit_cache::LogitCache;
+use crate::loss::{distill_loss, distill_loss_with, top_k_of_logits, Divergence, TeacherTargets, TopK};
 use crate::model::Llama;
 use crate::optim::{clip_grad_norm, lr_at, AdamW};
 
@@ -51,11 +52,23 @@ impl Progress for Silent {}
 
 /// The teacher side of logit distillation.
 pub struct Teacher<'a> {
-    pub model: &'a Llama,
-    /// Weight of the hard-label CE; 1 - alpha weighs the KD term.
-    pub alpha: f64,
+    pub source: TeacherSource<'a>,
+    /// Weight of the hard-label CE; 1 - ce_weight weighs the KD term.
+    pub ce_weight: f64,
     pub temperature: f64,
     pub divergence: Divergence,
+    /// Distil from the teacher's top k tokens per position (`loss::topk`); None: its
+    /// full distribution. A cache always gives its own k.
+    pub top_k: Option<usize>,
+}
+
+/// Where the teacher's distribution comes from.
+pub enum TeacherSource<'a> {
+    /// The model, run on every batch.
+    Online(&'a Llama),
+    /// Top-k log-probabilities written beforehand over this stage's training data
+    /// (`logit_cache`): no teacher forward passes, no teacher FLOPs in this stage.
+    Cache(&'a LogitCache),
 }
 
 pub struct StageInput<'a> {
@@ -85,6 +98,37 @@ pub struct StageStats {
     pub final_eval_loss: f32,
     /// Steps whose update was dropped for a non-finite loss or gradient (`on_nonfinite = "skip"`).
     pub skipped_steps: usize,
+}
+
+/// The teacher's side of one micro-batch.
+enum TeacherSide {
+    Logits(Tensor),
+    TopK(TopK),
+}
+
+impl TeacherSide {
+    fn targets(&self) -> TeacherTargets<'_> {
+        match self {
+            Self::Logits(t) => TeacherTargets::Logits(t),
+            Self::TopK(t) => TeacherTargets::TopK(t),
+        }
+    }
+}
+
+/// Runs the teacher on a micro-batch (counting its FLOPs), or reads its rows from the
+/// cache. `idx` are the batch's examples, `t` its padded length.
+fn teacher_side(tch: &Teacher, b: &Batch, idx: &[usize], t: usize, stats: &mut StageStats) -> Result<TeacherSide> {
+    match tch.source {
+        TeacherSource::Online(model) => {
+            stats.teacher_flops += model.cfg.forward_flops_per_token(t) * b.positions as f64;
+            let logits = model.forward(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, V)
+            Ok(match tch.top_k {
+                Some(k) => TeacherSide::TopK(top_k_of_logits(&logits, k, tch.temperature)?),
+                None => TeacherSide::Logits(logits),
+            })
+        }
+        TeacherSource::Cache(cache) => Ok(TeacherSide::TopK(cache.batch(idx, t, b.inputs.device())?)),
+    }
 }
 
 /// Which implementation computes the loss.
@@ -142,12 +186,19 @@ pub fn train(
         stats.final_loss = state.last_loss.unwrap_or(0.0);
     }
     let (alpha, temperature, divergence) = teacher.map_or((1.0, 1.0, Divergence::ForwardKl), |t| {
-        (t.alpha, t.temperature, t.divergence)
+        (t.ce_weight, t.temperature, t.divergence)
     });
     if loss_impl == LossImpl::Reference && divergence != Divergence::ForwardKl {
         return Err(Error::Invalid(format!(
             "the reference loss implements forward_kl only, not {divergence}; use the fused loss"
         )));
+    }
+    let top_k = teacher.is_some_and(|t| t.top_k.is_some() || matches!(t.source, TeacherSource::Cache(_)));
+    if loss_impl == LossImpl::Reference && top_k {
+        return Err(Error::Invalid(
+            "the reference loss takes full teacher logits only, not a top-k teacher or a logit cache; use the fused loss"
+                .into(),
+        ));
     }
     progress.stage_start(input.name, spec.steps);
 
@@ -159,32 +210,33 @@ pub fn train(
             .map(|a| {
                 let idx = order.micro_batch(step * spec.grad_accum + a, spec.batch_size);
                 let items: Vec<&Encoded> = idx.iter().map(|&i| &input.train[i]).collect();
-                make_batch(&items, input.pad, &device)
+                Ok((make_batch(&items, input.pad, &device)?, idx))
             })
-            .collect::<Result<Vec<Batch>>>()?;
+            .collect::<Result<Vec<(Batch, Vec<usize>)>>>()?;
         // Normalise by the valid tokens of the whole step, not per micro-batch.
-        let denom: usize = batches.iter().map(|b| b.loss_tokens).sum();
+        let denom: usize = batches.iter().map(|(b, _)| b.loss_tokens).sum();
 
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let (mut loss, mut ce, mut kd) = (0f32, 0f32, 0f32);
         let mut step_tokens = 0u64;
         let mut fault: Option<(&'static str, f32)> = None;
-        for b in &batches {
+        for (b, idx) in &batches {
             let (_, t) = b.inputs.dims2()?;
             let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
-            let teacher_logits = match teacher {
-                Some(tch) => {
-                    stats.teacher_flops += tch.model.cfg.forward_flops_per_token(t) * b.positions as f64;
-                    Some(tch.model.forward(&b.inputs)?.flatten_to(1)?.detach()) // (B*T, V)
-                }
+            let side = match teacher {
+                Some(tch) => Some(teacher_side(tch, b, idx, t, &mut stats)?),
                 None => None,
             };
-            let (tl, d) = (teacher_logits.as_ref(), denom as f64);
-            let parts = match loss_impl {
-                LossImpl::Fused => {
-                    distill_loss_fused(&logits, tl, &b.targets, &b.mask, alpha, temperature, d, divergence)?
+            let d = denom as f64;
+            let parts = match (loss_impl, &side) {
+                (LossImpl::Reference, Some(TeacherSide::Logits(tl))) => {
+                    distill_loss(&logits, Some(tl), &b.targets, &b.mask, alpha, temperature, d)?
                 }
-                LossImpl::Reference => distill_loss(&logits, tl, &b.targets, &b.mask, alpha, temperature, d)?,
+                (LossImpl::Reference, None) => distill_loss(&logits, None, &b.targets, &b.mask, alpha, temperature, d)?,
+                (_, side) => {
+                    let targets = side.as_ref().map(TeacherSide::targets);
+                    distill_loss_with(&logits, targets, &b.targets, &b.mask, alpha, temperature, d, divergence)?
+                }
             };
             let total = parts.total.to_scalar::<f32>()?;
             fault = [("loss", total), ("ce", parts.ce), ("kd", parts.kd)]

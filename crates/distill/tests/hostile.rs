@@ -200,7 +200,7 @@ const KEYS: &[(&str, &str)] = &[
     ("student.train", "lr"),
     ("student.train", "batch_size"),
     ("student.train", "on_nonfinite"),
-    ("distill", "alpha"),
+    ("distill", "ce_weight"),
     ("distill", "temperature"),
     ("distill", "loss"),
     ("traces", "enabled"),

@@ -118,6 +118,15 @@ pub fn cross_entropy_rows(student: &Tensor, targets: &Tensor) -> Result<Tensor> 
     Ok(student.apply_op2(&targets, CrossEntropyRows)?) // (N,)
 }
 
+/// The teacher side of the distillation loss.
+#[derive(Clone, Copy, Debug)]
+pub enum TeacherTargets<'a> {
+    /// Full logits (N, V), tempered inside the loss.
+    Logits(&'a Tensor),
+    /// The top k tokens per row with their tempered log-probabilities (`loss::topk`).
+    TopK(&'a super::topk::TopK),
+}
+
 /// The distillation loss with fused kernels; same arguments, semantics and result as
 /// `reference::distill_loss` (for `Divergence::ForwardKl` the two agree to f32 rounding,
 /// tested), plus the divergence of the soft term:
@@ -137,6 +146,23 @@ pub fn distill_loss_fused(
     denom: f64,
     divergence: Divergence,
 ) -> Result<LossParts> {
+    let teacher = teacher.map(TeacherTargets::Logits);
+    distill_loss_with(student, teacher, targets, mask, alpha, temperature, denom, divergence)
+}
+
+/// `distill_loss_fused` for either form of teacher: full logits or top-k
+/// (`loss::topk`; its log-probabilities must have been taken at `temperature`).
+#[allow(clippy::too_many_arguments)]
+pub fn distill_loss_with(
+    student: &Tensor,
+    teacher: Option<TeacherTargets>,
+    targets: &Tensor,
+    mask: &Tensor,
+    alpha: f64,
+    temperature: f64,
+    denom: f64,
+    divergence: Divergence,
+) -> Result<LossParts> {
     let denom = denom.max(1.0); // an all-masked step gives 0, not NaN
     let mask = mask.to_dtype(DType::F32)?; // (N,)
     let ce_rows = cross_entropy_rows(student, targets)?; // (N,)
@@ -149,7 +175,10 @@ pub fn distill_loss_fused(
         });
     };
     let t = temperature;
-    let rows = divergence_rows(student, teacher, divergence, t)?; // (N,)
+    let rows = match teacher {
+        TeacherTargets::Logits(logits) => divergence_rows(student, logits, divergence, t)?, // (N,)
+        TeacherTargets::TopK(top) => super::topk::top_k_divergence_rows(student, top, divergence, t)?, // (N,)
+    };
     let kd = ((rows * &mask)?.sum_all()? * (t * t / denom))?; // scalar
     let total = ((&ce * alpha)? + (&kd * (1.0 - alpha))?)?;
     Ok(LossParts {

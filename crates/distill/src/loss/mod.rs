@@ -7,6 +7,6 @@ pub mod reference;
 pub mod topk;
 
 pub use family::{divergence_rows_reference, top_k_divergence_rows_reference, Divergence};
-pub use fused::{cross_entropy_rows, distill_loss_fused, divergence_rows};
+pub use fused::{cross_entropy_rows, distill_loss_fused, distill_loss_with, divergence_rows, TeacherTargets};
 pub use reference::{distill_loss, LossParts};
 pub use topk::{top_k_divergence_rows, top_k_of_logits, TopK};
