@@ -308,6 +308,26 @@ fn bad_input_is_a_clear_error() {
             .arg(tmp.path().join("no_such_checkpoint")),
     );
     assert!(err.contains("no_such_checkpoint"), "{err}");
+
+    // A run name cannot put the run directory (which --force replaces) outside --out-dir.
+    for name in ["../escape", "..", "a/b", "/abs"] {
+        let err = fails(
+            bin()
+                .arg("--config")
+                .arg(tiny())
+                .arg("--out-dir")
+                .arg(tmp.path())
+                .arg("--name")
+                .arg(name),
+        );
+        assert!(
+            err.contains("plain folder name") && err.contains("--out-dir"),
+            "{name}: {err}"
+        );
+    }
+    std::fs::write(&cfg, "[run]\nname = \"../up\"\n").unwrap();
+    let err = fails(bin().arg("--config").arg(&cfg));
+    assert!(err.contains("run.name"), "{err}");
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -644,6 +664,98 @@ fn check_checkpoints_on_disk(run_dir: &Path) -> usize {
             .unwrap_or_else(|e| panic!("checkpoint does not load: {e}"));
     }
     temps
+}
+
+/// Runs `distill resume RUN_DIR` (with `env`, and through bash when `shell` prefixes the
+/// command, for `ulimit`); returns the exit status and stderr.
+fn resume_with(run_dir: &Path, env: &[(&str, &str)], shell: Option<&str>) -> (std::process::ExitStatus, String) {
+    let exe = env!("CARGO_BIN_EXE_distill");
+    let mut cmd = match shell {
+        Some(prefix) => {
+            let mut c = Command::new("bash");
+            c.arg("-c")
+                .arg(format!("{prefix}; exec \"$0\" resume \"$1\""))
+                .arg(exe)
+                .arg(run_dir);
+            c
+        }
+        None => {
+            let mut c = bin();
+            c.arg("resume").arg(run_dir);
+            c
+        }
+    };
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run(&mut cmd);
+    (out.status, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// Crashes half-way through checkpoint writes (`DISTILL_CRASH_IN_WRITE`), and a disk that
+/// fills up (a file-size limit, which makes writes fail with EFBIG the way a full disk
+/// fails them with ENOSPC, and needs no privileges): each leaves the previous checkpoint
+/// intact and loadable, the full disk is a clear error, and the resumed run's weights
+/// equal the uninterrupted run's bit for bit.
+#[test]
+fn crashes_inside_checkpoint_writes_and_a_full_disk_lose_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = r1_kill_config(tmp.path());
+    run_variant(&cfg, &tmp.path().join("ref"), "kill");
+    let reference = tmp.path().join("ref/kill");
+    let out = tmp.path().join("crashed");
+    let run_dir = out.join("kill");
+
+    // Crash inside the second teacher optimizer write: step 3 is complete, step 6 half written.
+    let first = run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out-dir")
+        .arg(&out)
+        .env("DISTILL_CRASH_IN_WRITE", "optimizer.safetensors:2"));
+    assert!(!first.status.success());
+    assert!(String::from_utf8_lossy(&first.stderr).contains("aborting half-way"));
+    let step3 = run_dir.join("checkpoints/teacher/step-000003");
+    assert!(
+        check_checkpoints_on_disk(&run_dir) >= 1,
+        "the interrupted write left no temporary folder"
+    );
+    distill::checkpoint::verify(&step3).unwrap();
+
+    // The disk fills up: resuming from step 3, the teacher's optimizer state (about 1 MB)
+    // no longer fits (the limit is in KiB), so the step-6 checkpoint fails to write.
+    let (status, err) = resume_with(&run_dir, &[], Some("ulimit -f 700; trap '' XFSZ"));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("step-000006")
+            && err.contains("could not be written")
+            && err.contains("previous checkpoint is intact"),
+        "{err}"
+    );
+    assert!(err.contains("File too large"), "the OS error is kept: {err}");
+    assert_eq!(
+        check_checkpoints_on_disk(&run_dir),
+        0,
+        "a failed write left its temporary folder"
+    );
+    distill::checkpoint::verify(&step3).unwrap();
+    assert!(!run_dir.join("checkpoints/teacher/step-000006").exists());
+
+    // More crashes inside writes of later stages' files, then an uninterrupted finish.
+    for spec in ["model.safetensors:3", "trainer_state.json:2", "config.json:4"] {
+        let (status, err) = resume_with(&run_dir, &[("DISTILL_CRASH_IN_WRITE", spec)], None);
+        assert!(!status.success() && err.contains("aborting half-way"), "{spec}: {err}");
+        check_checkpoints_on_disk(&run_dir);
+    }
+    let (status, err) = resume_with(&run_dir, &[], None);
+    assert!(status.success(), "{err}");
+    for stage in ["teacher", "student", "student-kd", "baseline", "oracle"] {
+        let a = std::fs::read(reference.join(stage).join("model.safetensors")).unwrap();
+        let b = std::fs::read(run_dir.join(stage).join("model.safetensors")).unwrap();
+        assert!(a == b, "{stage}: resumed weights differ from the uninterrupted run's");
+    }
+    check_checkpoints_on_disk(&run_dir);
 }
 
 /// Kill -9 at pseudo-random moments, resume each time: the final weights and

@@ -257,7 +257,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cfg.run.device = d;
     }
     if let Some(n) = args.name {
-        cfg.run.name = n;
+        cfg.set_run_name(&n)?;
     }
     if let Some(o) = args.out_dir {
         cfg.run.out_dir = o;

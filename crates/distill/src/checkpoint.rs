@@ -86,7 +86,37 @@ pub fn save(dir: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
     }
     std::fs::create_dir_all(&tmp).at(&tmp)?;
+    if let Err(e) = write_contents(&tmp, model, extras) {
+        // A full disk (or any failed write) must not leave a half checkpoint taking
+        // the space the next attempt needs; the checkpoint in `dir`, if any, is untouched.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(err(
+            dir,
+            format!(
+                "could not be written ({e}); nothing was replaced, so the previous checkpoint is intact. \
+                 Free disk space (or raise the file-size limit) and continue with `distill resume RUN_DIR`"
+            ),
+        ));
+    }
 
+    // Swap into place: the old copy is only removed once the new one is live.
+    let old = parent.join(format!(".{name}.old"));
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        }
+        std::fs::rename(dir, &old).at(dir)?;
+    }
+    std::fs::rename(&tmp, dir).at(dir)?;
+    sync_dir(parent);
+    if old.exists() {
+        std::fs::remove_dir_all(&old).at(&old)?;
+    }
+    Ok(())
+}
+
+/// The files of a checkpoint, into the (temporary) folder `tmp`.
+fn write_contents(tmp: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
     write_safetensors(&tmp.join("model.safetensors"), &model.tensors())?;
     let cfg = &model.cfg;
     write_file(&tmp.join("config.json"), &pretty(&cfg.to_hf_json())?)?;
@@ -118,25 +148,11 @@ pub fn save(dir: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
     // and moments written above.
     if let Some(state) = extras.state {
         let mut state = state.clone();
-        state.checksums = checksums(&tmp)?;
+        state.checksums = checksums(tmp)?;
         let json = serde_json::to_value(&state).map_err(|e| Error::Invalid(e.to_string()))?;
         write_file(&tmp.join("trainer_state.json"), &pretty(&json)?)?;
     }
-    sync_dir(&tmp);
-
-    // Swap into place: the old copy is only removed once the new one is live.
-    let old = parent.join(format!(".{name}.old"));
-    if dir.exists() {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).at(&old)?;
-        }
-        std::fs::rename(dir, &old).at(dir)?;
-    }
-    std::fs::rename(&tmp, dir).at(dir)?;
-    sync_dir(parent);
-    if old.exists() {
-        std::fs::remove_dir_all(&old).at(&old)?;
-    }
+    sync_dir(tmp);
     Ok(())
 }
 
@@ -149,18 +165,49 @@ fn pretty(v: &serde_json::Value) -> Result<Vec<u8>> {
 /// Writes and fsyncs one file.
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).at(path)?;
+    crash_point(path, bytes, &mut f);
     f.write_all(bytes).at(path)?;
     f.sync_all().at(path)
 }
 
+/// Fault injection for the crash tests (`tests/e2e.rs`, `scripts/kill-test.sh`): with
+/// `DISTILL_CRASH_IN_WRITE=NAME:N`, the N-th write of a file named NAME in this process
+/// writes half its bytes, syncs them, and aborts, as a kill or power loss in the middle
+/// of a checkpoint write would. A timed SIGKILL lands inside a write only by luck (the
+/// writes take milliseconds); this lands there every time. Unset, it costs one lookup.
+fn crash_point(path: &Path, bytes: &[u8], f: &mut File) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    static SPEC: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("DISTILL_CRASH_IN_WRITE").ok()?;
+        let (name, n) = v.rsplit_once(':')?;
+        Some((name.to_string(), n.parse().ok()?))
+    });
+    let Some((name, n)) = spec else { return };
+    if path.file_name().is_some_and(|f| f.to_string_lossy() == name.as_str())
+        && SEEN.fetch_add(1, Ordering::SeqCst) + 1 == *n
+    {
+        let _ = f.write_all(&bytes[..bytes.len() / 2]);
+        let _ = f.sync_all();
+        eprintln!("DISTILL_CRASH_IN_WRITE: aborting half-way through {}", path.display());
+        std::process::abort();
+    }
+}
+
 /// Writes a file atomically: a temporary sibling, fsync, rename, then fsync
-/// the folder. A crash leaves either the old file or the new one, never half.
+/// the folder. A crash leaves either the old file or the new one, never half;
+/// a failed write (a full disk) removes its temporary file and leaves the old one.
 pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .map_or("out".into(), |n| n.to_string_lossy().to_string());
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    write_file(&tmp, bytes)?;
+    if let Err(e) = write_file(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).at(path)?;
     sync_dir(
         path.parent()

@@ -481,6 +481,19 @@ impl Config {
         toml::to_string_pretty(self).map_err(|e| Error::Invalid(format!("cannot write config as TOML: {e}")))
     }
 
+    /// Sets the run name (e.g. from `--name`), refusing one that would put the run
+    /// directory anywhere but directly inside `out_dir`.
+    pub fn set_run_name(&mut self, name: &str) -> Result<()> {
+        if !is_plain_name(name) {
+            return Err(Error::Invalid(format!(
+                "run name {name:?} must be a plain folder name (no slashes, not . or ..): the run directory \
+                 is <out_dir>/<name>; choose the parent folder with --out-dir"
+            )));
+        }
+        self.run.name = name.to_string();
+        Ok(())
+    }
+
     /// The run directory, `<out_dir>/<name>`.
     pub fn run_dir(&self) -> PathBuf {
         self.run.out_dir.join(&self.run.name)
@@ -490,9 +503,9 @@ impl Config {
         let mut v = Validator { path, errors: vec![] };
         let r = &self.run;
         v.check(
-            !r.name.is_empty() && !r.name.contains(['/', '\\']) && r.name != "." && r.name != "..",
+            is_plain_name(&r.name),
             "run.name",
-            "must be a plain folder name (no slashes)",
+            "must be a plain folder name (no slashes, not . or ..)",
             &r.name,
         );
         v.check(
@@ -819,6 +832,12 @@ impl Validator<'_> {
             })
         }
     }
+}
+
+/// A single path component that stays inside its parent: not empty, no separator,
+/// not `.` or `..`, no NUL.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\', '\0']) && name != "." && name != ".."
 }
 
 #[cfg(test)]
