@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# The full kill test: SIGKILL the pipeline at DISTILL_KILL_POINTS pseudo-random
-# moments (default 25) across every stage of the tiny R1-recipe run, resume after
-# each, and check that the final weights and traces are bitwise identical to an
-# uninterrupted run and that every checkpoint on disk stays loadable.
-# CI runs the same test with 5 kill points (`cargo test`).
+# The full kill test, two parts, on the tiny R1-recipe run (every stage kind):
+# 1. SIGKILL the pipeline at DISTILL_KILL_POINTS pseudo-random moments (default 25),
+#    resume after each;
+# 2. crash it half-way through checkpoint and data file writes (DISTILL_CRASH_IN_WRITE,
+#    one process per point, resumed each time), after a full disk (a file-size limit).
+# Both check that the final weights are bitwise identical to an uninterrupted run's
+# and that every checkpoint on disk stays loadable. CI runs both with fewer points.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DISTILL_KILL_POINTS="${DISTILL_KILL_POINTS:-25}"
-cargo test --release -p distill-cli --test e2e kill_anywhere -- --nocapture
+specs=""
+for n in 3 5 8 11 14; do
+    for f in model.safetensors optimizer.safetensors trainer_state.json config.json \
+             tokenizer_config.json generation_config.json distill.toml traces.jsonl; do
+        specs="$specs$f:$n,"
+    done
+done
+export DISTILL_CRASH_SPECS="${DISTILL_CRASH_SPECS:-$specs}"
+cargo test --release -p distill-cli --test e2e -- kill_anywhere crashes_inside --nocapture --test-threads 1

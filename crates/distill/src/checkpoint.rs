@@ -186,9 +186,12 @@ fn crash_point(path: &Path, bytes: &[u8], f: &mut File) {
         Some((name.to_string(), n.parse().ok()?))
     });
     let Some((name, n)) = spec else { return };
-    if path.file_name().is_some_and(|f| f.to_string_lossy() == name.as_str())
-        && SEEN.fetch_add(1, Ordering::SeqCst) + 1 == *n
-    {
+    // The file itself, or the temporary sibling `write_file_atomic` writes it through.
+    let named = path.file_name().is_some_and(|f| {
+        let f = f.to_string_lossy();
+        f == name.as_str() || f.starts_with(&format!(".{name}.tmp-"))
+    });
+    if named && SEEN.fetch_add(1, Ordering::SeqCst) + 1 == *n {
         let _ = f.write_all(&bytes[..bytes.len() / 2]);
         let _ = f.sync_all();
         eprintln!("DISTILL_CRASH_IN_WRITE: aborting half-way through {}", path.display());
