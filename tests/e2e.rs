@@ -449,6 +449,108 @@ fn top_k_teacher_and_offline_logit_cache_train_a_student() {
     }
 }
 
+/// A teacher from the Hugging Face Hub by id: resolved offline from a Hub cache folder
+/// (`HF_HOME`, `HF_HUB_OFFLINE=1`) holding a sharded checkpoint, it gives the same
+/// held-out figures as the folder it was made from.
+#[test]
+fn teacher_resolves_from_a_hub_cache_with_sharded_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(tiny())
+        .unwrap()
+        .replace("steps = 30", "steps = 3")
+        .replace("examples = 16", "examples = 2");
+    let cfg = tmp.path().join("src.toml");
+    std::fs::write(&cfg, &base).unwrap();
+    run_variant(&cfg, tmp.path(), "src");
+    let teacher = tmp.path().join("src/teacher");
+
+    // The Hub cache layout: refs/main -> commit, snapshots/<commit>/ with two shards.
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let snap = tmp
+        .path()
+        .join("hf/hub/models--acme--tiny-teacher/snapshots")
+        .join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(tmp.path().join("hf/hub/models--acme--tiny-teacher/refs")).unwrap();
+    std::fs::write(tmp.path().join("hf/hub/models--acme--tiny-teacher/refs/main"), commit).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(teacher.join(f), snap.join(f)).unwrap();
+    }
+    let tensors =
+        distill::candle::safetensors::load(teacher.join("model.safetensors"), &distill::candle::Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (mut weight_map, mut shards) = (serde_json::Map::new(), [Vec::new(), Vec::new()]);
+    for (i, n) in names.iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        weight_map.insert((*n).clone(), file.into());
+        shards[i % 2].push(((*n).clone(), tensors[*n].clone()));
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        let map: std::collections::HashMap<String, distill::candle::Tensor> = shard.iter().cloned().collect();
+        distill::candle::safetensors::save(&map, snap.join(format!("model-0000{}-of-00002.safetensors", i + 1)))
+            .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(snap.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let cfg = tmp.path().join("hub.toml");
+    std::fs::write(
+        &cfg,
+        base.replace(
+            "[teacher.model]",
+            "[teacher]\nhub = \"acme/tiny-teacher\"\n\n[teacher.model]",
+        ),
+    )
+    .unwrap();
+    let out = run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out-dir")
+        .arg(tmp.path())
+        .arg("--name")
+        .arg("hub")
+        .env("HF_HOME", tmp.path().join("hf"))
+        .env("HF_HUB_OFFLINE", "1"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("hub model acme/tiny-teacher@main"), "{err}");
+    let report = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(tmp.path().join(name).join("report.json")).unwrap()).unwrap()
+    };
+    assert_eq!(
+        report("hub")["models"][0]["eval_loss"],
+        report("src")["models"][0]["eval_loss"]
+    );
+
+    // Offline, an id the cache lacks is an error that names the cache and the ways out.
+    std::fs::write(
+        &cfg,
+        base.replace("[teacher.model]", "[teacher]\nhub = \"acme/absent\"\n\n[teacher.model]"),
+    )
+    .unwrap();
+    let err = fails(
+        bin()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--out-dir")
+            .arg(tmp.path())
+            .arg("--name")
+            .arg("absent")
+            .env("HF_HOME", tmp.path().join("hf"))
+            .env("HF_HUB_OFFLINE", "1"),
+    );
+    assert!(
+        err.contains("models--acme--absent") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+}
+
 /// The DeepSeek-R1 recipe on the tiny config: teacher traces with rejection
 /// sampling, the four students, and sharded generation that merges into the
 /// single-process file byte for byte.

@@ -384,7 +384,12 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
         ));
     }
     let cfg_path = require(dir, "config.json")?;
-    let weights = require(dir, "model.safetensors")?;
+    let index = dir.join(crate::hub::SHARD_INDEX);
+    let weights = if !dir.join("model.safetensors").is_file() && index.is_file() {
+        index.clone()
+    } else {
+        require(dir, "model.safetensors")?
+    };
     let tok_path = require(dir, "tokenizer.json")?;
     let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
     let json: serde_json::Value =
@@ -401,7 +406,20 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
             ),
         ));
     }
-    let (tensors, _) = read_safetensors(&weights, device)?;
+    let tensors = if weights == index {
+        // Sharded (Hugging Face's layout for large models): the index lists the shards.
+        let mut all = BTreeMap::new();
+        for shard in crate::hub::shard_files(&index)? {
+            let p = dir.join(&shard);
+            if !p.is_file() {
+                return Err(err(&index, format!("lists {shard}, which is not in {}", dir.display())));
+            }
+            all.extend(read_safetensors(&p, device)?.0);
+        }
+        all
+    } else {
+        read_safetensors(&weights, device)?.0
+    };
     let model = Llama::from_tensors(cfg, tensors, device).map_err(|m| err(&weights, m))?;
     Ok((model, tokenizer))
 }

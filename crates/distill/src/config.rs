@@ -252,6 +252,11 @@ impl TrainSpec {
 pub struct TeacherConfig {
     /// Load the teacher from this checkpoint directory instead of training it.
     pub checkpoint: Option<PathBuf>,
+    /// Or from the Hugging Face Hub: `ORG/NAME`, resolved through the Hub cache
+    /// (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only).
+    pub hub: Option<String>,
+    /// The revision of `hub`: a branch, tag or commit. Default "main".
+    pub revision: Option<String>,
     /// Train the teacher on only the first N training examples. Default: all of them.
     pub train_examples: Option<usize>,
     pub model: ModelSpec,
@@ -575,7 +580,25 @@ impl Config {
                 self.tokenizer.vocab_size,
             );
         }
-        if self.teacher.checkpoint.is_none() {
+        let tc = &self.teacher;
+        if let Some(id) = &tc.hub {
+            if let Err(e) = crate::hub::check_repo_id(id) {
+                v.check(false, "teacher.hub", &e.to_string(), id);
+            }
+            v.check(
+                tc.checkpoint.is_none(),
+                "teacher.hub",
+                "and teacher.checkpoint both name a teacher; keep one",
+                id,
+            );
+        }
+        if let Some(rev) = &tc.revision {
+            if let Err(e) = crate::hub::check_revision(rev) {
+                v.check(false, "teacher.revision", &e.to_string(), rev);
+            }
+            v.check(tc.hub.is_some(), "teacher.revision", "needs teacher.hub", rev);
+        }
+        if self.teacher.checkpoint.is_none() && self.teacher.hub.is_none() {
             v.model(&self.teacher.model, "teacher.model", d.seq_len);
             v.train(&self.teacher.train, "teacher.train");
         }

@@ -10,6 +10,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod hub;
 pub mod logit_cache;
 pub mod loss;
 pub mod model;

@@ -97,7 +97,18 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     let t0 = Instant::now();
     progress.message(&format!("device: {} x {} ({})", info.count, info.name, info.kind));
     let splits = data::load(&cfg.data, seed)?;
-    let loaded_teacher = match &cfg.teacher.checkpoint {
+    // A teacher to load: a folder, or a Hub model resolved to its folder in the Hub cache.
+    let teacher_src: Option<PathBuf> = match (&cfg.teacher.checkpoint, &cfg.teacher.hub) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(id)) => {
+            let rev = cfg.teacher.revision.as_deref().unwrap_or("main");
+            let dir = crate::hub::resolve(id, rev)?;
+            progress.message(&format!("teacher: hub model {id}@{rev} -> {}", dir.display()));
+            Some(dir)
+        }
+        (None, None) => None,
+    };
+    let loaded_teacher = match &teacher_src {
         Some(dir) => Some(checkpoint::load(dir, &dev)?),
         None => None,
     };
@@ -120,7 +131,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     let vocab = match &loaded_teacher {
         None => tok.vocab_size(),
         Some((teacher, teacher_tok)) => {
-            let teacher_dir = cfg.teacher.checkpoint.as_deref().unwrap_or(Path::new("?"));
+            let teacher_dir = teacher_src.as_deref().unwrap_or(Path::new("?"));
             let same = tok.vocab_map() == teacher_tok.vocab_map();
             if !same || tok.vocab_size() > teacher.cfg.vocab_size {
                 return Err(Error::Config {
@@ -245,7 +256,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     // Stage: teacher.
     let (teacher, teacher_dir) = match loaded_teacher {
         Some((m, _)) => {
-            let dir = cfg.teacher.checkpoint.clone().unwrap_or_default();
+            let dir = teacher_src.clone().unwrap_or_default();
             progress.message(&format!("teacher: loaded from {}", dir.display()));
             (m, dir)
         }
