@@ -11,11 +11,13 @@ cd "$(dirname "$0")/.."
 export DISTILL_KILL_POINTS="${DISTILL_KILL_POINTS:-25}"
 # Each point is one process, resumed from where the previous one crashed, that dies in
 # the 1st or 2nd write of the named file: small N keeps every process short, so the
-# 40 points spread over all the stages instead of finishing the run early.
-specs=""
+# points spread over all the stages instead of finishing the run early. traces.jsonl is
+# written once per run, so it comes first (the teacher stage runs to its end, then the
+# write crashes); the checkpoint files follow, 35 points.
+specs="traces.jsonl:1,"
 for round in 1 2 3 4 5; do
     for f in model.safetensors optimizer.safetensors trainer_state.json config.json \
-             tokenizer_config.json generation_config.json distill.toml traces.jsonl; do
+             tokenizer_config.json generation_config.json distill.toml; do
         specs="$specs$f:$((1 + round % 2)),"
     done
 done
