@@ -861,13 +861,13 @@ fn crashes_inside_checkpoint_writes_and_a_full_disk_lose_nothing() {
     }
     let (status, err) = resume_with(&run_dir, &[], None);
     assert!(status.success(), "{err}");
-    eprintln!("crash test: {crashes} crashes inside file writes and 1 full disk, all stages bitwise equal");
     for stage in ["teacher", "student", "student-kd", "baseline", "oracle"] {
         let a = std::fs::read(reference.join(stage).join("model.safetensors")).unwrap();
         let b = std::fs::read(run_dir.join(stage).join("model.safetensors")).unwrap();
         assert!(a == b, "{stage}: resumed weights differ from the uninterrupted run's");
     }
     check_checkpoints_on_disk(&run_dir);
+    eprintln!("crash test: {crashes} crashes inside file writes and 1 full disk, all stages bitwise equal");
 }
 
 /// Kill -9 at pseudo-random moments, resume each time: the final weights and
