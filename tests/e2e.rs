@@ -402,6 +402,9 @@ fn top_k_teacher_and_offline_logit_cache_train_a_student() {
     for (name, extra) in [
         ("topk-online", "top_k = 8\nloss = \"reverse_kl\""),
         ("topk-cache", "top_k = 8\nlogit_cache = true"),
+        ("head-cache", "top_k = 8\nlogit_cache = true\nfused_head = true"),
+        ("full-online", ""),
+        ("head-online", "fused_head = true"),
     ] {
         let cfg = tmp.path().join(format!("{name}.toml"));
         std::fs::write(
@@ -424,7 +427,20 @@ fn top_k_teacher_and_offline_logit_cache_train_a_student() {
         assert_eq!(state["step"], 3, "{name}");
         assert!(state["last_loss"].as_f64().unwrap().is_finite(), "{name}");
         let report = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
-        if name == "topk-online" {
+        if let Some(twin) = name.strip_prefix("head-") {
+            // The fused head computes the same loss chunk by chunk: the same run to rounding.
+            let twin = if twin == "cache" { "topk-cache" } else { "full-online" };
+            let plain: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(tmp.path().join(twin).join("student/trainer_state.json")).unwrap(),
+            )
+            .unwrap();
+            let (a, b) = (
+                state["last_loss"].as_f64().unwrap(),
+                plain["last_loss"].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() <= 1e-3 * b.abs(), "fused head {a} vs logits {b}");
+        }
+        if name != "topk-cache" && name != "head-cache" {
             assert!(stage("student")["teacher_flops"].as_f64().unwrap() > 0.0);
             assert!(!run_dir.join("logit-cache").exists());
             continue;

@@ -301,6 +301,11 @@ pub struct DistillConfig {
     /// mass as one tail category, see `loss::topk`) instead of its full distribution.
     /// 0 (default) uses the full distribution.
     pub top_k: usize,
+    /// Compute the loss from the final hidden states and the head weight chunk by chunk
+    /// (`loss::fused_head`), never materialising the (tokens, vocabulary) logits of the
+    /// student or of a full-distribution teacher: ~80% less peak memory at V = 49152.
+    /// Default false. Needs `fused`.
+    pub fused_head: bool,
     /// Write the teacher's top-k log-probabilities over the distilled student's data to
     /// an offline cache (`teacher-logits` stage, `<run>/logit-cache/`) and train that
     /// student from the cache instead of running the teacher. Needs `top_k` >= 1.
@@ -328,6 +333,7 @@ impl Default for DistillConfig {
             skew: 0.1,
             fused: true,
             top_k: 0,
+            fused_head: false,
             logit_cache: false,
         }
     }
@@ -639,6 +645,12 @@ impl Config {
             dc.fused || dc.loss == LossKind::ForwardKl,
             "distill.fused",
             "can be false only with loss = \"forward_kl\" (the plain reference composition implements no other divergence)",
+            dc.fused,
+        );
+        v.check(
+            dc.fused || !dc.fused_head,
+            "distill.fused",
+            "must be true with fused_head (the fused head runs the fused kernels chunk by chunk)",
             dc.fused,
         );
         v.check(

@@ -236,10 +236,10 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         };
         checkpoint::save(dir, m, &extras)
     };
-    let loss_impl = if cfg.distill.fused {
-        LossImpl::Fused
-    } else {
-        LossImpl::Reference
+    let loss_impl = match (cfg.distill.fused, cfg.distill.fused_head) {
+        (true, true) => LossImpl::FusedHead,
+        (true, false) => LossImpl::Fused,
+        (false, _) => LossImpl::Reference,
     };
     let env = StageEnv {
         cfg,

@@ -16,7 +16,8 @@ pub const MAX_SKIPS_IN_A_ROW: usize = 10;
 use crate::data::batch::{make_batch, Batch, Encoded, Order};
 use crate::error::{Error, Result};
 use crate::logit_cache::LogitCache;
-use crate::loss::{distill_loss, distill_loss_with, top_k_of_logits, Divergence, TeacherTargets, TopK};
+use crate::loss::fused_head::{fused_linear_distill_loss, HeadTeacher};
+use crate::loss::{distill_loss, distill_loss_with, top_k_of_logits, Divergence, LossParts, TeacherTargets, TopK};
 use crate::model::Llama;
 use crate::optim::{clip_grad_norm, lr_at, AdamW};
 
@@ -103,24 +104,62 @@ pub struct StageStats {
 /// The teacher's side of one micro-batch.
 enum TeacherSide {
     Logits(Tensor),
+    /// Final hidden states (B*T, Ht) and head weight (V, Ht), for the fused head, which
+    /// computes the teacher's logits chunk by chunk too.
+    Hidden(Tensor, Tensor),
     TopK(TopK),
 }
 
-impl TeacherSide {
-    fn targets(&self) -> TeacherTargets<'_> {
-        match self {
-            Self::Logits(t) => TeacherTargets::Logits(t),
-            Self::TopK(t) => TeacherTargets::TopK(t),
+/// The loss on whole (B*T, V) logits: the fused kernels, or the plain composition.
+fn plain_loss(
+    loss_impl: LossImpl,
+    logits: &Tensor,
+    side: Option<&TeacherSide>,
+    b: &Batch,
+    (ce_weight, temperature, denom): (f64, f64, f64),
+    divergence: Divergence,
+) -> Result<LossParts> {
+    let (y, m) = (&b.targets, &b.mask);
+    match (loss_impl, side) {
+        (LossImpl::Reference, None) => distill_loss(logits, None, y, m, ce_weight, temperature, denom),
+        (LossImpl::Reference, Some(TeacherSide::Logits(tl))) => {
+            distill_loss(logits, Some(tl), y, m, ce_weight, temperature, denom)
+        }
+        (LossImpl::Reference, Some(_)) => Err(Error::Invalid(
+            "the reference loss takes full teacher logits only; use the fused loss".into(),
+        )),
+        (_, side) => {
+            let teacher = match side {
+                None => None,
+                Some(TeacherSide::Logits(t)) => Some(TeacherTargets::Logits(t)),
+                Some(TeacherSide::TopK(t)) => Some(TeacherTargets::TopK(t)),
+                Some(TeacherSide::Hidden(..)) => {
+                    return Err(Error::Invalid("teacher hidden states need the fused head".into()))
+                }
+            };
+            distill_loss_with(logits, teacher, y, m, ce_weight, temperature, denom, divergence)
         }
     }
 }
 
 /// Runs the teacher on a micro-batch (counting its FLOPs), or reads its rows from the
-/// cache. `idx` are the batch's examples, `t` its padded length.
-fn teacher_side(tch: &Teacher, b: &Batch, idx: &[usize], t: usize, stats: &mut StageStats) -> Result<TeacherSide> {
+/// cache. `idx` are the batch's examples, `t` its padded length. With `head` (the fused
+/// head) a full-distribution teacher gives its hidden states and head instead of logits.
+fn teacher_side(
+    tch: &Teacher,
+    b: &Batch,
+    idx: &[usize],
+    t: usize,
+    head: bool,
+    stats: &mut StageStats,
+) -> Result<TeacherSide> {
     match tch.source {
         TeacherSource::Online(model) => {
             stats.teacher_flops += model.cfg.forward_flops_per_token(t) * b.positions as f64;
+            if head && tch.top_k.is_none() {
+                let hidden = model.forward_hidden(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, Ht)
+                return Ok(TeacherSide::Hidden(hidden, model.lm_head_weight()?.detach()));
+            }
             let logits = model.forward(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, V)
             Ok(match tch.top_k {
                 Some(k) => TeacherSide::TopK(top_k_of_logits(&logits, k, tch.temperature)?),
@@ -136,6 +175,10 @@ fn teacher_side(tch: &Teacher, b: &Batch, idx: &[usize], t: usize, stats: &mut S
 pub enum LossImpl {
     /// Fused CPU kernels with analytic backward (`loss::fused`).
     Fused,
+    /// The fused kernels behind a fused vocabulary head (`loss::fused_head`): the
+    /// (B*T, V) logits of the student, and of a full-distribution teacher, are never
+    /// materialised whole.
+    FusedHead,
     /// The plain candle composition (`loss::reference`), forward KL only.
     Reference,
 }
@@ -222,21 +265,44 @@ pub fn train(
         let mut fault: Option<(&'static str, f32)> = None;
         for (b, idx) in &batches {
             let (_, t) = b.inputs.dims2()?;
-            let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
+            let d = denom as f64;
+            let head = loss_impl == LossImpl::FusedHead;
             let side = match teacher {
-                Some(tch) => Some(teacher_side(tch, b, idx, t, &mut stats)?),
+                Some(tch) => Some(teacher_side(tch, b, idx, t, head, &mut stats)?),
                 None => None,
             };
-            let d = denom as f64;
-            let parts = match (loss_impl, &side) {
-                (LossImpl::Reference, Some(TeacherSide::Logits(tl))) => {
-                    distill_loss(&logits, Some(tl), &b.targets, &b.mask, alpha, temperature, d)?
-                }
-                (LossImpl::Reference, None) => distill_loss(&logits, None, &b.targets, &b.mask, alpha, temperature, d)?,
-                (_, side) => {
-                    let targets = side.as_ref().map(TeacherSide::targets);
-                    distill_loss_with(&logits, targets, &b.targets, &b.mask, alpha, temperature, d, divergence)?
-                }
+            let parts = if head {
+                // Hidden states and head weight in, the (B*T, V) logits never whole.
+                let hidden = model.forward_hidden(&b.inputs)?.flatten_to(1)?; // (B*T, H)
+                let ht = match &side {
+                    None => HeadTeacher::None,
+                    Some(TeacherSide::Logits(l)) => HeadTeacher::Logits(l),
+                    Some(TeacherSide::Hidden(h, w)) => HeadTeacher::Hidden { hidden: h, weight: w },
+                    Some(TeacherSide::TopK(top)) => HeadTeacher::TopK(top),
+                };
+                let w = model.lm_head_weight()?;
+                fused_linear_distill_loss(
+                    &hidden,
+                    &w,
+                    ht,
+                    &b.targets,
+                    &b.mask,
+                    alpha,
+                    temperature,
+                    d,
+                    divergence,
+                    None,
+                )?
+            } else {
+                let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
+                plain_loss(
+                    loss_impl,
+                    &logits,
+                    side.as_ref(),
+                    b,
+                    (alpha, temperature, d),
+                    divergence,
+                )?
             };
             let total = parts.total.to_scalar::<f32>()?;
             fault = [("loss", total), ("ce", parts.ce), ("kd", parts.kd)]

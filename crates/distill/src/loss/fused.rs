@@ -65,7 +65,8 @@
 //! so they stay finite where probabilities underflow. Terms whose weight is exactly 0
 //! contribute 0 (the `0 log 0` convention of `loss::family`).
 //!
-//! Only CPU kernels exist yet; on other devices the ops return an error naming the op.
+//! The CUDA kernels of the same ops (`kernels/divergence.cu`, launched by `loss::cuda`)
+//! mirror these formulas term by term; the top-k op (`loss::topk`) is CPU only.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -73,6 +74,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::family::{check_inputs, Divergence};
 use super::reference::LossParts;
 use crate::error::{Error, Result};
@@ -89,7 +92,7 @@ use crate::error::{Error, Result};
 /// teacher none. Not multiplied by `T^2`: see `loss::family`. CPU only for now.
 pub fn divergence_rows(student: &Tensor, teacher: &Tensor, d: Divergence, temperature: f64) -> Result<Tensor> {
     check_inputs(student, teacher, d, temperature)?;
-    check_cpu(student, "divergence_rows")?;
+    check_kernel_device(student, "divergence_rows")?;
     let student = float_input(student, "student logits")?; // (N, V)
     let teacher = float_input(teacher, "teacher logits")?; // (N, V)
     let op = DivergenceRows {
@@ -104,7 +107,7 @@ pub fn divergence_rows(student: &Tensor, teacher: &Tensor, d: Divergence, temper
 /// student `softmax - onehot` and the targets nothing. Targets must be < V on every row,
 /// masked or not (as for `gather` in `loss::reference`).
 pub fn cross_entropy_rows(student: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    check_cpu(student, "cross_entropy_rows")?;
+    check_kernel_device(student, "cross_entropy_rows")?;
     let dims = student.dims();
     if dims.is_empty() || dims[dims.len() - 1] == 0 || targets.dims() != &dims[..dims.len() - 1] {
         return Err(Error::Invalid(format!(
@@ -188,7 +191,18 @@ pub fn distill_loss_with(
     })
 }
 
-/// The device check, up front, so that the error is the library's and names the way out.
+/// The device check, up front, so that the error is the library's and names the way out:
+/// the divergence and cross-entropy ops have CPU kernels, and CUDA kernels (`loss::cuda`,
+/// compiled at run time with NVRTC) in a `cuda` build.
+pub(super) fn check_kernel_device(t: &Tensor, what: &str) -> Result<()> {
+    if t.device().is_cpu() || (cfg!(feature = "cuda") && t.device().is_cuda()) {
+        Ok(())
+    } else {
+        check_cpu(t, what)
+    }
+}
+
+/// For the ops that have CPU kernels only.
 pub(super) fn check_cpu(t: &Tensor, what: &str) -> Result<()> {
     if t.device().is_cpu() {
         Ok(())
@@ -342,12 +356,20 @@ impl CustomOp2 for DivergenceRows {
 
     fn cuda_fwd(
         &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Err(no_kernel(self.name(), "CUDA"))
+        #[cfg(feature = "cuda")]
+        {
+            cuda::divergence_rows_fwd(self.name(), self.divergence, self.temperature, s1, l1, s2, l2)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (s1, l1, s2, l2);
+            Err(no_kernel(self.name(), "CUDA"))
+        }
     }
 
     fn metal_fwd(
@@ -416,14 +438,22 @@ impl CustomOp3 for DivergenceRowsGrad {
 
     fn cuda_fwd(
         &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Err(no_kernel(self.name(), "CUDA"))
+        #[cfg(feature = "cuda")]
+        {
+            cuda::divergence_rows_bwd(self.name(), self.divergence, self.temperature, s1, l1, s2, l2, s3, l3)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (s1, l1, s2, l2, s3, l3);
+            Err(no_kernel(self.name(), "CUDA"))
+        }
     }
 
     fn metal_fwd(
@@ -460,12 +490,20 @@ impl CustomOp2 for CrossEntropyRows {
 
     fn cuda_fwd(
         &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Err(no_kernel(self.name(), "CUDA"))
+        #[cfg(feature = "cuda")]
+        {
+            cuda::cross_entropy_rows_fwd(self.name(), s1, l1, s2, l2)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (s1, l1, s2, l2);
+            Err(no_kernel(self.name(), "CUDA"))
+        }
     }
 
     fn metal_fwd(
@@ -521,14 +559,22 @@ impl CustomOp3 for CrossEntropyRowsGrad {
 
     fn cuda_fwd(
         &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Err(no_kernel(self.name(), "CUDA"))
+        #[cfg(feature = "cuda")]
+        {
+            cuda::cross_entropy_rows_bwd(self.name(), s1, l1, s2, l2, s3, l3)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (s1, l1, s2, l2, s3, l3);
+            Err(no_kernel(self.name(), "CUDA"))
+        }
     }
 
     fn metal_fwd(
@@ -1717,6 +1763,40 @@ mod tests {
         assert!(e.contains("target 3 in row 1 is outside the vocabulary of 3"), "{e}");
         let e = msg(cross_entropy_rows(&s, &Tensor::new(&[0u32, 1, 2], &dev)?));
         assert!(e.contains("targets shaped like the logits"), "{e}");
+        Ok(())
+    }
+
+    /// The CUDA kernels against the CPU ones, values and gradients, for every divergence.
+    /// Compiled in every `cuda` build; skipped, with a message, where no GPU is present.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernels_match_the_cpu_kernels() -> Result<()> {
+        let gpu = match Device::new_cuda(0) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("skipped cuda_kernels_match_the_cpu_kernels: no CUDA device ({e})");
+                return Ok(());
+            }
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let (n, v) = (13, 3001);
+        let s = logits(&mut rng, n, v);
+        let t = logits(&mut rng, n, v);
+        let w = row_weights(&mut rng, n);
+        for d in ALL {
+            let on = |dev: &Device| -> Result<(Vec<f32>, Vec<f32>)> {
+                let sv = Var::from_slice(&s, (n, v), dev)?;
+                let tt = Tensor::from_slice(&t, (n, v), dev)?;
+                let rows = divergence_rows(sv.as_tensor(), &tt, d, 2.0)?;
+                let g = (&rows * Tensor::from_slice(&w, n, dev)?)?.sum_all()?.backward()?;
+                let grad = g.get(sv.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+                Ok((rows.to_vec1::<f32>()?, grad))
+            };
+            let (cr, cg) = on(&Device::Cpu)?;
+            let (gr, gg) = on(&gpu)?;
+            assert_close(&format!("{d} rows"), &gr, &cr, 1, &[], 1e-4);
+            assert_close(&format!("{d} grad"), &gg, &cg, v, &loss_floor(&w, &cr), 1e-4);
+        }
         Ok(())
     }
 }

@@ -1,8 +1,11 @@
 //! Training losses. `reference` holds plain candle compositions; fused kernels
 //! with analytic backward sit beside them and are checked against them.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod family;
 pub mod fused;
+pub mod fused_head;
 pub mod reference;
 pub mod topk;
 

@@ -355,7 +355,31 @@ impl Llama {
 
     /// Like `forward`, but with a KV cache: `ids` are the new tokens that follow
     /// the cached ones. Returns logits for the new positions only, (B, T_new, V).
-    pub fn forward_cached(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_cached(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let x = self.hidden_cached(ids, cache)?; // (B, T_new, d)
+        linear(&x, &self.lm_head_weight()?, None) // (B, T_new, V)
+    }
+
+    /// The final hidden states, after the last RMSNorm and before the head:
+    /// ids (B, T) u32 -> (B, T, d) f32, differentiable. `forward` is this followed by
+    /// `x @ lm_head_weight()^T`; a fused head loss (`loss::fused_head`) takes the two
+    /// apart so that the (B, T, V) logits never exist at once.
+    pub fn forward_hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        self.hidden_cached(ids, None)
+    }
+
+    /// The output projection, (V, d): `lm_head.weight`, or with tied embeddings the
+    /// embedding matrix itself (the same `Var`, so gradients from both uses add up).
+    pub fn lm_head_weight(&self) -> Result<Tensor> {
+        let head = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        Ok(self.w(head)?.clone())
+    }
+
+    fn hidden_cached(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + t > self.cfg.max_position_embeddings {
@@ -393,13 +417,7 @@ impl Llama {
             )?;
             x = (x + self.mlp(&h, &p)?)?;
         }
-        let x = rms_norm(&x, self.w("model.norm.weight")?, self.cfg.rms_norm_eps)?;
-        let head = if self.cfg.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        linear(&x, self.w(head)?, None) // (B, T, V)
+        rms_norm(&x, self.w("model.norm.weight")?, self.cfg.rms_norm_eps) // (B, T, d)
     }
 
     fn attention(
