@@ -271,7 +271,14 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
 /// traces) carry it, so that they can be traced to the exact weights.
 pub fn content_id(dir: &Path) -> Result<String> {
     use sha2::Digest;
-    let p = dir.join("model.safetensors");
+    // A GGUF teacher is one file; a sharded folder is identified by its index.
+    let p = if dir.is_file() {
+        dir.to_path_buf()
+    } else if !dir.join("model.safetensors").is_file() && dir.join(crate::hub::SHARD_INDEX).is_file() {
+        dir.join(crate::hub::SHARD_INDEX)
+    } else {
+        dir.join("model.safetensors")
+    };
     let bytes = std::fs::read(&p).at(&p)?;
     let digest = sha2::Sha256::digest(&bytes);
     Ok(format!(
@@ -375,8 +382,12 @@ fn require(dir: &Path, file: &str) -> Result<PathBuf> {
 }
 
 /// Loads the model and tokenizer of a checkpoint directory (ours, or a Hugging
-/// Face Llama/Qwen2 directory with a single `model.safetensors`).
+/// Face Llama/Qwen2 directory with `model.safetensors` or sharded weights), or of a
+/// GGUF file (a quantized Llama, dequantized to f32, `model::gguf`).
 pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
+    if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return crate::model::gguf::load_gguf(dir, device);
+    }
     if !dir.is_dir() {
         return Err(err(
             dir,

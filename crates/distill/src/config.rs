@@ -250,7 +250,9 @@ impl TrainSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TeacherConfig {
-    /// Load the teacher from this checkpoint directory instead of training it.
+    /// Load the teacher from this checkpoint directory (ours or a Hugging Face Llama /
+    /// Qwen2 folder) or GGUF file (`*.gguf`, e.g. from scripts/fetch-teacher.sh) instead
+    /// of training it.
     pub checkpoint: Option<PathBuf>,
     /// Or from the Hugging Face Hub: `ORG/NAME`, resolved through the Hub cache
     /// (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only).

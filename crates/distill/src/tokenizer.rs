@@ -67,6 +67,21 @@ impl Tokenizer {
         })
     }
 
+    /// Wraps a `tokenizers::Tokenizer` built elsewhere (e.g. from GGUF metadata,
+    /// `model::gguf`) with the special-token ids its source declares, each
+    /// checked to be in the vocabulary.
+    pub fn from_parts(inner: tokenizers::Tokenizer, bos: u32, eos: u32, pad: u32) -> Result<Self> {
+        for (what, id) in [("bos", bos), ("eos", eos), ("pad", pad)] {
+            if inner.id_to_token(id).is_none() {
+                return Err(Error::Tokenizer(format!(
+                    "{what} token id {id} is not in the vocabulary of {} tokens",
+                    inner.get_vocab_size(true)
+                )));
+            }
+        }
+        Ok(Self { inner, bos, eos, pad })
+    }
+
     fn wrap(inner: tokenizers::Tokenizer) -> std::result::Result<Self, String> {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eos = find(EOS_ALIASES).ok_or_else(|| format!("no end-of-sequence token (looked for {EOS_ALIASES:?})"))?;
