@@ -65,10 +65,10 @@ for round in $(seq 1 "$ROUNDS"); do
     # The plain-candle reference takes seconds and GB; once, in the first round, is enough.
     ref=0
     [ "$round" -eq 1 ] && ref=1
-    env -u GLIBC_TUNABLES "$EXE" "${ARGS[@]}" --ref-reps "$ref" | tee /dev/stderr | grep '^{' >>"$RESULTS"
-    GLIBC_TUNABLES=$TUNED "$EXE" "${ARGS[@]}" --ref-reps 0 | tee /dev/stderr | grep '^{' >>"$RESULTS"
+    env -u GLIBC_TUNABLES "$EXE" "${ARGS[@]}" --ref-reps "$ref" | tee -a /dev/stderr | grep '^{' >>"$RESULTS"
+    GLIBC_TUNABLES=$TUNED "$EXE" "${ARGS[@]}" --ref-reps 0 | tee -a /dev/stderr | grep '^{' >>"$RESULTS"
     "$PYTHON" scripts/bench_kd_pytorch.py "${ARGS[@]}" --cold-runs "$COLD_RUNS" |
-        tee /dev/stderr | grep '^{' >>"$RESULTS"
+        tee -a /dev/stderr | grep '^{' >>"$RESULTS"
 done
 
 "$PYTHON" - "$RESULTS" <<'EOF'
