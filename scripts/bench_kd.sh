@@ -60,15 +60,24 @@ RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
 ARGS=(--n "$N" --v "$V" --t "$T" --reps "$REPS" --warmup "$WARMUP")
 
+# Shows each run's output on stderr as it comes and keeps its JSON lines. Writing to the
+# inherited descriptor (not reopening /dev/stderr) keeps one file offset when stderr is a file.
+keep() {
+    local line
+    while IFS= read -r line; do
+        printf '%s\n' "$line" >&2
+        case $line in '{'*) printf '%s\n' "$line" >>"$RESULTS" ;; esac
+    done
+}
+
 for round in $(seq 1 "$ROUNDS"); do
     echo "== round $round of $ROUNDS" >&2
     # The plain-candle reference takes seconds and GB; once, in the first round, is enough.
     ref=0
     [ "$round" -eq 1 ] && ref=1
-    env -u GLIBC_TUNABLES "$EXE" "${ARGS[@]}" --ref-reps "$ref" | tee -a /dev/stderr | grep '^{' >>"$RESULTS"
-    GLIBC_TUNABLES=$TUNED "$EXE" "${ARGS[@]}" --ref-reps 0 | tee -a /dev/stderr | grep '^{' >>"$RESULTS"
-    "$PYTHON" scripts/bench_kd_pytorch.py "${ARGS[@]}" --cold-runs "$COLD_RUNS" |
-        tee -a /dev/stderr | grep '^{' >>"$RESULTS"
+    env -u GLIBC_TUNABLES "$EXE" "${ARGS[@]}" --ref-reps "$ref" | keep
+    GLIBC_TUNABLES=$TUNED "$EXE" "${ARGS[@]}" --ref-reps 0 | keep
+    "$PYTHON" scripts/bench_kd_pytorch.py "${ARGS[@]}" --cold-runs "$COLD_RUNS" | keep
 done
 
 "$PYTHON" - "$RESULTS" <<'EOF'
