@@ -136,15 +136,22 @@ impl fmt::Display for Divergence {
     }
 }
 
+/// The temperature every divergence op needs: finite and > 0.
+pub(crate) fn check_temperature(temperature: f64) -> Result<()> {
+    if temperature.is_finite() && temperature > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "distillation temperature must be a finite number > 0, got {temperature}"
+        )))
+    }
+}
+
 /// Checks what both implementations need: same shapes with a non-empty last
 /// dimension, a finite temperature > 0, parameters in range.
 pub(crate) fn check_inputs(student: &Tensor, teacher: &Tensor, d: Divergence, temperature: f64) -> Result<()> {
     d.validate()?;
-    if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(Error::Invalid(format!(
-            "distillation temperature must be a finite number > 0, got {temperature}"
-        )));
-    }
+    check_temperature(temperature)?;
     if student.dims() != teacher.dims() {
         return Err(Error::Invalid(format!(
             "distillation divergence: student logits {:?} and teacher logits {:?} must have the same shape \
@@ -237,11 +244,7 @@ pub fn top_k_divergence_rows_reference(
         log_probs: log_probs.clone(),
     };
     crate::loss::topk::check_top_k_shapes(student, &top)?;
-    if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(Error::Invalid(format!(
-            "distillation temperature must be a finite number > 0, got {temperature}"
-        )));
-    }
+    check_temperature(temperature)?;
     let (n, v) = student.dims2()?;
     let idx = indices.to_dtype(DType::U32)?.contiguous()?; // (N, k)
     let lq = log_softmax(&(student.to_dtype(DType::F32)? / temperature)?)?; // (N, V)

@@ -36,7 +36,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::family::Divergence;
+use super::family::{check_temperature, Divergence};
 use super::fused::{
     backward_row, check_cpu, check_rows, exp_f32, f32_slice, float_input, forward_row, ld, min_rows, no_kernel,
     rows_and_vocab, u32_slice, with_float_slice, Kernel, LogNorm,
@@ -125,16 +125,6 @@ pub fn top_k_divergence_rows(student: &Tensor, teacher: &TopK, d: Divergence, te
         temperature,
     };
     Ok(student.apply_op3(&indices, &log_probs, op)?) // (N,)
-}
-
-fn check_temperature(temperature: f64) -> Result<()> {
-    if temperature.is_finite() && temperature > 0.0 {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!(
-            "distillation temperature must be a finite number > 0, got {temperature}"
-        )))
-    }
 }
 
 pub(crate) fn check_top_k_shapes(student: &Tensor, teacher: &TopK) -> Result<()> {
