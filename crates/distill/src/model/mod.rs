@@ -1,5 +1,7 @@
 //! Models: a trainable Llama-family decoder with Hugging Face tensor names.
 
+pub mod attention;
+pub mod fused;
 pub mod gguf;
 pub mod llama;
 

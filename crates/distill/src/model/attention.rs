@@ -1,0 +1,1 @@
+//! Fused causal self-attention for the CPU training path (issue 9); being written.

@@ -1,0 +1,1 @@
+//! Fused CPU kernels for the transformer's hot ops (issue 9); being written.
