@@ -266,7 +266,7 @@ pub(super) fn rows_and_vocab(layout: &Layout) -> (Shape, usize) {
 }
 
 /// The contiguous part of a storage that a layout covers.
-pub(super) fn contiguous_slice<'a, E>(
+pub(crate) fn contiguous_slice<'a, E>(
     data: &'a [E],
     layout: &Layout,
     op: &'static str,
@@ -304,7 +304,7 @@ macro_rules! with_float_slice {
 }
 pub(super) use with_float_slice;
 
-pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> candle_core::Result<&'a [f32]> {
     match s {
         CpuStorage::F32(data) => contiguous_slice(data, l, op),
         other => Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op).bt()),
@@ -632,7 +632,7 @@ pub(super) fn ld<E: WithDType>(x: E) -> f32 {
 /// returns exactly 0, so `exp(-inf) = 0` and the `0 log 0` guards see a true zero; above
 /// 88 it returns +inf (our arguments are <= 0 up to rounding); NaN stays NaN.
 #[inline(always)]
-pub(super) fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4; // ln 2 split so that n * LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4;
