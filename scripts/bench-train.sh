@@ -14,6 +14,8 @@
 #   PYTHON=~/venvs/bench/bin/python R=5 THREADS=2 STEPS=10 scripts/bench-train.sh
 # PYTHON: an interpreter that can `import torch` (default python3), e.g. a venv made with
 #   python3 -m venv ~/venvs/bench && ~/venvs/bench/bin/pip install torch
+# PLAIN=1 also runs distill with KERNELS=plain (plain candle ops, the path before the fused
+#   kernels) in each round, as a fourth row.
 # R: rounds (default 3). THREADS: RAYON_NUM_THREADS for distill and torch.set_num_threads
 #   for PyTorch (default 2). STEPS / WARMUP: timed / untimed steps per run (default 10 / 2).
 # ALLOC: "tuned" (default) runs every process with
@@ -64,8 +66,10 @@ run() {
 }
 
 echo "threads $THREADS, $STEPS timed steps after $WARMUP warm-up, $R rounds, allocator: glibc $ALLOC" >&2
+PLAIN=${PLAIN:-0}
 for round in $(seq 1 "$R"); do
-    run "$round" distill "$EXE"
+    run "$round" distill env KERNELS=fused "$EXE"
+    if [ "$PLAIN" = 1 ]; then run "$round" distill-plain env KERNELS=plain "$EXE"; fi
     run "$round" pytorch-matmul "$PYTHON" scripts/bench_train_pytorch.py --threads "$THREADS" --attn matmul
     run "$round" pytorch-sdpa "$PYTHON" scripts/bench_train_pytorch.py --threads "$THREADS" --attn sdpa
 done
@@ -81,8 +85,11 @@ for line in open(sys.argv[1]):
         k, v = kv.split("=", 1)
         r[k] = float(v)
     rows.append(r)
-impls = ["distill", "pytorch-matmul", "pytorch-sdpa"]
+impls = ["distill", "distill-plain", "pytorch-matmul", "pytorch-sdpa"]
 by = {i: [r for r in rows if r["impl"] == i] for i in impls}
+if not by["distill-plain"]:
+    impls.remove("distill-plain")
+    del by["distill-plain"]
 if any(not v for v in by.values()):
     sys.exit("missing RESULT lines: " + ", ".join(i for i, v in by.items() if not v))
 med = lambda i, k: statistics.median(r[k] for r in by[i])

@@ -203,6 +203,10 @@ struct RunArgs {
     /// Compute precision: auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16; overrides [run] dtype.
     #[arg(long)]
     dtype: Option<String>,
+    /// fused (default: fused CPU kernels for RMSNorm, rope, attention and SwiGLU) or plain
+    /// (plain candle ops, for checking); overrides [run] kernels.
+    #[arg(long)]
+    kernels: Option<String>,
     /// Overrides [run] name (the run directory is <out_dir>/<name>).
     #[arg(long)]
     name: Option<String>,
@@ -263,6 +267,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(d) = args.dtype {
         distill::config::parse_dtype(&d)?;
         cfg.run.dtype = d;
+    }
+    if let Some(k) = args.kernels {
+        cfg.run.kernels = k;
+        cfg.kernels()?;
     }
     if let Some(n) = args.name {
         cfg.set_run_name(&n)?;

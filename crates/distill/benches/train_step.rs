@@ -29,8 +29,11 @@
 //! ```
 //!
 //! Environment: STEPS (timed steps, default 10), WARMUP (default 2), BATCH (8),
-//! SEQ (256), SEED (0), PEAK_SIZE (side of the matmul probe, 2048; 0 skips it).
-//! The last line is machine-readable: `RESULT distill tokens_per_s=... step_ms=...`.
+//! SEQ (256), SEED (0), PEAK_SIZE (side of the matmul probe, 2048; 0 skips it),
+//! KERNELS ("fused", the default training path: the fused CPU kernels of
+//! `model::fused` and `model::attention`; or "plain": plain candle ops, the path before
+//! them). The last line is machine-readable: `RESULT distill tokens_per_s=...` (or
+//! `RESULT distill-plain ...`).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -38,7 +41,9 @@ use std::time::Instant;
 use distill::candle::{Device, Tensor};
 use distill::config::{ModelSpec, TrainSpec};
 use distill::data::batch::{make_batch, Encoded};
+use distill::loss::fused_head::{fused_linear_distill_loss, HeadTeacher};
 use distill::loss::{distill_loss_with, Divergence};
+use distill::model::fused::Kernels;
 use distill::model::{Llama, ModelConfig};
 use distill::optim::{clip_grad_norm, lr_at, AdamW};
 use distill::peak::measure_cpu_peak;
@@ -95,23 +100,46 @@ impl StepTimes {
 
 /// One iteration of `train::train`'s loop body, stripped of what does not run for a
 /// single rank without a teacher (see the file header).
-fn train_step(model: &Llama, opt: &mut AdamW, spec: &TrainSpec, step: usize, examples: &[&Encoded]) -> Res<StepTimes> {
+fn train_step(
+    model: &Llama,
+    opt: &mut AdamW,
+    spec: &TrainSpec,
+    step: usize,
+    examples: &[&Encoded],
+    fused_head: bool,
+) -> Res<StepTimes> {
     let params = model.params();
     let t0 = Instant::now();
     let lr = lr_at(spec, step);
     let denom: usize = examples.iter().map(|e| e.loss_tokens()).sum();
     let b = make_batch(examples, 0, model.device())?;
-    let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
-    let parts = distill_loss_with(
-        &logits,
-        None,
-        &b.targets,
-        &b.mask,
-        1.0,
-        1.0,
-        denom as f64,
-        Divergence::ForwardKl,
-    )?;
+    let parts = if fused_head {
+        let hidden = model.forward_hidden(&b.inputs)?.flatten_to(1)?; // (B*T, H)
+        fused_linear_distill_loss(
+            &hidden,
+            &model.lm_head_weight()?,
+            HeadTeacher::None,
+            &b.targets,
+            &b.mask,
+            1.0,
+            1.0,
+            denom as f64,
+            Divergence::ForwardKl,
+            None,
+        )?
+    } else {
+        let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
+        distill_loss_with(
+            &logits,
+            None,
+            &b.targets,
+            &b.mask,
+            1.0,
+            1.0,
+            denom as f64,
+            Divergence::ForwardKl,
+        )?
+    };
     let loss = parts.total.to_scalar::<f32>()?;
     if !loss.is_finite() {
         return Err(format!("step {step}: non-finite loss {loss}").into());
@@ -154,6 +182,14 @@ fn main() -> Res<()> {
     let peak_size = env_usize("PEAK_SIZE", 2048)?;
     let threads = rayon::current_num_threads();
     let device = Device::Cpu;
+    let kernels_name = std::env::var("KERNELS").unwrap_or_else(|_| "fused".into());
+    let kernels = Kernels::parse(&kernels_name)
+        .ok_or_else(|| format!("KERNELS={kernels_name:?}: use {}", Kernels::NAMES))?;
+    let fused_head = match std::env::var("HEAD").as_deref() {
+        Ok("fused") | Err(_) => true,
+        Ok("logits") => false,
+        Ok(other) => return Err(format!("HEAD={other:?}: use \"fused\" or \"logits\"").into()),
+    };
 
     let spec = ModelSpec {
         hidden_size: 256,
@@ -168,7 +204,8 @@ fn main() -> Res<()> {
     };
     let vocab = 8192;
     let cfg = ModelConfig::from_spec(&spec, vocab, 1, 2, 0);
-    let model = Llama::init(cfg.clone(), spec.init_std, seed, &device)?;
+    let mut model = Llama::init(cfg.clone(), spec.init_std, seed, &device)?;
+    model.set_kernels(kernels);
     let train_spec = TrainSpec {
         steps: warmup + steps,
         batch_size: batch,
@@ -194,13 +231,14 @@ fn main() -> Res<()> {
     let train_flops = 3.0 * cfg.forward_flops_per_token(seq) * tokens;
     println!(
         "distill train step, model M1: vocab {vocab}, hidden {}, {} layers, {} heads x {}, FFN {}; \
-         batch {batch} x seq {seq} = {} tokens; f32",
+         batch {batch} x seq {seq} = {} tokens; f32; {} kernels",
         cfg.hidden_size,
         cfg.num_hidden_layers,
         cfg.num_attention_heads,
         cfg.head_dim(),
         cfg.intermediate_size,
-        batch * seq
+        batch * seq,
+        kernels.name()
     );
     println!(
         "params {} ({} in matmuls); train FLOPs/step {:.3e} (3 x forward, attention included); \
@@ -218,7 +256,7 @@ fn main() -> Res<()> {
     let mut timed = Vec::with_capacity(steps);
     for (i, examples) in data.iter().enumerate() {
         let items: Vec<&Encoded> = examples.iter().collect();
-        let s = train_step(&model, &mut opt, &train_spec, i, &items)?;
+        let s = train_step(&model, &mut opt, &train_spec, i, &items, fused_head)?;
         let kind = if i < warmup { "warm-up" } else { "timed" };
         println!(
             "step {:>2} ({kind:<7}) {:8.1} ms  fwd {:7.1}  bwd {:7.1}  opt {:6.1}  {:7.0} tok/s  loss {:.4}",
@@ -284,9 +322,10 @@ fn main() -> Res<()> {
     );
     println!("peak RSS (VmHWM) {rss:.0} MiB");
     println!(
-        "RESULT distill tokens_per_s={tok_s:.1} step_ms={:.2} min_ms={:.2} max_ms={:.2} fwd_ms={:.2} \
+        "RESULT {} tokens_per_s={tok_s:.1} step_ms={:.2} min_ms={:.2} max_ms={:.2} fwd_ms={:.2} \
          bwd_ms={:.2} opt_ms={:.2} mfu={mfu:.4} peak_gflops={peak_gflops:.1} peak_rss_mb={rss:.1} \
          threads={threads} steps={steps}",
+        if kernels == Kernels::Plain { "distill-plain" } else { "distill" },
         step_s * 1e3,
         min_s * 1e3,
         max_s * 1e3,

@@ -48,6 +48,12 @@ pub struct RunConfig {
     /// optimizer state, norms, softmax and the loss stay f32; a teacher that is only run
     /// (loaded, or once trained) is stored in it. The `--dtype` flag overrides it.
     pub dtype: String,
+    /// "fused" (default): RMSNorm, rope, causal attention and SwiGLU run as fused CPU
+    /// kernels with hand-written backward where the device is the CPU and the compute
+    /// dtype f32 (`model::fused`, `model::attention`); "plain": plain candle ops
+    /// everywhere, the reference the kernels are tested against. The `--kernels` flag
+    /// overrides it.
+    pub kernels: String,
 }
 
 impl Default for RunConfig {
@@ -59,6 +65,7 @@ impl Default for RunConfig {
             device: "cpu".into(),
             keep_checkpoints: 2,
             dtype: "auto".into(),
+            kernels: "fused".into(),
         }
     }
 }
@@ -519,6 +526,17 @@ pub fn parse_dtype(s: &str) -> Result<Option<candle_core::DType>> {
 }
 
 impl Config {
+    /// `[run] kernels`, checked.
+    pub fn kernels(&self) -> Result<crate::model::fused::Kernels> {
+        crate::model::fused::Kernels::parse(&self.run.kernels).ok_or_else(|| {
+            Error::Invalid(format!(
+                "kernels {:?}: use {}",
+                self.run.kernels,
+                crate::model::fused::Kernels::NAMES
+            ))
+        })
+    }
+
     /// The compute dtype on `device`: `[run] dtype`, with "auto" meaning bf16 on CUDA
     /// (tensor cores) and f32 on CPU (candle's CPU matmul widens bf16 to f32 anyway).
     pub fn compute_dtype(&self, device: &candle_core::Device) -> Result<candle_core::DType> {
@@ -601,6 +619,12 @@ impl Config {
             "run.dtype",
             "must be \"auto\", \"f32\", \"bf16\" or \"f16\"",
             &r.dtype,
+        );
+        v.check(
+            crate::model::fused::Kernels::parse(&r.kernels).is_some(),
+            "run.kernels",
+            &format!("must be {}", crate::model::fused::Kernels::NAMES),
+            &r.kernels,
         );
         v.check(
             crate::device::parse_device_name(&r.device).is_ok(),

@@ -154,6 +154,7 @@ fn run_on(
     let dev = dev.clone();
     let info = device::describe(&dev);
     let dtype = cfg.compute_dtype(&dev)?;
+    let kernels = cfg.kernels()?;
     let (root, world) = (comm.is_root(), comm.world());
     let resume = opts.resume;
     if resume && !cfg.run_dir().join("config.toml").is_file() {
@@ -370,6 +371,7 @@ fn run_on(
         save: &save_to,
         comm,
         dtype,
+        kernels,
     };
 
     // Stage: teacher.
@@ -412,7 +414,8 @@ fn run_on(
         }
         Some(model)
     };
-    let teacher = frozen(teacher, dtype)?;
+    let mut teacher = frozen(teacher, dtype)?;
+    teacher.set_kernels(kernels);
 
     // The student stages: which models, on which data, with or without the teacher.
     // Pruned students fix the architecture of all of them.
@@ -726,6 +729,8 @@ struct StageEnv<'a> {
     comm: &'a dyn Collective,
     /// Compute dtype of the trained models (f32 master weights).
     dtype: candle_core::DType,
+    /// Fused CPU kernels or plain ops (`[run] kernels`).
+    kernels: crate::model::fused::Kernels,
 }
 
 /// What one training stage learns from.
@@ -774,6 +779,7 @@ fn train_stage(
             if state.stage == name && state.step == state.total_steps {
                 let (mut model, _) = checkpoint::load(&dir, env.dev)?;
                 model.set_compute_dtype(env.dtype)?;
+                model.set_kernels(env.kernels);
                 if !ledger.completed(name) {
                     // Killed after the final checkpoint, before its ledger line.
                     ledger.record(StageCost::new(
@@ -811,6 +817,7 @@ fn train_stage(
         None => init()?,
     };
     model.set_compute_dtype(env.dtype)?;
+    model.set_kernels(env.kernels);
     if env.comm.world() > 1 {
         same_on_every_rank(env.comm, &format!("{name} initial weights"), &weights_id(&model)?)?;
     }
@@ -1340,6 +1347,7 @@ pub fn eval_checkpoint(dir: &Path, config: Option<&Config>, device: &Device) -> 
     };
     let mut model = model;
     model.set_compute_dtype(cfg.compute_dtype(device)?)?;
+    model.set_kernels(cfg.kernels()?);
     let splits = data::load(&cfg.data, cfg.run.seed)?;
     let (eval_enc, _) = batch::encode(&tok, &splits.eval, cfg.data.seq_len)?;
     let name = dir

@@ -21,6 +21,10 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
+// The plain building blocks of `Llama`'s forward, so that `probe_forward` computes
+// exactly what `Llama::forward` does with `Kernels::Plain`.
+use crate::model::fused::rms_norm_plain as rms_norm;
+use crate::model::llama::{linear, repeat_kv, rope, softmax_last};
 use crate::model::{Llama, ModelConfig};
 
 /// Keeps the decoder layers `keep_layers` of `teacher` (strictly increasing
@@ -338,51 +342,6 @@ fn probe_forward(w: &Weights, ids: &Tensor, mut acc: Option<&mut Accum>) -> Resu
     linear(&x, w.get(head)?, None) // (B, T, V)
 }
 
-// The building blocks below repeat `model/llama.rs` (private there) so that
-// `probe_forward` computes exactly what `Llama::forward` does.
-
-/// x (B, T, in) @ w^T (in, out) + b -> (B, T, out)
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (bs, t, i) = x.dims3()?;
-    let o = w.dim(0)?;
-    let y = x.reshape((bs * t, i))?.matmul(&w.t()?)?.reshape((bs, t, o))?;
-    Ok(match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
-}
-
-/// x / sqrt(mean(x^2) + eps) * w
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (B, T, 1)
-    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
-}
-
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-/// Rotary embedding, rotate-half form: x (B, H, T, D).
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?; // (T, D)
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
-}
-
-/// (B, H_kv, S, D) -> (B, H_kv * n, S, D): kv head j serves query heads j*n .. j*n + n.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, hkv, s, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, hkv, n, s, d))?.reshape((b, hkv * n, s, d))?)
-}
 
 /// Additive causal mask, (T, T).
 fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {

@@ -1,5 +1,5 @@
-//! Fused CPU kernels for the transformer's elementwise hot ops, each a candle
-//! `CustomOp` with a hand-written backward (issue 9): RMSNorm, SwiGLU and the rotary
+//! Fused CPU kernels for the transformer's hot ops, each a candle `CustomOp` with a
+//! hand-written backward (issue 9): the linear layer, RMSNorm, SwiGLU and the rotary
 //! embedding. Causal attention lives in `model::attention`.
 //!
 //! Built from plain candle ops, RMSNorm is six ops and rope eleven, each a pass over
@@ -128,6 +128,168 @@ fn sum_prod3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 }
 
 // ---------------------------------------------------------------------------
+// Linear
+// ---------------------------------------------------------------------------
+
+/// x (..., in) @ w^T, w (out, in) -> (..., out), f32 on the CPU, as one op.
+///
+/// The plain composition is four graph nodes (reshape, transpose, matmul, reshape),
+/// each with its own gradient buffer and `GradStore` addition, and leaves w's gradient
+/// as a transposed view that clipping and the optimizer then read with strides. Here
+/// both backward products are single `gemm` calls with the strides they need, and
+/// dw comes out contiguous in w's own layout.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    check_input(x, "linear")?;
+    check_input(w, "linear")?;
+    let (_, i) = w.dims2()?;
+    if x.dim(D::Minus1)? != i {
+        return Err(Error::Invalid(format!(
+            "linear: input {:?} does not end in the weight's {i} input features (weight {:?})",
+            x.dims(),
+            w.dims()
+        )));
+    }
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)?)
+}
+
+/// The plain composition: x @ w^T over the flattened leading dimensions.
+pub fn linear_plain(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let i = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / i.max(1);
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().unwrap_or(&mut 0) = w.dim(0)?;
+    Ok(x.reshape((rows, i))?.matmul(&w.t()?)?.reshape(out_shape)?)
+}
+
+/// dst (m, n) = lhs (m, k) @ rhs (k, n), every operand given by its row and column
+/// strides, on the rayon pool (gemm splits the output, never k, so the result does not
+/// depend on the thread count).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) -> candle_core::Result<()> {
+    // The last element each operand's strides reach must lie inside its slice.
+    let reach = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    if reach(m, n, dst_rs, dst_cs) > dst.len() || reach(m, k, lhs_rs, lhs_cs) > lhs.len() || reach(k, n, rhs_rs, rhs_cs) > rhs.len() {
+        return Err(op_err("distill-linear", "gemm operands are smaller than their shapes"));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        dst.iter_mut().for_each(|v| *v = 0.0);
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three operands are live slices that every (row, column) the strides
+    // address lies within (checked above); dst is exclusively borrowed and does not
+    // alias lhs or rhs; read_dst is false, so dst's old contents are not read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+/// y (n, o) = x (n, i) @ w^T, w (o, i).
+pub(crate) fn linear_fwd(x: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)) -> candle_core::Result<Vec<f32>> {
+    let mut y = vec![0f32; n * o];
+    // w^T's (k, j) element is w[j * i + k].
+    gemm_f32((n, o, i), &mut y, (o, 1), x, (i, 1), w, (1, i))?;
+    Ok(y)
+}
+
+/// dx (n, i) = g (n, o) @ w (o, i).
+pub(crate) fn linear_bwd_input(g: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)) -> candle_core::Result<Vec<f32>> {
+    let mut dx = vec![0f32; n * i];
+    gemm_f32((n, i, o), &mut dx, (i, 1), g, (o, 1), w, (i, 1))?;
+    Ok(dx)
+}
+
+/// dw (o, i) = g^T (o, n) @ x (n, i); g^T's (a, r) element is g[r * o + a].
+pub(crate) fn linear_bwd_weight(g: &[f32], x: &[f32], (n, o, i): (usize, usize, usize)) -> candle_core::Result<Vec<f32>> {
+    let mut dw = vec![0f32; o * i];
+    gemm_f32((o, i, n), &mut dw, (i, 1), g, (1, o), x, (i, 1))?;
+    Ok(dw)
+}
+
+struct LinearOp;
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "distill-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, self.name())?;
+        let w = f32_slice(ws, wl, self.name())?;
+        let (o, i) = wl.shape().dims2()?;
+        let n = x.len() / i.max(1);
+        let y = linear_fwd(x, w, (n, o, i))?;
+        let mut dims = xl.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = o;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = self.name();
+        let (o, i) = w.dims2()?;
+        let n = x.elem_count() / i.max(1);
+        let dx = if x.track_op() {
+            let dx = with_cpu_f32(g, op, |g| with_cpu_f32(w, op, |w| linear_bwd_input(g, w, (n, o, i))))???;
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let dw = with_cpu_f32(g, op, |g| with_cpu_f32(x, op, |x| linear_bwd_weight(g, x, (n, o, i))))???;
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+// ---------------------------------------------------------------------------
 // RMSNorm
 // ---------------------------------------------------------------------------
 
@@ -166,6 +328,56 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (sum_sq(row) / row.len() as f32 + eps).sqrt()
 }
 
+/// RMSNorm of rows of w.len() elements.
+pub(crate) fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut y = vec![0f32; x.len()];
+    let chunk = task_rows(d) * d;
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+            let r = inv_rms(xr, eps);
+            for ((o, &xi), &wi) in yr.iter_mut().zip(xr).zip(w) {
+                *o = xi * r * wi;
+            }
+        }
+    });
+    y
+}
+
+/// (dx, dw) of RMSNorm for the output gradient g. Each row's 1/rms is recomputed from x.
+pub(crate) fn rms_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    let chunk_rows = task_rows(d);
+    // y_i = x_i r w_i with r = (mean(x^2) + eps)^-1/2, so with gw_i = g_i w_i:
+    //   dx_i = r gw_i - x_i r^3 / d * sum_j gw_j x_j,   dw_i = sum_rows g_i x_i r.
+    let mut dx = vec![0f32; x.len()];
+    let partial_dw: Vec<Vec<f32>> = dx
+        .par_chunks_mut(chunk_rows * d)
+        .zip(x.par_chunks(chunk_rows * d))
+        .zip(g.par_chunks(chunk_rows * d))
+        .map(|((dxc, xc), gc)| {
+            let mut dw = vec![0f32; d];
+            for ((dxr, xr), gr) in dxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
+                let r = inv_rms(xr, eps);
+                let c = sum_prod3(gr, w, xr) * r * r * r / d as f32;
+                for i in 0..d {
+                    dxr[i] = r * gr[i] * w[i] - xr[i] * c;
+                    dw[i] += gr[i] * xr[i] * r;
+                }
+            }
+            dw
+        })
+        .collect();
+    // Chunk partials added in chunk order: deterministic.
+    let mut dw = vec![0f32; d];
+    for p in &partial_dw {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    (dx, dw)
+}
+
 impl CustomOp2 for RmsNormOp {
     fn name(&self) -> &'static str {
         "distill-rms-norm"
@@ -178,57 +390,13 @@ impl CustomOp2 for RmsNormOp {
         if d == 0 || x.len() % d != 0 {
             return Err(op_err(self.name(), format!("{} elements are not rows of {d}", x.len())));
         }
-        let mut y = vec![0f32; x.len()];
-        let chunk = task_rows(d) * d;
-        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let r = inv_rms(xr, self.eps);
-                for ((o, &xi), &wi) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = xi * r * wi;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        Ok((CpuStorage::F32(rms_norm_fwd(x, w, self.eps)), xl.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let op = self.name();
-        let d = w.elem_count();
-        let chunk_rows = task_rows(d);
-        // y_i = x_i r w_i with r = (mean(x^2) + eps)^-1/2, so with gw_i = g_i w_i:
-        //   dx_i = r gw_i - x_i r^3 / d * sum_j gw_j x_j,   dw_i = sum_rows g_i x_i r.
-        let (dx, dw) = with_cpu_f32(x, op, |x| {
-            with_cpu_f32(w, op, |w| {
-                with_cpu_f32(g, op, |g| {
-                    let mut dx = vec![0f32; x.len()];
-                    let partial_dw: Vec<Vec<f32>> = dx
-                        .par_chunks_mut(chunk_rows * d)
-                        .zip(x.par_chunks(chunk_rows * d))
-                        .zip(g.par_chunks(chunk_rows * d))
-                        .map(|((dxc, xc), gc)| {
-                            let mut dw = vec![0f32; d];
-                            for ((dxr, xr), gr) in dxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
-                                let r = inv_rms(xr, self.eps);
-                                let c = sum_prod3(gr, w, xr) * r * r * r / d as f32;
-                                for i in 0..d {
-                                    dxr[i] = r * gr[i] * w[i] - xr[i] * c;
-                                    dw[i] += gr[i] * xr[i] * r;
-                                }
-                            }
-                            dw
-                        })
-                        .collect();
-                    // Chunk partials added in chunk order: deterministic.
-                    let mut dw = vec![0f32; d];
-                    for p in &partial_dw {
-                        for (a, b) in dw.iter_mut().zip(p) {
-                            *a += b;
-                        }
-                    }
-                    (dx, dw)
-                })
-            })
-        })???;
+        let (dx, dw) =
+            with_cpu_f32(x, op, |x| with_cpu_f32(w, op, |w| with_cpu_f32(g, op, |g| rms_norm_bwd(x, w, g, self.eps))))???;
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
         Ok((x.track_op().then_some(dx), w.track_op().then_some(dw)))
@@ -266,6 +434,38 @@ fn sigmoid(g: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-g))
 }
 
+/// silu(g) * u, elementwise.
+pub(crate) fn swiglu_fwd(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; g.len()];
+    y.par_chunks_mut(TASK_ELEMS)
+        .zip(g.par_chunks(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)))
+        .for_each(|(yc, (gc, uc))| {
+            for ((o, &gi), &ui) in yc.iter_mut().zip(gc).zip(uc) {
+                *o = gi * sigmoid(gi) * ui;
+            }
+        });
+    y
+}
+
+/// (dgate, dup) of silu(g) * u for the output gradient dy.
+pub(crate) fn swiglu_bwd(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    // With s = sigmoid(g): d silu / dg = s (1 + g (1 - s)).
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    dg.par_chunks_mut(TASK_ELEMS)
+        .zip(du.par_chunks_mut(TASK_ELEMS))
+        .zip(g.par_chunks(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)))
+        .zip(dy.par_chunks(TASK_ELEMS))
+        .for_each(|(((dgc, duc), (gc, uc)), dyc)| {
+            for i in 0..gc.len() {
+                let (gi, s) = (gc[i], sigmoid(gc[i]));
+                dgc[i] = dyc[i] * uc[i] * s * (1.0 + gi * (1.0 - s));
+                duc[i] = dyc[i] * gi * s;
+            }
+        });
+    (dg, du)
+}
+
 impl CustomOp2 for SwiGluOp {
     fn name(&self) -> &'static str {
         "distill-swiglu"
@@ -277,40 +477,12 @@ impl CustomOp2 for SwiGluOp {
         if g.len() != u.len() {
             return Err(op_err(self.name(), "gate and up differ in length"));
         }
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(TASK_ELEMS)
-            .zip(g.par_chunks(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)))
-            .for_each(|(yc, (gc, uc))| {
-                for ((o, &gi), &ui) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = gi * sigmoid(gi) * ui;
-                }
-            });
-        Ok((CpuStorage::F32(y), gl.shape().clone()))
+        Ok((CpuStorage::F32(swiglu_fwd(g, u)), gl.shape().clone()))
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let op = self.name();
-        // With s = sigmoid(g): d silu / dg = s (1 + g (1 - s)).
-        let (dg, du) = with_cpu_f32(gate, op, |g| {
-            with_cpu_f32(up, op, |u| {
-                with_cpu_f32(dy, op, |dy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
-                    dg.par_chunks_mut(TASK_ELEMS)
-                        .zip(du.par_chunks_mut(TASK_ELEMS))
-                        .zip(g.par_chunks(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)))
-                        .zip(dy.par_chunks(TASK_ELEMS))
-                        .for_each(|(((dgc, duc), (gc, uc)), dyc)| {
-                            for i in 0..gc.len() {
-                                let (gi, s) = (gc[i], sigmoid(gc[i]));
-                                dgc[i] = dyc[i] * uc[i] * s * (1.0 + gi * (1.0 - s));
-                                duc[i] = dyc[i] * gi * s;
-                            }
-                        });
-                    (dg, du)
-                })
-            })
-        })???;
+        let (dg, du) = with_cpu_f32(gate, op, |g| with_cpu_f32(up, op, |u| with_cpu_f32(dy, op, |dy| swiglu_bwd(g, u, dy))))???;
         let dg = Tensor::from_vec(dg, gate.shape(), gate.device())?;
         let du = Tensor::from_vec(du, up.shape(), up.device())?;
         Ok((gate.track_op().then_some(dg), up.track_op().then_some(du)))
@@ -367,6 +539,36 @@ struct RopeOp {
     inverse: bool,
 }
 
+/// Rotates x (B, T, H, D) by the angles of cos/sin (T, D/2); by minus them when
+/// `inverse` (the backward).
+pub(crate) fn rope_fwd(x: &[f32], (t, h, hd): (usize, usize, usize), cos: &[f32], sin: &[f32], inverse: bool) -> Vec<f32> {
+    let half = hd / 2;
+    let sign = if inverse { -1.0f32 } else { 1.0 };
+    let row = h * hd; // one position of one sequence: (H, D)
+    let mut y = vec![0f32; x.len()];
+    let rows_per_task = task_rows(row);
+    y.par_chunks_mut(rows_per_task * row)
+        .zip(x.par_chunks(rows_per_task * row))
+        .enumerate()
+        .for_each(|(task, (yc, xc))| {
+            for (r, (yr, xr)) in yc.chunks_exact_mut(row).zip(xc.chunks_exact(row)).enumerate() {
+                let pos = (task * rows_per_task + r) % t;
+                let cos = &cos[pos * half..(pos + 1) * half];
+                let sin = &sin[pos * half..(pos + 1) * half];
+                for (yh, xh) in yr.chunks_exact_mut(hd).zip(xr.chunks_exact(hd)) {
+                    let (x1, x2) = xh.split_at(half);
+                    let (y1, y2) = yh.split_at_mut(half);
+                    for i in 0..half {
+                        let sn = sign * sin[i];
+                        y1[i] = x1[i] * cos[i] - x2[i] * sn;
+                        y2[i] = x2[i] * cos[i] + x1[i] * sn;
+                    }
+                }
+            }
+        });
+    y
+}
+
 impl CustomOp1 for RopeOp {
     fn name(&self) -> &'static str {
         "distill-rope"
@@ -374,35 +576,11 @@ impl CustomOp1 for RopeOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
-        let (b, t, h, hd) = l.shape().dims4()?;
-        let half = hd / 2;
-        if self.cos.len() != t * half || self.sin.len() != t * half {
+        let (_, t, h, hd) = l.shape().dims4()?;
+        if self.cos.len() != t * (hd / 2) || self.sin.len() != t * (hd / 2) {
             return Err(op_err(self.name(), "cos/sin tables do not match the input"));
         }
-        let sign = if self.inverse { -1.0f32 } else { 1.0 };
-        let row = h * hd; // one position of one sequence: (H, D)
-        let mut y = vec![0f32; x.len()];
-        let rows_per_task = task_rows(row);
-        y.par_chunks_mut(rows_per_task * row)
-            .zip(x.par_chunks(rows_per_task * row))
-            .enumerate()
-            .for_each(|(task, (yc, xc))| {
-                for (r, (yr, xr)) in yc.chunks_exact_mut(row).zip(xc.chunks_exact(row)).enumerate() {
-                    let pos = (task * rows_per_task + r) % t;
-                    let cos = &self.cos[pos * half..(pos + 1) * half];
-                    let sin = &self.sin[pos * half..(pos + 1) * half];
-                    for (yh, xh) in yr.chunks_exact_mut(hd).zip(xr.chunks_exact(hd)) {
-                        let (x1, x2) = xh.split_at(half);
-                        let (y1, y2) = yh.split_at_mut(half);
-                        for i in 0..half {
-                            let sn = sign * sin[i];
-                            y1[i] = x1[i] * cos[i] - x2[i] * sn;
-                            y2[i] = x2[i] * cos[i] + x1[i] * sn;
-                        }
-                    }
-                }
-            });
-        debug_assert_eq!(x.len(), b * t * row);
+        let y = rope_fwd(x, (t, h, hd), &self.cos, &self.sin, self.inverse);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -504,6 +682,19 @@ mod tests {
     }
 
     #[test]
+    fn linear_matches_the_plain_ops_in_values_and_gradients() -> Result<()> {
+        for (i, (xs, o)) in [(vec![3usize, 5, 16], 7usize), (vec![64, 33], 65), (vec![2, 1, 1], 1), (vec![4, 300, 24], 40)]
+            .into_iter()
+            .enumerate()
+        {
+            let x = randn(&xs, 3.0, i as u64)?;
+            let w = randn(&[o, *xs.last().unwrap()], 0.5, 30 + i as u64)?;
+            parity(&[x, w], |t| linear(&t[0], &t[1]), |t| linear_plain(&t[0], &t[1]), 1e-5)?;
+        }
+        Ok(())
+    }
+
+    #[test]
     fn results_do_not_depend_on_the_thread_count() -> Result<()> {
         let run = |threads: usize| -> Result<Vec<Vec<f32>>> {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -518,12 +709,15 @@ mod tests {
                 let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)?;
                 let y = rope(&y, &ang.cos()?, &ang.sin()?)?;
                 let y = swiglu(&y, &u)?;
+                let lw = Var::from_tensor(&randn(&[96, 64], 1.0, 5)?)?;
+                let y = linear(&y, lw.as_tensor())?;
                 let g = y.sum_all()?.backward()?;
                 let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
                 Ok(vec![
                     flat(&y)?,
                     flat(g.get(x.as_tensor()).expect("dx"))?,
                     flat(g.get(w.as_tensor()).expect("dw"))?,
+                    flat(g.get(lw.as_tensor()).expect("linear dw"))?,
                 ])
             })
         };
@@ -573,6 +767,8 @@ mod tests {
         assert!(rms_norm(&x, &randn(&[7], 1.0, 1)?, 1e-5).is_err());
         assert!(rms_norm(&x.to_dtype(candle_core::DType::F16)?, &randn(&[8], 1.0, 1)?, 1e-5).is_err());
         assert!(swiglu(&x, &randn(&[2, 3, 7], 1.0, 1)?).is_err());
+        assert!(linear(&x, &randn(&[4, 7], 1.0, 1)?).is_err());
+        assert!(linear(&x, &randn(&[8], 1.0, 1)?).is_err());
         let x4 = randn(&[1, 3, 2, 8], 1.0, 0)?;
         assert!(rope(&x4, &randn(&[3, 3], 1.0, 1)?, &randn(&[3, 4], 1.0, 1)?).is_err());
         assert!(rope(&x, &randn(&[3, 4], 1.0, 1)?, &randn(&[3, 4], 1.0, 1)?).is_err());

@@ -22,6 +22,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::attention::causal_attention;
+use super::fused::{self, Kernels};
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 
@@ -284,6 +286,8 @@ pub struct Llama {
     frozen: BTreeMap<String, Tensor>,
     /// The dtype of matmuls and activations (see the file header).
     compute_dtype: DType,
+    /// Fused CPU kernels (`model::fused`, `model::attention`) or plain candle ops.
+    kernels: Kernels,
     cos: Tensor, // (max_pos, D/2) f32
     sin: Tensor, // (max_pos, D/2) f32
     device: Device,
@@ -359,6 +363,7 @@ impl Llama {
             params,
             frozen: BTreeMap::new(),
             compute_dtype: DType::F32,
+            kernels: Kernels::default(),
             device: device.clone(),
         })
     }
@@ -376,6 +381,23 @@ impl Llama {
     /// The dtype of the forward's matmuls and activations.
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
+    }
+
+    /// Chooses the implementation of RMSNorm, rope, attention and SwiGLU: the fused
+    /// CPU kernels (the default) or plain candle ops. The fused kernels run where the
+    /// device is the CPU and the compute dtype f32; elsewhere, and for incremental
+    /// decoding with a KV cache, the plain ops run whatever this says.
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Whether this forward runs the fused kernels (see `set_kernels`).
+    fn fused(&self) -> bool {
+        self.kernels == Kernels::Fused && self.device.is_cpu() && self.compute_dtype == DType::F32
     }
 
     /// Turns the model into a frozen one (a teacher) whose weights are stored in
@@ -440,7 +462,7 @@ impl Llama {
     pub fn forward_cached(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let x = self.hidden_cached(ids, cache)?; // (B, T_new, d) f32
         let x = x.to_dtype(self.compute_dtype)?;
-        let logits = linear(&x, &self.wc(self.head_name())?, None)?; // (B, T_new, V)
+        let logits = self.linear(&x, &self.wc(self.head_name())?, None)?; // (B, T_new, V)
         Ok(logits.to_dtype(DType::F32)?)
     }
 
@@ -491,18 +513,69 @@ impl Llama {
             .to_dtype(DType::F32)?; // (B, T, d) f32
         let cos = self.cos.narrow(0, offset, t)?.to_dtype(cdt)?; // (T, D/2)
         let sin = self.sin.narrow(0, offset, t)?.to_dtype(cdt)?;
-        let mask = causal_mask(t, offset, &self.device)?; // (T, S) f32
+        let fused = self.fused();
+        // The fused attention is causal over the window it is given; decoding after
+        // cached keys runs the plain ops.
+        let fused_attention = fused && cache.is_none();
+        let mask = if fused_attention {
+            None
+        } else {
+            Some(causal_mask(t, offset, &self.device)?) // (T, S) f32
+        };
         let eps = self.cfg.rms_norm_eps;
+        let norm = |x: &Tensor, name: &str| -> Result<Tensor> {
+            let w = self.w32(name)?;
+            if fused {
+                fused::rms_norm(x, &w, eps)
+            } else {
+                fused::rms_norm_plain(x, &w, eps)
+            }
+        };
         for i in 0..self.cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let h = rms_norm(&x, &self.w32(&format!("{p}.input_layernorm.weight"))?, eps)?.to_dtype(cdt)?;
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            let a = self.attention(&h, &p, &cos, &sin, &mask, layer_cache)?;
+            let h = norm(&x, &format!("{p}.input_layernorm.weight"))?.to_dtype(cdt)?;
+            let a = match &mask {
+                None => self.attention_fused(&h, &p, &cos, &sin)?,
+                Some(mask) => {
+                    let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+                    self.attention(&h, &p, &cos, &sin, mask, layer_cache)?
+                }
+            };
             x = (x + a.to_dtype(DType::F32)?)?;
-            let h = rms_norm(&x, &self.w32(&format!("{p}.post_attention_layernorm.weight"))?, eps)?.to_dtype(cdt)?;
-            x = (x + self.mlp(&h, &p)?.to_dtype(DType::F32)?)?;
+            let h = norm(&x, &format!("{p}.post_attention_layernorm.weight"))?.to_dtype(cdt)?;
+            x = (x + self.mlp(&h, &p, fused)?.to_dtype(DType::F32)?)?;
         }
-        rms_norm(&x, &self.w32("model.norm.weight")?, eps) // (B, T, d) f32
+        norm(&x, "model.norm.weight") // (B, T, d) f32
+    }
+
+    /// `attention` on the fused kernels, f32 on the CPU and without a cache: the
+    /// projections stay in their (B, T, heads, D) layout, which rope and the fused
+    /// attention read directly, and the output is (B, T, H*D) for o_proj as it comes.
+    fn attention_fused(&self, x: &Tensor, p: &str, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, hkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim(),
+        );
+        let proj = |n: &str, heads: usize| -> Result<Tensor> {
+            let bias = if self.cfg.attention_bias {
+                Some(self.wc(&format!("{p}.self_attn.{n}.bias"))?)
+            } else {
+                None
+            };
+            let y = self.linear(x, &self.wc(&format!("{p}.self_attn.{n}.weight"))?, bias.as_ref())?;
+            Ok(y.reshape((b, t, heads, hd))?) // (B, T, heads, D)
+        };
+        let q = fused::rope(&proj("q_proj", h)?, cos, sin)?;
+        let k = fused::rope(&proj("k_proj", hkv)?, cos, sin)?;
+        let v = proj("v_proj", hkv)?;
+        let y = causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt())?; // (B, T, H, D)
+        self.linear(
+            &y.reshape((b, t, h * hd))?,
+            &self.wc(&format!("{p}.self_attn.o_proj.weight"))?,
+            None,
+        )
     }
 
     /// x (B, T, d), cos/sin (T, D/2) and the result in the compute dtype; the mask
@@ -530,7 +603,7 @@ impl Llama {
             }
         };
         let proj = |n: &str, heads: usize| -> Result<Tensor> {
-            let y = linear(x, &self.wc(&format!("{p}.self_attn.{n}.weight"))?, bias(n)?.as_ref())?;
+            let y = self.linear(x, &self.wc(&format!("{p}.self_attn.{n}.weight"))?, bias(n)?.as_ref())?;
             Ok(y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?) // (B, heads, T, D)
         };
         let q = rope(&proj("q_proj", h)?, cos, sin)?;
@@ -551,15 +624,33 @@ impl Llama {
         let att = softmax_last(&att)?.to_dtype(self.compute_dtype)?;
         let y = att.matmul(&v)?; // (B, H, T, D)
         let y = y.transpose(1, 2)?.reshape((b, t, h * hd))?; // (B, T, H*D)
-        linear(&y, &self.wc(&format!("{p}.self_attn.o_proj.weight"))?, None)
+        self.linear(&y, &self.wc(&format!("{p}.self_attn.o_proj.weight"))?, None)
+    }
+
+    /// x (B, T, in) @ w^T + b: the fused linear op where `fused()` holds.
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        if self.fused() {
+            let y = fused::linear(x, w)?;
+            Ok(match b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        } else {
+            linear(x, w, b)
+        }
     }
 
     /// SwiGLU MLP, all in the compute dtype.
-    fn mlp(&self, x: &Tensor, p: &str) -> Result<Tensor> {
-        let gate = linear(x, &self.wc(&format!("{p}.mlp.gate_proj.weight"))?, None)?; // (B, T, F)
-        let up = linear(x, &self.wc(&format!("{p}.mlp.up_proj.weight"))?, None)?;
-        linear(
-            &(gate.silu()? * up)?,
+    fn mlp(&self, x: &Tensor, p: &str, fused: bool) -> Result<Tensor> {
+        let gate = self.linear(x, &self.wc(&format!("{p}.mlp.gate_proj.weight"))?, None)?; // (B, T, F)
+        let up = self.linear(x, &self.wc(&format!("{p}.mlp.up_proj.weight"))?, None)?;
+        let act = if fused {
+            fused::swiglu(&gate, &up)?
+        } else {
+            fused::swiglu_plain(&gate, &up)?
+        };
+        self.linear(
+            &act,
             &self.wc(&format!("{p}.mlp.down_proj.weight"))?,
             None,
         ) // (B, T, d)
@@ -578,7 +669,7 @@ impl Llama {
 }
 
 /// x (B, T, in) @ w^T (in, out) + b -> (B, T, out)
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (bs, t, i) = x.dims3()?;
     let o = w.dim(0)?;
     let y = x.reshape((bs * t, i))?.matmul(&w.t()?)?.reshape((bs, t, o))?;
@@ -588,21 +679,15 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-/// RMSNorm from differentiable ops: x / sqrt(mean(x^2) + eps) * w.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (B, T, 1)
-    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
-}
-
 /// Softmax over the last dimension from differentiable ops.
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// Rotary embedding, rotate-half form (as Hugging Face Llama): x (B, H, T, D).
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let hd = x.dim(D::Minus1)?;
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?; // (T, D)
     let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
@@ -613,7 +698,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// (B, H_kv, S, D) -> (B, H_kv * n, S, D), each kv head repeated for its query group.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
         return Ok(x.clone());
     }
@@ -725,7 +810,7 @@ mod tests {
         let mask = causal_mask(t, 0, &Device::Cpu)?;
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let hn = rms_norm(&x, w(&format!("{p}.input_layernorm.weight"))?, c.rms_norm_eps)?;
+            let hn = fused::rms_norm_plain(&x, w(&format!("{p}.input_layernorm.weight"))?, c.rms_norm_eps)?;
             let proj = |n: &str, heads: usize| -> Result<Tensor> {
                 let bias = w(&format!("{p}.self_attn.{n}.bias"))?;
                 let y = linear(&hn, w(&format!("{p}.self_attn.{n}.weight"))?, Some(bias))?;
@@ -740,20 +825,21 @@ mod tests {
                 .transpose(1, 2)?
                 .reshape((b, t, h * hd))?;
             x = (x + linear(&y, w(&format!("{p}.self_attn.o_proj.weight"))?, None)?)?;
-            let hn = rms_norm(&x, w(&format!("{p}.post_attention_layernorm.weight"))?, c.rms_norm_eps)?;
+            let hn = fused::rms_norm_plain(&x, w(&format!("{p}.post_attention_layernorm.weight"))?, c.rms_norm_eps)?;
             let gate = linear(&hn, w(&format!("{p}.mlp.gate_proj.weight"))?, None)?;
             let up = linear(&hn, w(&format!("{p}.mlp.up_proj.weight"))?, None)?;
             x = (x + linear(&(gate.silu()? * up)?, w(&format!("{p}.mlp.down_proj.weight"))?, None)?)?;
         }
-        let x = rms_norm(&x, w("model.norm.weight")?, c.rms_norm_eps)?;
+        let x = fused::rms_norm_plain(&x, w("model.norm.weight")?, c.rms_norm_eps)?;
         linear(&x, &m.lm_head_weight()?, None)
     }
 
     #[test]
-    fn f32_default_is_bitwise_the_plain_forward() -> Result<()> {
+    fn f32_plain_kernels_are_bitwise_the_plain_forward() -> Result<()> {
         for tied in [false, true] {
             let mut m = Llama::init(tiny(tied), 0.2, 7, &Device::Cpu)?;
             assert_eq!(m.compute_dtype(), DType::F32);
+            m.set_kernels(Kernels::Plain);
             let x = ids(2, 11)?;
             let plain = flat(&plain_f32_logits(&m, &x)?)?;
             assert_eq!(flat(&m.forward(&x)?)?, plain, "tied={tied}");
@@ -761,6 +847,30 @@ mod tests {
             m.set_compute_dtype(DType::BF16)?;
             m.set_compute_dtype(DType::F32)?;
             assert_eq!(flat(&m.forward(&x)?)?, plain, "tied={tied}");
+        }
+        Ok(())
+    }
+
+    /// The fused kernels (the CPU f32 default) against the plain ops: logits, and the
+    /// gradient of every parameter, on GQA with biases, tied and untied heads.
+    #[test]
+    fn fused_kernels_match_the_plain_ops_in_logits_and_every_gradient() -> Result<()> {
+        for tied in [false, true] {
+            let mut m = Llama::init(tiny(tied), 0.2, 7, &Device::Cpu)?;
+            assert_eq!(m.kernels(), Kernels::Fused);
+            let (x, targets) = (ids(2, 11)?, ids(1, 22)?.flatten_all()?);
+            let fused_logits = m.forward(&x)?;
+            let fused_grads = grads_of(&m, &x, &targets)?;
+            m.set_kernels(Kernels::Plain);
+            let plain_logits = m.forward(&x)?;
+            let plain_grads = grads_of(&m, &x, &targets)?;
+            let (diff, scale) = max_diff(&fused_logits, &plain_logits)?;
+            assert!(diff <= 1e-5 * scale, "tied={tied}: logits differ by {diff} (max {scale})");
+            assert_eq!(fused_grads.len(), m.params().len());
+            for (name, g) in &fused_grads {
+                let (diff, scale) = max_diff(g, &plain_grads[name])?;
+                assert!(diff <= 1e-5 * scale.max(1e-12), "tied={tied} {name}: gradient differs by {diff} (max {scale})");
+            }
         }
         Ok(())
     }
