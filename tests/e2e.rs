@@ -1142,3 +1142,37 @@ fn cost_projects_the_deepseek_r1_table_from_its_inputs() {
     let err = fails(bin().args(["cost", "--device", "TPU", "--params", "1e9", "--tokens", "1e9"]));
     assert!(err.contains("peak"), "{err}");
 }
+
+/// `--kernels plain` runs the whole pipeline on plain candle ops; it trains the same
+/// models as the default fused CPU kernels (up to float summation order over 30 steps),
+/// the report names what ran, and an unknown value is an error naming the choices.
+#[test]
+fn plain_kernels_train_the_same_models_as_the_fused_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fused = tiny_run(&tmp.path().join("fused"));
+    ok(bin()
+        .arg("--config")
+        .arg(tiny())
+        .args(["--kernels", "plain", "--out-dir"])
+        .arg(tmp.path().join("plain")));
+    let plain = tmp.path().join("plain/tiny");
+    let report = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+    };
+    let (rf, rp) = (report(&fused), report(&plain));
+    assert_eq!(rf["kernels"], "fused");
+    assert_eq!(rp["kernels"], "plain");
+    assert!(std::fs::read_to_string(fused.join("report.md")).unwrap().contains("fused CPU kernels"));
+    for (a, b) in rf["models"].as_array().unwrap().iter().zip(rp["models"].as_array().unwrap()) {
+        let (la, lb) = (a["eval_loss"].as_f64().unwrap(), b["eval_loss"].as_f64().unwrap());
+        assert!((la - lb).abs() <= 1e-3 * lb.abs(), "{}: fused {la} plain {lb}", a["name"]);
+    }
+    let err = fails(
+        bin()
+            .arg("--config")
+            .arg(tiny())
+            .args(["--kernels", "fast", "--out-dir"])
+            .arg(tmp.path().join("bad")),
+    );
+    assert!(err.contains("\"plain\""), "{err}");
+}

@@ -9,13 +9,16 @@
 //!
 //! A step is what one iteration of `train()`'s loop does for a student without a
 //! teacher and the default fused loss (`LossImpl::Fused`), grad_accum 1, one rank:
-//! `make_batch`, `model.forward`, `distill_loss_with` (cross-entropy over every
-//! position: the mask is all ones), `backward()`, collecting the gradients into a
-//! name -> tensor map, `clip_grad_norm`, `AdamW::step` at `lr_at(step)`. Eval and
-//! checkpoints are not part of it. The step is split into three phases, each ended by
-//! a host read or by eager CPU ops returning, so the sums are the whole step:
+//! `make_batch`, `train::Forward::run` (on CPU f32 with the default fused kernels: the
+//! model body's taped forward, `model::tape`, then the head on candle's graph),
+//! `distill_loss_with` (cross-entropy over every position: the mask is all ones),
+//! `Forward::grads` (candle's backward through the loss and head, then the body's
+//! hand-written backward) into a name -> tensor map, `clip_grad_norm`, `AdamW::step` at
+//! `lr_at(step)`. Eval and checkpoints are not part of it. The step is split into
+//! three phases, each ended by a host read or by eager CPU ops returning, so the sums
+//! are the whole step:
 //! - forward: batch, forward, loss (its scalar read back);
-//! - backward: `backward()` and the gradient map;
+//! - backward: the gradient map;
 //! - optimizer: clipping (a global norm read back) and the AdamW update.
 //!
 //! The `distill` binary installs mimalloc as its allocator; this bench cannot (mimalloc
@@ -32,7 +35,9 @@
 //! SEQ (256), SEED (0), PEAK_SIZE (side of the matmul probe, 2048; 0 skips it),
 //! KERNELS ("fused", the default training path: the fused CPU kernels of
 //! `model::fused` and `model::attention`; or "plain": plain candle ops, the path before
-//! them). The last line is machine-readable: `RESULT distill tokens_per_s=...` (or
+//! them), HEAD ("logits", the default as in `train()`: the head's logits and the fused
+//! loss on them; or "fused": the fused vocabulary head, `[distill] fused_head = true`).
+//! The last line is machine-readable: `RESULT distill tokens_per_s=...` (or
 //! `RESULT distill-plain ...`).
 
 use std::collections::BTreeMap;
@@ -46,6 +51,7 @@ use distill::loss::{distill_loss_with, Divergence};
 use distill::model::fused::Kernels;
 use distill::model::{Llama, ModelConfig};
 use distill::optim::{clip_grad_norm, lr_at, AdamW};
+use distill::train::Forward;
 use distill::peak::measure_cpu_peak;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -113,10 +119,10 @@ fn train_step(
     let lr = lr_at(spec, step);
     let denom: usize = examples.iter().map(|e| e.loss_tokens()).sum();
     let b = make_batch(examples, 0, model.device())?;
+    let fwd = Forward::run(model, &b.inputs, fused_head)?;
     let parts = if fused_head {
-        let hidden = model.forward_hidden(&b.inputs)?.flatten_to(1)?; // (B*T, H)
         fused_linear_distill_loss(
-            &hidden,
+            &fwd.out, // (B*T, H)
             &model.lm_head_weight()?,
             HeadTeacher::None,
             &b.targets,
@@ -128,9 +134,8 @@ fn train_step(
             None,
         )?
     } else {
-        let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
         distill_loss_with(
-            &logits,
+            &fwd.out, // (B*T, V)
             None,
             &b.targets,
             &b.mask,
@@ -146,16 +151,7 @@ fn train_step(
     }
     let t1 = Instant::now();
 
-    let g = parts.total.backward()?;
-    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-    for (name, var) in params {
-        let gi = match g.get(var.as_tensor()) {
-            Some(gi) => gi.clone(),
-            None => var.as_tensor().zeros_like()?,
-        };
-        grads.insert(name.clone(), gi);
-    }
-    drop(g);
+    let mut grads: BTreeMap<String, Tensor> = fwd.grads(model, &parts.total)?;
     let t2 = Instant::now();
 
     let norm = clip_grad_norm(&mut grads, spec.grad_clip)?;
@@ -186,8 +182,8 @@ fn main() -> Res<()> {
     let kernels = Kernels::parse(&kernels_name)
         .ok_or_else(|| format!("KERNELS={kernels_name:?}: use {}", Kernels::NAMES))?;
     let fused_head = match std::env::var("HEAD").as_deref() {
-        Ok("fused") | Err(_) => true,
-        Ok("logits") => false,
+        Ok("fused") => true,
+        Ok("logits") | Err(_) => false,
         Ok(other) => return Err(format!("HEAD={other:?}: use \"fused\" or \"logits\"").into()),
     };
 

@@ -65,6 +65,9 @@ pub struct Report {
     /// Compute dtype of the run ("F32", "BF16", "F16").
     #[serde(default)]
     pub dtype: String,
+    /// What ran the transformer's ops on the CPU in f32: "fused" kernels or "plain" ops.
+    #[serde(default)]
+    pub kernels: String,
     /// Ranks of a data-parallel run (1: one process).
     #[serde(default = "one_rank")]
     pub world_size: usize,
@@ -609,6 +612,7 @@ fn run_on(
         run_dir: run_dir.clone(),
         device: info,
         dtype: format!("{dtype:?}"),
+        kernels: kernels.name().to_string(),
         world_size: world,
         traces: traces_report,
         logit_cache: logit_cache_report,
@@ -1440,7 +1444,7 @@ pub fn render(r: &Report) -> String {
     let mut s = format!("# distill run {}\n\n", r.run_dir.display());
     if !r.dtype.is_empty() {
         s += &format!(
-            "Device: {} x {} ({}){}, compute dtype {}.\n\n",
+            "Device: {} x {} ({}){}, compute dtype {}{}.\n\n",
             r.device.count,
             r.device.name,
             r.device.kind,
@@ -1449,7 +1453,12 @@ pub fn render(r: &Report) -> String {
             } else {
                 String::new()
             },
-            r.dtype
+            r.dtype,
+            match (r.kernels.as_str(), r.dtype.as_str(), r.device.kind.as_str()) {
+                ("fused", "F32", "cpu") => ", fused CPU kernels",
+                ("plain", _, _) => ", plain candle ops (--kernels plain)",
+                _ => "",
+            }
         );
     }
     let stage = |n: &str| r.cost.stages.iter().find(|c| c.stage == n);

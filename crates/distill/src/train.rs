@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use crate::checkpoint::TrainerState;
 use crate::config::{NonFinitePolicy, TrainSpec};
@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::logit_cache::LogitCache;
 use crate::loss::fused_head::{fused_linear_distill_loss, HeadTeacher};
 use crate::loss::{distill_loss, distill_loss_with, top_k_of_logits, Divergence, LossParts, TeacherTargets, TopK};
+use crate::model::tape::Tape;
 use crate::model::Llama;
 use crate::optim::{clip_grad_norm, lr_at, AdamW};
 
@@ -105,6 +106,74 @@ pub struct StageStats {
     pub skipped_steps: usize,
     /// Wall time spent summing gradients and counters over the ranks (0 for one process).
     pub comm_seconds: f64,
+}
+
+/// The student's forward for one micro-batch, up to what the loss takes: the final
+/// hidden states (for the fused head) or the logits, on candle's autograd graph.
+///
+/// On the fused CPU f32 path the model body runs `Llama::forward_taped`: its output
+/// becomes a leaf `Var`, only the head and the loss go on candle's graph, and
+/// `grads` runs the body's hand-written backward (`model::tape`) from that leaf's
+/// gradient. Elsewhere the whole forward is on the graph and candle's backward runs.
+pub struct Forward {
+    /// (B*T, d) hidden states with `head`, else (B*T, V) logits, f32.
+    pub out: Tensor,
+    taped: Option<(Tape, Var)>,
+}
+
+impl Forward {
+    pub fn run(model: &Llama, ids: &Tensor, head: bool) -> Result<Self> {
+        if model.can_tape() {
+            let (hidden, tape) = model.forward_taped(ids)?; // (B, T, d)
+            let leaf = Var::from_tensor(&hidden.flatten_to(1)?)?; // (B*T, d)
+            let out = if head {
+                leaf.as_tensor().clone()
+            } else {
+                model.head_logits(leaf.as_tensor())? // (B*T, V)
+            };
+            return Ok(Self {
+                out,
+                taped: Some((tape, leaf)),
+            });
+        }
+        let out = if head {
+            model.forward_hidden(ids)?.flatten_to(1)? // (B*T, d)
+        } else {
+            model.forward(ids)?.flatten_to(1)? // (B*T, V)
+        };
+        Ok(Self { out, taped: None })
+    }
+
+    /// The gradient of `loss` (a scalar computed from `out`, and from the model's head
+    /// weight) for every parameter of `model`, zeros where the loss does not reach.
+    pub fn grads(self, model: &Llama, loss: &Tensor) -> Result<BTreeMap<String, Tensor>> {
+        let g = loss.backward()?;
+        let mut body = match &self.taped {
+            Some((tape, leaf)) => {
+                let dh = match g.get(leaf.as_tensor()) {
+                    Some(dh) => dh.clone(),
+                    None => leaf.as_tensor().zeros_like()?,
+                };
+                tape.backward(model, &dh)?
+            }
+            None => BTreeMap::new(),
+        };
+        model
+            .params()
+            .iter()
+            .map(|(name, var)| {
+                // The head's gradient comes from candle's graph, the body's from the
+                // tape; with tied embeddings the embedding matrix has both.
+                let gi = match (g.get(var.as_tensor()), body.remove(name)) {
+                    (Some(a), Some(b)) => (a + b)?,
+                    (Some(a), None) => a.clone(),
+                    (None, Some(b)) => b,
+                    (None, None) => var.as_tensor().zeros_like()?,
+                };
+                Ok((name.clone(), gi))
+            })
+            .collect()
+    }
 }
 
 /// The teacher's side of one micro-batch.
@@ -289,9 +358,10 @@ pub fn train(
                 Some(tch) => Some(teacher_side(tch, b, idx, t, head, &mut stats)?),
                 None => None,
             };
+            let fwd = Forward::run(model, &b.inputs, head)?;
             let parts = if head {
                 // Hidden states and head weight in, the (B*T, V) logits never whole.
-                let hidden = model.forward_hidden(&b.inputs)?.flatten_to(1)?; // (B*T, H)
+                let hidden = &fwd.out; // (B*T, H)
                 let ht = match &side {
                     None => HeadTeacher::None,
                     Some(TeacherSide::Logits(l)) => HeadTeacher::Logits(l),
@@ -300,7 +370,7 @@ pub fn train(
                 };
                 let w = model.lm_head_weight()?;
                 fused_linear_distill_loss(
-                    &hidden,
+                    hidden,
                     &w,
                     ht,
                     &b.targets,
@@ -312,10 +382,9 @@ pub fn train(
                     None,
                 )?
             } else {
-                let logits = model.forward(&b.inputs)?.flatten_to(1)?; // (B*T, V)
                 plain_loss(
                     loss_impl,
-                    &logits,
+                    &fwd.out, // (B*T, V)
                     side.as_ref(),
                     b,
                     (alpha, temperature, d),
@@ -329,17 +398,12 @@ pub fn train(
             if fault.is_some() {
                 break;
             }
-            let g = parts.total.backward()?;
-            for (name, var) in params {
-                let gi = match g.get(var.as_tensor()) {
-                    Some(gi) => gi.clone(),
-                    None => var.as_tensor().zeros_like()?,
-                };
-                let acc = match grads.remove(name) {
+            for (name, gi) in fwd.grads(model, &parts.total)? {
+                let acc = match grads.remove(&name) {
                     Some(prev) => (prev + gi)?,
                     None => gi,
                 };
-                grads.insert(name.clone(), acc);
+                grads.insert(name, acc);
             }
             loss += total;
             ce += parts.ce;

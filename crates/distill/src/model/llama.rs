@@ -396,8 +396,14 @@ impl Llama {
     }
 
     /// Whether this forward runs the fused kernels (see `set_kernels`).
-    fn fused(&self) -> bool {
+    pub(crate) fn fused(&self) -> bool {
         self.kernels == Kernels::Fused && self.device.is_cpu() && self.compute_dtype == DType::F32
+    }
+
+    /// The rotary tables of positions 0..t as f32 vectors, (t, D/2) each.
+    pub(crate) fn rope_tables(&self, t: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let table = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.narrow(0, 0, t)?.flatten_all()?.to_vec1()?) };
+        Ok((table(&self.cos)?, table(&self.sin)?))
     }
 
     /// Turns the model into a frozen one (a teacher) whose weights are stored in
@@ -461,8 +467,14 @@ impl Llama {
     /// the cached ones. Returns logits for the new positions only, (B, T_new, V).
     pub fn forward_cached(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let x = self.hidden_cached(ids, cache)?; // (B, T_new, d) f32
-        let x = x.to_dtype(self.compute_dtype)?;
-        let logits = self.linear(&x, &self.wc(self.head_name())?, None)?; // (B, T_new, V)
+        self.head_logits(&x)
+    }
+
+    /// The head on final hidden states: (..., d) f32 -> (..., V) f32, the matmul in the
+    /// compute dtype. `forward` is `forward_hidden` followed by this.
+    pub fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let x = hidden.to_dtype(self.compute_dtype)?;
+        let logits = self.linear(&x, &self.wc(self.head_name())?, None)?; // (..., V)
         Ok(logits.to_dtype(DType::F32)?)
     }
 
@@ -670,9 +682,7 @@ impl Llama {
 
 /// x (B, T, in) @ w^T (in, out) + b -> (B, T, out)
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (bs, t, i) = x.dims3()?;
-    let o = w.dim(0)?;
-    let y = x.reshape((bs * t, i))?.matmul(&w.t()?)?.reshape((bs, t, o))?;
+    let y = fused::linear_plain(x, w)?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

@@ -4,5 +4,6 @@ pub mod attention;
 pub mod fused;
 pub mod gguf;
 pub mod llama;
+pub mod tape;
 
 pub use llama::{KvCache, Llama, ModelConfig};
