@@ -67,18 +67,19 @@
 //! register-blocked accumulators. The row passes (max, exp and sum, Di, dS) use `LANES`
 //! independent accumulators and the polynomial `exp_f32`, so they vectorise without
 //! reassociating floats, and run in an AVX2 build of themselves when the CPU has it.
-//! Measured on the 2-core dev machine, release build, B 8, T 256, H = Hkv 8, D 32
-//! (`tests::timing_fused_against_plain`, medians):
+//! Measured on the 2-core dev machine (2 rayon threads, release build, other jobs
+//! sharing it, so ranges over runs), B 8, T 256, H = Hkv 8, D 32
+//! (`tests::timing_fused_against_plain`, medians of 15):
 //!
 //! ```text
-//!                          forward   forward + backward (through candle's autograd)
-//! fused (this op)           3.4 ms    22 ms    (kernels alone: 3.4 ms + 6.7 ms)
-//! plain candle ops           41 ms   173 ms
+//!                      forward       forward + backward, through candle's autograd
+//! fused (this op)      3.4-4.1 ms    22-28 ms    (kernels alone: 3.4-4.3 + 6.7-8 ms)
+//! plain candle ops     39-50 ms      171-210 ms
 //! ```
 //!
-//! Of the fused op's 22 ms, about 12 are candle's own backward bookkeeping around it
-//! (the loss ops, and a zeros + add per gradient in `GradStore`), which `model::tape`
-//! avoids.
+//! About half of the fused op's forward + backward is candle's own backward around the
+//! kernels (the loss ops, a zeros + add per gradient in `GradStore`, freeing), which
+//! `model::tape` avoids by calling `forward_slices` / `backward_slices` directly.
 
 use std::marker::PhantomData;
 use std::sync::{Mutex, PoisonError};
