@@ -1162,10 +1162,21 @@ fn plain_kernels_train_the_same_models_as_the_fused_ones() {
     let (rf, rp) = (report(&fused), report(&plain));
     assert_eq!(rf["kernels"], "fused");
     assert_eq!(rp["kernels"], "plain");
-    assert!(std::fs::read_to_string(fused.join("report.md")).unwrap().contains("fused CPU kernels"));
-    for (a, b) in rf["models"].as_array().unwrap().iter().zip(rp["models"].as_array().unwrap()) {
+    assert!(std::fs::read_to_string(fused.join("report.md"))
+        .unwrap()
+        .contains("fused CPU kernels"));
+    for (a, b) in rf["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(rp["models"].as_array().unwrap())
+    {
         let (la, lb) = (a["eval_loss"].as_f64().unwrap(), b["eval_loss"].as_f64().unwrap());
-        assert!((la - lb).abs() <= 1e-3 * lb.abs(), "{}: fused {la} plain {lb}", a["name"]);
+        assert!(
+            (la - lb).abs() <= 1e-3 * lb.abs(),
+            "{}: fused {la} plain {lb}",
+            a["name"]
+        );
     }
     let err = fails(
         bin()

@@ -51,8 +51,8 @@ use distill::loss::{distill_loss_with, Divergence};
 use distill::model::fused::Kernels;
 use distill::model::{Llama, ModelConfig};
 use distill::optim::{clip_grad_norm, lr_at, AdamW};
-use distill::train::Forward;
 use distill::peak::measure_cpu_peak;
+use distill::train::Forward;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -179,8 +179,8 @@ fn main() -> Res<()> {
     let threads = rayon::current_num_threads();
     let device = Device::Cpu;
     let kernels_name = std::env::var("KERNELS").unwrap_or_else(|_| "fused".into());
-    let kernels = Kernels::parse(&kernels_name)
-        .ok_or_else(|| format!("KERNELS={kernels_name:?}: use {}", Kernels::NAMES))?;
+    let kernels =
+        Kernels::parse(&kernels_name).ok_or_else(|| format!("KERNELS={kernels_name:?}: use {}", Kernels::NAMES))?;
     let fused_head = match std::env::var("HEAD").as_deref() {
         Ok("fused") => true,
         Ok("logits") | Err(_) => false,
@@ -321,7 +321,11 @@ fn main() -> Res<()> {
         "RESULT {} tokens_per_s={tok_s:.1} step_ms={:.2} min_ms={:.2} max_ms={:.2} fwd_ms={:.2} \
          bwd_ms={:.2} opt_ms={:.2} mfu={mfu:.4} peak_gflops={peak_gflops:.1} peak_rss_mb={rss:.1} \
          threads={threads} steps={steps}",
-        if kernels == Kernels::Plain { "distill-plain" } else { "distill" },
+        if kernels == Kernels::Plain {
+            "distill-plain"
+        } else {
+            "distill"
+        },
         step_s * 1e3,
         min_s * 1e3,
         max_s * 1e3,

@@ -122,7 +122,13 @@ fn cpu_f32(t: &Tensor) -> bool {
 
 /// One AdamW update of one parameter in one pass: (new p, new m, new v), or None when
 /// a tensor is not f32 on the CPU (the caller then runs candle ops).
-fn adamw_cpu(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, c: AdamConsts) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+fn adamw_cpu(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    c: AdamConsts,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     if ![p, g, m, v].iter().all(|t| cpu_f32(t)) || g.shape() != p.shape() {
         return Ok(None);
     }
@@ -285,13 +291,25 @@ mod tests {
             .collect::<Result<_>>()?;
         let mut opt = AdamW::new(&spec, &params)?;
         // The candle-op reference on copies of the same values.
-        let (mut p, mut m, mut v): (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) =
-            (init.clone(), init.iter().map(|t| t.zeros_like()).collect::<candle_core::Result<_>>()?, init.iter().map(|t| t.zeros_like()).collect::<candle_core::Result<_>>()?);
+        let (mut p, mut m, mut v): (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) = (
+            init.clone(),
+            init.iter()
+                .map(|t| t.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+            init.iter()
+                .map(|t| t.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+        );
         for step in 1..=4 {
             let grads: BTreeMap<String, Tensor> = init
                 .iter()
                 .enumerate()
-                .map(|(i, t)| Ok((format!("p{i}"), (Tensor::randn(0f32, 1.0, t.shape(), &Device::Cpu)? * step as f64)?)))
+                .map(|(i, t)| {
+                    Ok((
+                        format!("p{i}"),
+                        (Tensor::randn(0f32, 1.0, t.shape(), &Device::Cpu)? * step as f64)?,
+                    ))
+                })
                 .collect::<Result<_>>()?;
             let lr = 0.01;
             opt.step(&params, &grads, lr)?;

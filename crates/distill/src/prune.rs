@@ -342,7 +342,6 @@ fn probe_forward(w: &Weights, ids: &Tensor, mut acc: Option<&mut Accum>) -> Resu
     linear(&x, w.get(head)?, None) // (B, T, V)
 }
 
-
 /// Additive causal mask, (T, T).
 fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..t)

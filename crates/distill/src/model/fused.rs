@@ -182,7 +182,10 @@ fn gemm_f32(
             (rows - 1) * rs + (cols - 1) * cs + 1
         }
     };
-    if reach(m, n, dst_rs, dst_cs) > dst.len() || reach(m, k, lhs_rs, lhs_cs) > lhs.len() || reach(k, n, rhs_rs, rhs_cs) > rhs.len() {
+    if reach(m, n, dst_rs, dst_cs) > dst.len()
+        || reach(m, k, lhs_rs, lhs_cs) > lhs.len()
+        || reach(k, n, rhs_rs, rhs_cs) > rhs.len()
+    {
         return Err(op_err("distill-linear", "gemm operands are smaller than their shapes"));
     }
     if m == 0 || n == 0 {
@@ -236,14 +239,22 @@ pub(crate) fn linear_fwd(x: &[f32], w: &[f32], (n, o, i): (usize, usize, usize))
 }
 
 /// dx (n, i) = g (n, o) @ w (o, i).
-pub(crate) fn linear_bwd_input(g: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)) -> candle_core::Result<Vec<f32>> {
+pub(crate) fn linear_bwd_input(
+    g: &[f32],
+    w: &[f32],
+    (n, o, i): (usize, usize, usize),
+) -> candle_core::Result<Vec<f32>> {
     let mut dx = vec![0f32; n * i];
     gemm_f32((n, i, o), &mut dx, (i, 1), g, (o, 1), w, (i, 1))?;
     Ok(dx)
 }
 
 /// dw (o, i) = g^T (o, n) @ x (n, i); g^T's (a, r) element is g[r * o + a].
-pub(crate) fn linear_bwd_weight(g: &[f32], x: &[f32], (n, o, i): (usize, usize, usize)) -> candle_core::Result<Vec<f32>> {
+pub(crate) fn linear_bwd_weight(
+    g: &[f32],
+    x: &[f32],
+    (n, o, i): (usize, usize, usize),
+) -> candle_core::Result<Vec<f32>> {
     let mut dw = vec![0f32; o * i];
     gemm_f32((o, i, n), &mut dw, (i, 1), g, (1, o), x, (i, 1))?;
     Ok(dw)
@@ -256,7 +267,13 @@ impl CustomOp2 for LinearOp {
         "distill-linear"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(xs, xl, self.name())?;
         let w = f32_slice(ws, wl, self.name())?;
         let (o, i) = wl.shape().dims2()?;
@@ -269,7 +286,13 @@ impl CustomOp2 for LinearOp {
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let op = self.name();
         let (o, i) = w.dims2()?;
         let n = x.elem_count() / i.max(1);
@@ -309,7 +332,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     }
     // candle records the op for backward only when an input tracks gradients, so a
     // frozen teacher builds no graph.
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, RmsNormOp { eps: eps as f32 })?)
+    Ok(x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNormOp { eps: eps as f32 })?)
 }
 
 /// The plain composition: x / sqrt(mean(x^2) + eps) * w.
@@ -383,7 +407,13 @@ impl CustomOp2 for RmsNormOp {
         "distill-rms-norm"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(xs, xl, self.name())?;
         let w = f32_slice(ws, wl, self.name())?;
         let d = w.len();
@@ -393,10 +423,17 @@ impl CustomOp2 for RmsNormOp {
         Ok((CpuStorage::F32(rms_norm_fwd(x, w, self.eps)), xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let op = self.name();
-        let (dx, dw) =
-            with_cpu_f32(x, op, |x| with_cpu_f32(w, op, |w| with_cpu_f32(g, op, |g| rms_norm_bwd(x, w, g, self.eps))))???;
+        let (dx, dw) = with_cpu_f32(x, op, |x| {
+            with_cpu_f32(w, op, |w| with_cpu_f32(g, op, |g| rms_norm_bwd(x, w, g, self.eps)))
+        })???;
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
         Ok((x.track_op().then_some(dx), w.track_op().then_some(dw)))
@@ -471,7 +508,13 @@ impl CustomOp2 for SwiGluOp {
         "distill-swiglu"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = f32_slice(gs, gl, self.name())?;
         let u = f32_slice(us, ul, self.name())?;
         if g.len() != u.len() {
@@ -480,9 +523,17 @@ impl CustomOp2 for SwiGluOp {
         Ok((CpuStorage::F32(swiglu_fwd(g, u)), gl.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let op = self.name();
-        let (dg, du) = with_cpu_f32(gate, op, |g| with_cpu_f32(up, op, |u| with_cpu_f32(dy, op, |dy| swiglu_bwd(g, u, dy))))???;
+        let (dg, du) = with_cpu_f32(gate, op, |g| {
+            with_cpu_f32(up, op, |u| with_cpu_f32(dy, op, |dy| swiglu_bwd(g, u, dy)))
+        })???;
         let dg = Tensor::from_vec(dg, gate.shape(), gate.device())?;
         let du = Tensor::from_vec(du, up.shape(), up.device())?;
         Ok((gate.track_op().then_some(dg), up.track_op().then_some(du)))
@@ -541,7 +592,13 @@ struct RopeOp {
 
 /// Rotates x (B, T, H, D) by the angles of cos/sin (T, D/2); by minus them when
 /// `inverse` (the backward).
-pub(crate) fn rope_fwd(x: &[f32], (t, h, hd): (usize, usize, usize), cos: &[f32], sin: &[f32], inverse: bool) -> Vec<f32> {
+pub(crate) fn rope_fwd(
+    x: &[f32],
+    (t, h, hd): (usize, usize, usize),
+    cos: &[f32],
+    sin: &[f32],
+    inverse: bool,
+) -> Vec<f32> {
     let half = hd / 2;
     let sign = if inverse { -1.0f32 } else { 1.0 };
     let row = h * hd; // one position of one sequence: (H, D)
@@ -622,7 +679,10 @@ mod tests {
         plain: impl Fn(&[Tensor]) -> Result<Tensor>,
         tol: f32,
     ) -> Result<()> {
-        let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<_>>()?;
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let yf = fused(&ts)?;
         let yp = plain(&ts)?;
@@ -643,9 +703,14 @@ mod tests {
 
     #[test]
     fn rms_norm_matches_the_plain_ops_in_values_and_gradients() -> Result<()> {
-        for (i, (shape, scale)) in [(vec![3usize, 5, 16], 1.0f32), (vec![2, 7, 33], 30.0), (vec![1000, 8], 1e-3), (vec![4, 1, 256], 3.0)]
-            .into_iter()
-            .enumerate()
+        for (i, (shape, scale)) in [
+            (vec![3usize, 5, 16], 1.0f32),
+            (vec![2, 7, 33], 30.0),
+            (vec![1000, 8], 1e-3),
+            (vec![4, 1, 256], 3.0),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let d = *shape.last().unwrap();
             let x = randn(&shape, scale, i as u64)?;
@@ -662,7 +727,14 @@ mod tests {
 
     #[test]
     fn swiglu_matches_the_plain_ops_in_values_and_gradients() -> Result<()> {
-        for (i, (shape, scale)) in [(vec![3usize, 5, 16], 1.0f32), (vec![2, 3, 40_000], 8.0), (vec![7], 90.0)].into_iter().enumerate() {
+        for (i, (shape, scale)) in [
+            (vec![3usize, 5, 16], 1.0f32),
+            (vec![2, 3, 40_000], 8.0),
+            (vec![7], 90.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let g = randn(&shape, scale, i as u64)?;
             let u = randn(&shape, 2.0, 10 + i as u64)?;
             parity(&[g, u], |t| swiglu(&t[0], &t[1]), |t| swiglu_plain(&t[0], &t[1]), 1e-5)?;
@@ -672,20 +744,38 @@ mod tests {
 
     #[test]
     fn rope_matches_the_plain_ops_in_values_and_gradients() -> Result<()> {
-        for (i, &(b, t, h, hd)) in [(2usize, 5usize, 3usize, 8usize), (1, 70, 2, 32), (3, 1, 1, 2), (2, 300, 4, 16)].iter().enumerate() {
+        for (i, &(b, t, h, hd)) in [
+            (2usize, 5usize, 3usize, 8usize),
+            (1, 70, 2, 32),
+            (3, 1, 1, 2),
+            (2, 300, 4, 16),
+        ]
+        .iter()
+        .enumerate()
+        {
             let x = randn(&[b, t, h, hd], 5.0, i as u64)?;
             let ang = (randn(&[t, hd / 2], 3.0, 20 + i as u64)? + 3.0)?;
             let (cos, sin) = (ang.cos()?, ang.sin()?);
-            parity(&[x], |v| rope(&v[0], &cos, &sin), |v| rope_plain(&v[0], &cos, &sin), 1e-5)?;
+            parity(
+                &[x],
+                |v| rope(&v[0], &cos, &sin),
+                |v| rope_plain(&v[0], &cos, &sin),
+                1e-5,
+            )?;
         }
         Ok(())
     }
 
     #[test]
     fn linear_matches_the_plain_ops_in_values_and_gradients() -> Result<()> {
-        for (i, (xs, o)) in [(vec![3usize, 5, 16], 7usize), (vec![64, 33], 65), (vec![2, 1, 1], 1), (vec![4, 300, 24], 40)]
-            .into_iter()
-            .enumerate()
+        for (i, (xs, o)) in [
+            (vec![3usize, 5, 16], 7usize),
+            (vec![64, 33], 65),
+            (vec![2, 1, 1], 1),
+            (vec![4, 300, 24], 40),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let x = randn(&xs, 3.0, i as u64)?;
             let w = randn(&[o, *xs.last().unwrap()], 0.5, 30 + i as u64)?;
@@ -725,7 +815,10 @@ mod tests {
         for threads in [2, 3] {
             let many = run(threads)?;
             for (a, b) in one.iter().zip(&many) {
-                assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{threads} threads differ from 1");
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{threads} threads differ from 1"
+                );
             }
         }
         Ok(())
@@ -756,7 +849,10 @@ mod tests {
                 Ok(f(&Tensor::from_vec(v, x.shape(), &Device::Cpu)?)?.to_scalar::<f32>()?)
             };
             let numeric = (at(h)? - at(-h)?) / (2.0 * h);
-            assert!((numeric - a).abs() <= 2e-2 * (1.0 + a.abs()), "element {i}: numeric {numeric} analytic {a}");
+            assert!(
+                (numeric - a).abs() <= 2e-2 * (1.0 + a.abs()),
+                "element {i}: numeric {numeric} analytic {a}"
+            );
         }
         Ok(())
     }

@@ -661,11 +661,8 @@ impl Llama {
         } else {
             fused::swiglu_plain(&gate, &up)?
         };
-        self.linear(
-            &act,
-            &self.wc(&format!("{p}.mlp.down_proj.weight"))?,
-            None,
-        ) // (B, T, d)
+        self.linear(&act, &self.wc(&format!("{p}.mlp.down_proj.weight"))?, None)
+        // (B, T, d)
     }
 
     /// The stored weights as plain tensors (detached from the graph), by name: the
@@ -875,11 +872,17 @@ mod tests {
             let plain_logits = m.forward(&x)?;
             let plain_grads = grads_of(&m, &x, &targets)?;
             let (diff, scale) = max_diff(&fused_logits, &plain_logits)?;
-            assert!(diff <= 1e-5 * scale, "tied={tied}: logits differ by {diff} (max {scale})");
+            assert!(
+                diff <= 1e-5 * scale,
+                "tied={tied}: logits differ by {diff} (max {scale})"
+            );
             assert_eq!(fused_grads.len(), m.params().len());
             for (name, g) in &fused_grads {
                 let (diff, scale) = max_diff(g, &plain_grads[name])?;
-                assert!(diff <= 1e-5 * scale.max(1e-12), "tied={tied} {name}: gradient differs by {diff} (max {scale})");
+                assert!(
+                    diff <= 1e-5 * scale.max(1e-12),
+                    "tied={tied} {name}: gradient differs by {diff} (max {scale})"
+                );
             }
         }
         Ok(())

@@ -35,18 +35,18 @@ use crate::error::{Error, Result};
 
 /// What one layer's backward reads, all row-major with N = B*T rows.
 struct LayerActs {
-    x_in: Vec<f32>,  // (N, d) the residual stream into the layer
-    h1: Vec<f32>,    // (N, d) input_layernorm(x_in)
-    q: Vec<f32>,     // (N, H*D) after rope
-    k: Vec<f32>,     // (N, Hkv*D) after rope
-    v: Vec<f32>,     // (N, Hkv*D)
+    x_in: Vec<f32>,       // (N, d) the residual stream into the layer
+    h1: Vec<f32>,         // (N, d) input_layernorm(x_in)
+    q: Vec<f32>,          // (N, H*D) after rope
+    k: Vec<f32>,          // (N, Hkv*D) after rope
+    v: Vec<f32>,          // (N, Hkv*D)
     stats: Vec<[f32; 2]>, // (B, H, T) the attention softmax statistics
-    o: Vec<f32>,     // (N, H*D) attention output, before o_proj
-    x_mid: Vec<f32>, // (N, d) x_in + o_proj(o)
-    h2: Vec<f32>,    // (N, d) post_attention_layernorm(x_mid)
-    gate: Vec<f32>,  // (N, F)
-    up: Vec<f32>,    // (N, F)
-    act: Vec<f32>,   // (N, F) silu(gate) * up
+    o: Vec<f32>,          // (N, H*D) attention output, before o_proj
+    x_mid: Vec<f32>,      // (N, d) x_in + o_proj(o)
+    h2: Vec<f32>,         // (N, d) post_attention_layernorm(x_mid)
+    gate: Vec<f32>,       // (N, F)
+    up: Vec<f32>,         // (N, F)
+    act: Vec<f32>,        // (N, F) silu(gate) * up
 }
 
 /// The activations of one `Llama::forward_taped` call, for its backward.
@@ -70,9 +70,9 @@ impl<'a> Weights<'a, ()> {
         for (name, var) in model.params() {
             let t = var.as_tensor();
             let (storage, layout) = t.storage_and_layout();
-            let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-                Error::Invalid(format!("internal: parameter {name} is not contiguous"))
-            })?;
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| Error::Invalid(format!("internal: parameter {name} is not contiguous")))?;
             if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
                 return Err(Error::Invalid(format!(
                     "internal: the taped backward needs f32 CPU parameters; {name} is not"
@@ -280,25 +280,52 @@ impl Tape {
             let wn = |s: &str| w.get(&format!("{p}.{s}"));
             // MLP: x_out = x_mid + act @ Wd^T, act = silu(h2 Wg^T) * (h2 Wu^T).
             let dact = linear_bwd_input(&dx, wn("mlp.down_proj.weight")?, (n, d, f))?;
-            put(format!("{p}.mlp.down_proj.weight"), linear_bwd_weight(&dx, &a.act, (n, d, f))?, &[d, f])?;
+            put(
+                format!("{p}.mlp.down_proj.weight"),
+                linear_bwd_weight(&dx, &a.act, (n, d, f))?,
+                &[d, f],
+            )?;
             let (dgate, dup) = swiglu_bwd(&a.gate, &a.up, &dact);
             let mut dh2 = linear_bwd_input(&dgate, wn("mlp.gate_proj.weight")?, (n, f, d))?;
             add_assign(&mut dh2, &linear_bwd_input(&dup, wn("mlp.up_proj.weight")?, (n, f, d))?);
-            put(format!("{p}.mlp.gate_proj.weight"), linear_bwd_weight(&dgate, &a.h2, (n, f, d))?, &[f, d])?;
-            put(format!("{p}.mlp.up_proj.weight"), linear_bwd_weight(&dup, &a.h2, (n, f, d))?, &[f, d])?;
+            put(
+                format!("{p}.mlp.gate_proj.weight"),
+                linear_bwd_weight(&dgate, &a.h2, (n, f, d))?,
+                &[f, d],
+            )?;
+            put(
+                format!("{p}.mlp.up_proj.weight"),
+                linear_bwd_weight(&dup, &a.h2, (n, f, d))?,
+                &[f, d],
+            )?;
             let (dxm, dw_post) = rms_norm_bwd(&a.x_mid, wn("post_attention_layernorm.weight")?, &dh2, eps);
             put(format!("{p}.post_attention_layernorm.weight"), dw_post, &[d])?;
             add_assign(&mut dx, &dxm); // dx is now d loss / d x_mid
-            // Attention: x_mid = x_in + o @ Wo^T.
+                                       // Attention: x_mid = x_in + o @ Wo^T.
             let d_o = linear_bwd_input(&dx, wn("self_attn.o_proj.weight")?, (n, d, h * hd))?;
-            put(format!("{p}.self_attn.o_proj.weight"), linear_bwd_weight(&dx, &a.o, (n, d, h * hd))?, &[d, h * hd])?;
+            put(
+                format!("{p}.self_attn.o_proj.weight"),
+                linear_bwd_weight(&dx, &a.o, (n, d, h * hd))?,
+                &[d, h * hd],
+            )?;
             let (dq, dk, dv) = backward_slices(shape, scale, &a.q, &a.k, &a.v, &d_o, &a.stats);
             let dq = rope_fwd(&dq, (t, h, hd), &cos, &sin, true);
             let dk = rope_fwd(&dk, (t, hkv, hd), &cos, &sin, true);
             let mut dh1 = vec![0f32; n * d];
-            for (name, g, out) in [("q_proj", &dq, h * hd), ("k_proj", &dk, hkv * hd), ("v_proj", &dv, hkv * hd)] {
-                add_assign(&mut dh1, &linear_bwd_input(g, wn(&format!("self_attn.{name}.weight"))?, (n, out, d))?);
-                put(format!("{p}.self_attn.{name}.weight"), linear_bwd_weight(g, &a.h1, (n, out, d))?, &[out, d])?;
+            for (name, g, out) in [
+                ("q_proj", &dq, h * hd),
+                ("k_proj", &dk, hkv * hd),
+                ("v_proj", &dv, hkv * hd),
+            ] {
+                add_assign(
+                    &mut dh1,
+                    &linear_bwd_input(g, wn(&format!("self_attn.{name}.weight"))?, (n, out, d))?,
+                );
+                put(
+                    format!("{p}.self_attn.{name}.weight"),
+                    linear_bwd_weight(g, &a.h1, (n, out, d))?,
+                    &[out, d],
+                )?;
                 if cfg.attention_bias {
                     put(format!("{p}.self_attn.{name}.bias"), col_sum(g, out), &[out])?;
                 }
@@ -415,7 +442,10 @@ mod tests {
             let (hidden, _) = m.forward_taped(&x)?;
             let want = m.forward_hidden(&x)?;
             let (a, b): (Vec<f32>, Vec<f32>) = (hidden.flatten_all()?.to_vec1()?, want.flatten_all()?.to_vec1()?);
-            assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "tied={tied} bias={bias} kv={kv}");
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "tied={tied} bias={bias} kv={kv}"
+            );
         }
         Ok(())
     }
@@ -465,7 +495,10 @@ mod tests {
         for threads in [2, 3] {
             let many = run(threads)?;
             for (a, b) in one.iter().zip(&many) {
-                assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "{threads} threads differ");
+                assert!(
+                    a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{threads} threads differ"
+                );
             }
         }
         Ok(())
