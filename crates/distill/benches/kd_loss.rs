@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use distill::candle::backprop::GradStore;
 use distill::candle::{Device, Tensor, Var};
+use distill::loss::fused::distill_loss_and_grad;
 use distill::loss::{divergence_rows, divergence_rows_reference, Divergence};
 use serde_json::json;
 
@@ -265,6 +266,19 @@ fn main() -> Res<()> {
         let d = *d;
         let step = || loss_and_grads(divergence_rows(student.as_tensor(), &teacher, d, temp)?, &student, temp);
         cases.push(run_case(&a, "distill-fused", name, step)?);
+    }
+    // The same loss and gradient from `distill_loss_and_grad`: one pass per row, the
+    // gradient written once, no autograd graph (what the training step uses on the CPU).
+    let ones = Tensor::ones(n, distill::candle::DType::F32, &dev)?; // (N,) mask
+    let plain_student = student.as_tensor().detach(); // (N, V)
+    for (name, d) in &a.losses {
+        let d = *d;
+        let step = || -> Res<(f32, Tensor)> {
+            let (vals, grad) =
+                distill_loss_and_grad(&plain_student, Some(&teacher), None, &ones, 0.0, temp, n as f64, d)?;
+            Ok((vals.total, grad))
+        };
+        cases.push(run_case(&a, "distill-onepass", name, step)?);
     }
 
     // Where the fused step's time and memory go, for forward KL: the forward kernel alone,

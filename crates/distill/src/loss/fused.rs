@@ -191,6 +191,174 @@ pub fn distill_loss_with(
     })
 }
 
+/// The values of a loss computed without an autograd graph.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossValues {
+    pub total: f32,
+    pub ce: f32,
+    pub kd: f32,
+}
+
+/// `distill_loss_with`'s value for full-logit teachers (or none) together with its
+/// gradient for the student logits, in one pass per row and with no autograd graph.
+///
+/// Each row's forward and backward run back to back while the row is in cache, and
+/// the gradient is written once, into one (N, V) buffer: candle's backward instead
+/// reads every row again and allocates a zero-filled (N, V) tensor to add the op's
+/// gradient into. The upstream gradient of each row is known in advance (the loss
+/// is a masked mean: mask / denom times the CE or T^2 KD weight), so nothing waits
+/// for a backward call. Same formulas and kernels as the ops, so the same values and
+/// gradients to rounding (tested). f32 on the CPU; student (N, V), teacher (N, V),
+/// targets (N,) u32, mask (N,) f32. Without targets there is no CE term (the loss is
+/// `(1 - alpha) * T^2 * KD`, `ce` is 0): a pure distillation loss.
+#[allow(clippy::too_many_arguments)]
+pub fn distill_loss_and_grad(
+    student: &Tensor,
+    teacher: Option<&Tensor>,
+    targets: Option<&Tensor>,
+    mask: &Tensor,
+    alpha: f64,
+    temperature: f64,
+    denom: f64,
+    divergence: Divergence,
+) -> Result<(LossValues, Tensor)> {
+    check_cpu(student, "distill_loss_and_grad")?;
+    if let Some(t) = teacher {
+        check_inputs(student, t, divergence, temperature)?;
+    }
+    let (n, v) = student.dims2()?;
+    if student.dtype() != DType::F32 || teacher.is_some_and(|t| t.dtype() != DType::F32) {
+        return Err(Error::Invalid(
+            "distill_loss_and_grad takes f32 logits; use distill_loss_with for other dtypes".into(),
+        ));
+    }
+    if targets.is_some_and(|t| t.dims() != [n]) || mask.dims() != [n] {
+        return Err(Error::Invalid(format!(
+            "distill_loss_and_grad: logits ({n}, {v}) need targets and mask of ({n},), got {:?} and {:?}",
+            targets.map(|t| t.dims()),
+            mask.dims()
+        )));
+    }
+    if targets.is_none() && teacher.is_none() {
+        return Err(Error::Invalid(
+            "distill_loss_and_grad: with neither targets nor a teacher there is no loss".into(),
+        ));
+    }
+    let targets: Option<Vec<u32>> = targets.map(|t| t.to_dtype(DType::U32)?.to_vec1()).transpose()?;
+    let targets = targets.as_deref();
+    let mask: Vec<f32> = mask.to_dtype(DType::F32)?.to_vec1()?;
+    let student = student.contiguous()?;
+    let teacher = teacher.map(|t| t.contiguous()).transpose()?;
+    let op = "distill_loss_and_grad";
+    let (values, grad) = crate::model::fused::with_cpu_f32(&student, op, |s| match &teacher {
+        None => loss_and_grad_slices(s, None, targets, &mask, v, alpha, temperature, denom, divergence),
+        Some(t) => crate::model::fused::with_cpu_f32(t, op, |t| {
+            loss_and_grad_slices(s, Some(t), targets, &mask, v, alpha, temperature, denom, divergence)
+        })?,
+    })??;
+    Ok((values, Tensor::from_vec(grad, (n, v), student.device())?))
+}
+
+/// `distill_loss_and_grad` on slices: s and t (N, V) row-major, targets and mask (N,).
+/// Returns the loss values and the gradient (N, V).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn loss_and_grad_slices(
+    s: &[f32],
+    t: Option<&[f32]>,
+    targets: Option<&[u32]>,
+    mask: &[f32],
+    v: usize,
+    alpha: f64,
+    temperature: f64,
+    denom: f64,
+    divergence: Divergence,
+) -> candle_core::Result<(LossValues, Vec<f32>)> {
+    let n = mask.len();
+    let denom = denom.max(1.0); // an all-masked step gives 0, not NaN
+    check_rows("distill_loss_and_grad", "the logits", s.len(), n * v)?;
+    if let Some(t) = t {
+        check_rows("distill_loss_and_grad", "the teacher logits", t.len(), n * v)?;
+    }
+    if let Some(targets) = targets {
+        check_rows("distill_loss_and_grad", "the targets", targets.len(), n)?;
+        for (row, &y) in targets.iter().enumerate() {
+            target_index(y, v, row)?;
+        }
+    }
+    let isa = Isa::detect();
+    let k = Kernel::new(divergence.canonical(), temperature);
+    // Without a teacher the total is the CE itself (as in `distill_loss_with`).
+    let (w_ce, w_kd) = match t {
+        None => (1.0 / denom, 0.0),
+        Some(_) => (alpha / denom, (1.0 - alpha) * temperature * temperature / denom),
+    };
+    let mut grad = vec![0f32; s.len()];
+    // Per row: (mask * ce, mask * divergence), added up in row order below.
+    let rows: Vec<(f32, f32)> = grad
+        .par_chunks_mut(v)
+        .zip(s.par_chunks(v))
+        .enumerate()
+        .with_min_len(min_rows(v))
+        .map_init(
+            || vec![0f32; if t.is_some() { v } else { 0 }],
+            |scratch, (row, (g, s_row))| {
+                let m = mask[row];
+                let ce = match targets {
+                    Some(targets) => {
+                        let y = targets[row] as usize;
+                        ce_backward_row_best(isa, s_row, y, (w_ce * m as f64) as f32, g);
+                        ce_forward_row_best(isa, s_row, y)
+                    }
+                    None => 0.0,
+                };
+                let Some(t) = t else { return (m * ce, 0.0) };
+                let t_row = &t[row * v..(row + 1) * v];
+                let gk = (w_kd * m as f64) as f32;
+                if k.divergence == Divergence::ForwardKl {
+                    if m == 0.0 {
+                        return (0.0, 0.0); // masked: no loss, and the gradient stays 0
+                    }
+                    let acc = targets.is_some();
+                    let kd = fwd_kl_loss_grad_row_best(isa, s_row, t_row, k.inv_t, gk, scratch, g, acc);
+                    return (m * ce, m * kd);
+                }
+                let kd = forward_row_best(isa, &k, s_row, t_row);
+                if gk != 0.0 && targets.is_none() {
+                    // Nothing written yet: the KD gradient goes straight into the row.
+                    backward_row_best(isa, &k, s_row, t_row, gk, g);
+                } else if gk != 0.0 {
+                    scratch.iter_mut().for_each(|x| *x = 0.0);
+                    backward_row_best(isa, &k, s_row, t_row, gk, scratch);
+                    for (a, b) in g.iter_mut().zip(scratch.iter()) {
+                        *a += b;
+                    }
+                }
+                (m * ce, m * kd)
+            },
+        )
+        .collect();
+    let (ce_sum, kd_sum) = rows
+        .iter()
+        .fold((0f64, 0f64), |(a, b), &(c, d)| (a + c as f64, b + d as f64));
+    let ce = ce_sum / denom;
+    let values = match t {
+        None => LossValues {
+            total: ce as f32,
+            ce: ce as f32,
+            kd: 0.0,
+        },
+        Some(_) => {
+            let kd = kd_sum * temperature * temperature / denom;
+            LossValues {
+                total: (alpha * ce + (1.0 - alpha) * kd) as f32,
+                ce: ce as f32,
+                kd: kd as f32,
+            }
+        }
+    };
+    Ok((values, grad))
+}
+
 /// The device check, up front, so that the error is the library's and names the way out:
 /// the divergence and cross-entropy ops have CPU kernels, and CUDA kernels (`loss::cuda`,
 /// compiled at run time with NVRTC) in a `cuda` build.
@@ -1113,6 +1281,123 @@ avx2_dispatch!(
     (s: &[S], y: usize, grad_row: f32, out: &mut [S]) -> ()
 );
 
+/// Forward KL(p || q) of one row and its gradient, for the one-pass loss: with
+/// p = softmax(t / T) and q = softmax(s / T), each exponential is taken once.
+/// A first pass finds the two maxima; a second stores exp(s/T - max) in `out` (or, when
+/// `accumulate`, recomputes it in the third) and exp(t/T - max) in `et`, and sums them;
+/// a third forms the loss from log-probabilities (no exp) and writes
+/// `grad_row / T * (q - p)` into `out` (added to it when `accumulate`). Returns the
+/// row's KL. 2 exponentials per element (3 when accumulating) where the generic
+/// forward + backward rows take 6. The rows are in cache after the first pass.
+#[inline(always)]
+fn fwd_kl_loss_grad_row(s: &[f32], t: &[f32], inv_t: f32, grad_row: f32, et: &mut [f32], out: &mut [f32], accumulate: bool) -> f32 {
+    let v = s.len();
+    let (t, et, out) = (&t[..v], &mut et[..v], &mut out[..v]);
+    let (ms, mt) = (lanes_max(s) * inv_t, lanes_max(t) * inv_t);
+    // Pass 2: the exponentials and their sums, in LANES accumulators.
+    let (mut zs, mut zt) = ([0f32; LANES], [0f32; LANES]);
+    {
+        let pairs = s.chunks_exact(LANES).zip(t.chunks_exact(LANES));
+        let bufs = et.chunks_exact_mut(LANES).zip(out.chunks_exact_mut(LANES));
+        for ((sc, tc), (ec, oc)) in pairs.zip(bufs) {
+            let mut es = [0f32; LANES];
+            for l in 0..LANES {
+                es[l] = exp_f32(sc[l] * inv_t - ms);
+                ec[l] = exp_f32(tc[l] * inv_t - mt);
+                zs[l] += es[l];
+                zt[l] += ec[l];
+            }
+            if !accumulate {
+                oc.copy_from_slice(&es);
+            }
+        }
+    }
+    let whole = v / LANES * LANES;
+    let (mut zs_tail, mut zt_tail) = (0f32, 0f32);
+    for i in whole..v {
+        let es = exp_f32(s[i] * inv_t - ms);
+        et[i] = exp_f32(t[i] * inv_t - mt);
+        if !accumulate {
+            out[i] = es;
+        }
+        zs_tail += es;
+        zt_tail += et[i];
+    }
+    let zs = zs.iter().sum::<f32>() + zs_tail;
+    let zt = zt.iter().sum::<f32>() + zt_tail;
+    let (ls, lt) = (ms + zs.ln(), mt + zt.ln()); // the two log-normalisers
+    let (inv_zs, inv_zt) = (1.0 / zs, 1.0 / zt);
+    let scale = grad_row * inv_t;
+    // Pass 3: p (log p - log q) with log p - log q = (t - s) / T - (lt - ls), so no
+    // logarithm per element (p = 0 gives 0), and the gradient scale (q - p).
+    let shift = lt - ls;
+    let mut kl = [0f32; LANES];
+    {
+        let pairs = s.chunks_exact(LANES).zip(t.chunks_exact(LANES));
+        let bufs = et.chunks_exact(LANES).zip(out.chunks_exact_mut(LANES));
+        for ((sc, tc), (ec, oc)) in pairs.zip(bufs) {
+            if accumulate {
+                for l in 0..LANES {
+                    let p = ec[l] * inv_zt;
+                    let q = exp_f32(sc[l] * inv_t - ms) * inv_zs;
+                    kl[l] += p * ((tc[l] - sc[l]) * inv_t - shift);
+                    oc[l] += scale * (q - p);
+                }
+            } else {
+                for l in 0..LANES {
+                    let p = ec[l] * inv_zt;
+                    let q = oc[l] * inv_zs;
+                    kl[l] += p * ((tc[l] - sc[l]) * inv_t - shift);
+                    oc[l] = scale * (q - p);
+                }
+            }
+        }
+    }
+    let mut kl_tail = 0f32;
+    for i in whole..v {
+        let p = et[i] * inv_zt;
+        let q = if accumulate { exp_f32(s[i] * inv_t - ms) } else { out[i] } * inv_zs;
+        kl_tail += p * ((t[i] - s[i]) * inv_t - shift);
+        let g = scale * (q - p);
+        out[i] = if accumulate { out[i] + g } else { g };
+    }
+    kl.iter().sum::<f32>() + kl_tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fwd_kl_loss_grad_row_avx2(
+    s: &[f32],
+    t: &[f32],
+    inv_t: f32,
+    grad_row: f32,
+    et: &mut [f32],
+    out: &mut [f32],
+    accumulate: bool,
+) -> f32 {
+    fwd_kl_loss_grad_row(s, t, inv_t, grad_row, et, out, accumulate)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd_kl_loss_grad_row_best(
+    isa: Isa,
+    s: &[f32],
+    t: &[f32],
+    inv_t: f32,
+    grad_row: f32,
+    et: &mut [f32],
+    out: &mut [f32],
+    accumulate: bool,
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2 {
+        // SAFETY: `isa.avx2` is true only when `Isa::detect` found AVX2 on this CPU.
+        return unsafe { fwd_kl_loss_grad_row_avx2(s, t, inv_t, grad_row, et, out, accumulate) };
+    }
+    let _ = isa;
+    fwd_kl_loss_grad_row(s, t, inv_t, grad_row, et, out, accumulate)
+}
+
 /// Per-row divergence for all rows: (N, V), (N, V) -> (N,).
 fn forward_rows<S: WithDType, T: WithDType>(k: &Kernel, s: &[S], t: &[T], v: usize) -> Vec<f32> {
     let isa = Isa::detect();
@@ -1607,6 +1892,68 @@ mod tests {
         Ok(())
     }
 
+    /// The one-pass loss and gradient against the ops and candle's backward: every
+    /// divergence, with and without a teacher, T = 1 and 2.5, masked rows, +-1e4 logits,
+    /// and an all-masked step.
+    #[test]
+    fn one_pass_loss_and_grad_matches_the_ops_and_backward() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let (n, v) = (20, 300);
+        let dev = Device::Cpu;
+        let s0 = logits(&mut rng, n, v);
+        let t = Tensor::from_vec(logits(&mut rng, n, v), (n, v), &dev)?;
+        let targets = Tensor::from_vec(
+            (0..n).map(|_| rng.random_range(0..v as u32)).collect::<Vec<u32>>(),
+            n,
+            &dev,
+        )?;
+        for all_masked in [false, true] {
+            let mask_v: Vec<f32> = (0..n).map(|i| if all_masked || i % 3 == 2 { 0.0 } else { 1.0 }).collect();
+            let mask = Tensor::from_slice(&mask_v, n, &dev)?;
+            let denom = mask_v.iter().sum::<f32>() as f64;
+            for temp in [1.0, 2.5] {
+                for (d, teacher) in ALL.iter().map(|&d| (d, Some(&t))).chain([(Divergence::ForwardKl, None)]) {
+                    let what = format!("{d} T={temp} teacher={} all_masked={all_masked}", teacher.is_some());
+                    let sv = Var::from_slice(&s0, (n, v), &dev)?;
+                    let teacher_t = teacher.map(TeacherTargets::Logits);
+                    let f = distill_loss_with(sv.as_tensor(), teacher_t, &targets, &mask, 0.3, temp, denom, d)?;
+                    let want = f.total.backward()?.get(sv.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+                    let student = Tensor::from_slice(&s0, (n, v), &dev)?;
+                    let (vals, grad) =
+                        distill_loss_and_grad(&student, teacher, Some(&targets), &mask, 0.3, temp, denom, d)?;
+                    let got = grad.flatten_all()?.to_vec1::<f32>()?;
+                    let total = f.total.to_scalar::<f32>()?;
+                    assert_close(&format!("{what}: total"), &[vals.total], &[total], 1, &[], 1e-5);
+                    assert_close(&format!("{what}: ce"), &[vals.ce], &[f.ce], 1, &[], 1e-5);
+                    assert_close(&format!("{what}: kd"), &[vals.kd], &[f.kd], 1, &[], 1e-5);
+                    assert_close(&format!("{what}: grad"), &got, &want, v, &[], 1e-5);
+                    assert!(vals.total.is_finite() && got.iter().all(|g| g.is_finite()), "{what}");
+                    if all_masked {
+                        assert_eq!(vals.total, 0.0, "{what}");
+                        assert!(got.iter().all(|&g| g == 0.0), "{what}");
+                    }
+                }
+            }
+        }
+        let student = Tensor::from_slice(&s0, (n, v), &dev)?;
+        let bad_targets = Tensor::from_vec(vec![v as u32; n], n, &dev)?;
+        let mask = Tensor::ones(n, DType::F32, &dev)?;
+        let err = distill_loss_and_grad(&student, None, Some(&bad_targets), &mask, 0.5, 1.0, 1.0, Divergence::ForwardKl);
+        assert!(err.is_err(), "a target outside the vocabulary is an error");
+        assert!(distill_loss_and_grad(&student, None, None, &mask, 0.5, 1.0, 1.0, Divergence::ForwardKl).is_err());
+        // Without targets: the KD term alone, as `divergence_rows` and candle's backward give it.
+        let d = Divergence::Jsd { beta: 0.3 };
+        let sv = Var::from_slice(&s0, (n, v), &dev)?;
+        let rows = divergence_rows(sv.as_tensor(), &t, d, 2.0)?;
+        let loss = (rows.sum_all()? * (4.0 / n as f64))?;
+        let want = loss.backward()?.get(sv.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let (vals, grad) = distill_loss_and_grad(&student, Some(&t), None, &mask, 0.0, 2.0, n as f64, d)?;
+        assert_close("kd only: total", &[vals.total], &[loss.to_scalar::<f32>()?], 1, &[], 1e-5);
+        assert_eq!(vals.ce, 0.0);
+        assert_close("kd only: grad", &grad.flatten_all()?.to_vec1::<f32>()?, &want, v, &[], 1e-5);
+        Ok(())
+    }
+
     #[test]
     fn all_masked_step_is_zero_not_nan() -> Result<()> {
         let dev = Device::Cpu;
@@ -1739,6 +2086,14 @@ mod tests {
             ce_forward_row_best(base, &s, 3).to_bits(),
             ce_forward_row_best(best, &s, 3).to_bits()
         );
+        for accumulate in [false, true] {
+            let (mut ga, mut gb) = (vec![0.5f32; v], vec![0.5f32; v]);
+            let (mut ea, mut eb) = (vec![0f32; v], vec![0f32; v]);
+            let a = fwd_kl_loss_grad_row_best(base, &s, &t, 0.6, 0.7, &mut ea, &mut ga, accumulate);
+            let b = fwd_kl_loss_grad_row_best(best, &s, &t, 0.6, 0.7, &mut eb, &mut gb, accumulate);
+            assert_eq!(a.to_bits(), b.to_bits());
+            assert_eq!(ga, gb);
+        }
     }
 
     #[test]
