@@ -18,7 +18,8 @@
 //! three phases, each ended by a host read or by eager CPU ops returning, so the sums
 //! are the whole step:
 //! - forward: batch, forward, loss (its scalar read back);
-//! - backward: the gradient map;
+//! - backward: the gradient map (on the default path, `Llama::loss_and_grads_one_pass`
+//!   computes forward, loss and gradients in one call, all counted here; forward is 0);
 //! - optimizer: clipping (a global norm read back) and the AdamW update.
 //!
 //! The `distill` binary installs mimalloc as its allocator; this bench cannot (mimalloc
@@ -119,39 +120,57 @@ fn train_step(
     let lr = lr_at(spec, step);
     let denom: usize = examples.iter().map(|e| e.loss_tokens()).sum();
     let b = make_batch(examples, 0, model.device())?;
-    let fwd = Forward::run(model, &b.inputs, fused_head)?;
-    let parts = if fused_head {
-        fused_linear_distill_loss(
-            &fwd.out, // (B*T, H)
-            &model.lm_head_weight()?,
-            HeadTeacher::None,
+    // As `train()` does it: on the fused CPU path the default loss runs with no
+    // autograd graph (`Llama::loss_and_grads_one_pass`); the fused head, and the plain
+    // kernels, go through `train::Forward` and candle's backward.
+    let (loss, mut grads, t1) = if !fused_head && model.can_tape() {
+        let (vals, grads) = model.loss_and_grads_one_pass(
+            &b.inputs,
             &b.targets,
             &b.mask,
+            None,
             1.0,
             1.0,
             denom as f64,
             Divergence::ForwardKl,
-            None,
-        )?
+        )?;
+        // Forward, loss and backward are one call here: the whole of it is reported as
+        // the backward phase, and the forward phase as 0.
+        (vals.total, grads, t0)
     } else {
-        distill_loss_with(
-            &fwd.out, // (B*T, V)
-            None,
-            &b.targets,
-            &b.mask,
-            1.0,
-            1.0,
-            denom as f64,
-            Divergence::ForwardKl,
-        )?
+        let fwd = Forward::run(model, &b.inputs, fused_head)?;
+        let parts = if fused_head {
+            fused_linear_distill_loss(
+                &fwd.out, // (B*T, H)
+                &model.lm_head_weight()?,
+                HeadTeacher::None,
+                &b.targets,
+                &b.mask,
+                1.0,
+                1.0,
+                denom as f64,
+                Divergence::ForwardKl,
+                None,
+            )?
+        } else {
+            distill_loss_with(
+                &fwd.out, // (B*T, V)
+                None,
+                &b.targets,
+                &b.mask,
+                1.0,
+                1.0,
+                denom as f64,
+                Divergence::ForwardKl,
+            )?
+        };
+        let loss = parts.total.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        (loss, fwd.grads(model, &parts.total)?, t1)
     };
-    let loss = parts.total.to_scalar::<f32>()?;
     if !loss.is_finite() {
         return Err(format!("step {step}: non-finite loss {loss}").into());
     }
-    let t1 = Instant::now();
-
-    let mut grads: BTreeMap<String, Tensor> = fwd.grads(model, &parts.total)?;
     let t2 = Instant::now();
 
     let norm = clip_grad_norm(&mut grads, spec.grad_clip)?;

@@ -176,6 +176,13 @@ impl Forward {
     }
 }
 
+/// A micro-batch's gradients: already computed (the one-pass path), or still to be
+/// taken from candle's graph through the loss.
+enum MicroGrads {
+    Done(BTreeMap<String, Tensor>),
+    Graph(Forward, Tensor),
+}
+
 /// The teacher's side of one micro-batch.
 enum TeacherSide {
     Logits(Tensor),
@@ -358,47 +365,77 @@ pub fn train(
                 Some(tch) => Some(teacher_side(tch, b, idx, t, head, &mut stats)?),
                 None => None,
             };
-            let fwd = Forward::run(model, &b.inputs, head)?;
-            let parts = if head {
-                // Hidden states and head weight in, the (B*T, V) logits never whole.
-                let hidden = &fwd.out; // (B*T, H)
-                let ht = match &side {
-                    None => HeadTeacher::None,
-                    Some(TeacherSide::Logits(l)) => HeadTeacher::Logits(l),
-                    Some(TeacherSide::Hidden(h, w)) => HeadTeacher::Hidden { hidden: h, weight: w },
-                    Some(TeacherSide::TopK(top)) => HeadTeacher::TopK(top),
-                };
-                let w = model.lm_head_weight()?;
-                fused_linear_distill_loss(
-                    hidden,
-                    &w,
-                    ht,
-                    &b.targets,
-                    &b.mask,
-                    alpha,
-                    temperature,
-                    d,
-                    divergence,
-                    None,
-                )?
-            } else {
-                plain_loss(
-                    loss_impl,
-                    &fwd.out, // (B*T, V)
-                    side.as_ref(),
-                    b,
-                    (alpha, temperature, d),
-                    divergence,
-                )?
+            // The default fused loss on full-logit teachers (or none) runs with no
+            // autograd graph on the fused CPU path: the loss and its gradient in one
+            // pass over the logits (`Llama::loss_and_grads_one_pass`).
+            let teacher_logits = match &side {
+                None => Some(None),
+                Some(TeacherSide::Logits(l)) => Some(Some(l)),
+                Some(_) => None,
             };
-            let total = parts.total.to_scalar::<f32>()?;
-            fault = [("loss", total), ("ce", parts.ce), ("kd", parts.kd)]
+            let (total, micro_ce, micro_kd, micro_grads) = match teacher_logits {
+                Some(tl) if !head && loss_impl == LossImpl::Fused && model.can_tape() => {
+                    let (vals, g) = model.loss_and_grads_one_pass(
+                        &b.inputs,
+                        &b.targets,
+                        &b.mask,
+                        tl,
+                        alpha,
+                        temperature,
+                        d,
+                        divergence,
+                    )?;
+                    (vals.total, vals.ce, vals.kd, MicroGrads::Done(g))
+                }
+                _ => {
+                    let fwd = Forward::run(model, &b.inputs, head)?;
+                    let parts = if head {
+                        // Hidden states and head weight in, the (B*T, V) logits never whole.
+                        let hidden = &fwd.out; // (B*T, H)
+                        let ht = match &side {
+                            None => HeadTeacher::None,
+                            Some(TeacherSide::Logits(l)) => HeadTeacher::Logits(l),
+                            Some(TeacherSide::Hidden(h, w)) => HeadTeacher::Hidden { hidden: h, weight: w },
+                            Some(TeacherSide::TopK(top)) => HeadTeacher::TopK(top),
+                        };
+                        let w = model.lm_head_weight()?;
+                        fused_linear_distill_loss(
+                            hidden,
+                            &w,
+                            ht,
+                            &b.targets,
+                            &b.mask,
+                            alpha,
+                            temperature,
+                            d,
+                            divergence,
+                            None,
+                        )?
+                    } else {
+                        plain_loss(
+                            loss_impl,
+                            &fwd.out, // (B*T, V)
+                            side.as_ref(),
+                            b,
+                            (alpha, temperature, d),
+                            divergence,
+                        )?
+                    };
+                    let total = parts.total.to_scalar::<f32>()?;
+                    (total, parts.ce, parts.kd, MicroGrads::Graph(fwd, parts.total))
+                }
+            };
+            fault = [("loss", total), ("ce", micro_ce), ("kd", micro_kd)]
                 .into_iter()
                 .find(|(_, v)| !v.is_finite());
             if fault.is_some() {
                 break;
             }
-            for (name, gi) in fwd.grads(model, &parts.total)? {
+            let micro_grads = match micro_grads {
+                MicroGrads::Done(g) => g,
+                MicroGrads::Graph(fwd, total) => fwd.grads(model, &total)?,
+            };
+            for (name, gi) in micro_grads {
                 let acc = match grads.remove(&name) {
                     Some(prev) => (prev + gi)?,
                     None => gi,
@@ -406,8 +443,8 @@ pub fn train(
                 grads.insert(name, acc);
             }
             loss += total;
-            ce += parts.ce;
-            kd += parts.kd;
+            ce += micro_ce;
+            kd += micro_kd;
             step_tokens += b.tokens as u64;
             stats.flops += 3.0 * model.cfg.forward_flops_per_token(t) * b.positions as f64;
         }

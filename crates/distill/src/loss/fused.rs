@@ -306,8 +306,7 @@ pub(crate) fn loss_and_grad_slices(
                 let ce = match targets {
                     Some(targets) => {
                         let y = targets[row] as usize;
-                        ce_backward_row_best(isa, s_row, y, (w_ce * m as f64) as f32, g);
-                        ce_forward_row_best(isa, s_row, y)
+                        ce_loss_grad_row_best(isa, s_row, y, (w_ce * m as f64) as f32, g)
                     }
                     None => 0.0,
                 };
@@ -1290,7 +1289,15 @@ avx2_dispatch!(
 /// row's KL. 2 exponentials per element (3 when accumulating) where the generic
 /// forward + backward rows take 6. The rows are in cache after the first pass.
 #[inline(always)]
-fn fwd_kl_loss_grad_row(s: &[f32], t: &[f32], inv_t: f32, grad_row: f32, et: &mut [f32], out: &mut [f32], accumulate: bool) -> f32 {
+fn fwd_kl_loss_grad_row(
+    s: &[f32],
+    t: &[f32],
+    inv_t: f32,
+    grad_row: f32,
+    et: &mut [f32],
+    out: &mut [f32],
+    accumulate: bool,
+) -> f32 {
     let v = s.len();
     let (t, et, out) = (&t[..v], &mut et[..v], &mut out[..v]);
     let (ms, mt) = (lanes_max(s) * inv_t, lanes_max(t) * inv_t);
@@ -1362,6 +1369,65 @@ fn fwd_kl_loss_grad_row(s: &[f32], t: &[f32], inv_t: f32, grad_row: f32, et: &mu
         out[i] = if accumulate { out[i] + g } else { g };
     }
     kl.iter().sum::<f32>() + kl_tail
+}
+
+/// Cross-entropy of one row and its gradient `grad_row * (softmax(s) - onehot(y))`,
+/// written into `out`, for the one-pass loss: one exponential per element (stored in
+/// `out`, then scaled), where the separate forward and backward rows take three.
+/// Returns the row's CE, `lse(s) - s_y`. `out` is left untouched when `grad_row` is 0.
+#[inline(always)]
+fn ce_loss_grad_row(s: &[f32], y: usize, grad_row: f32, out: &mut [f32]) -> f32 {
+    let v = s.len();
+    let out = &mut out[..v];
+    let m = lanes_max(s);
+    let mut z = [0f32; LANES];
+    let write = grad_row != 0.0;
+    for (sc, oc) in s.chunks_exact(LANES).zip(out.chunks_exact_mut(LANES)) {
+        let mut e = [0f32; LANES];
+        for l in 0..LANES {
+            e[l] = exp_f32(sc[l] - m);
+            z[l] += e[l];
+        }
+        if write {
+            oc.copy_from_slice(&e);
+        }
+    }
+    let whole = v / LANES * LANES;
+    let mut z_tail = 0f32;
+    for i in whole..v {
+        let e = exp_f32(s[i] - m);
+        z_tail += e;
+        if write {
+            out[i] = e;
+        }
+    }
+    let z = z.iter().sum::<f32>() + z_tail;
+    if write {
+        let scale = grad_row / z;
+        for o in out.iter_mut() {
+            *o *= scale;
+        }
+        if let Some(o) = out.get_mut(y) {
+            *o -= grad_row;
+        }
+    }
+    m + z.ln() - s.get(y).copied().unwrap_or(f32::NAN)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn ce_loss_grad_row_avx2(s: &[f32], y: usize, grad_row: f32, out: &mut [f32]) -> f32 {
+    ce_loss_grad_row(s, y, grad_row, out)
+}
+
+fn ce_loss_grad_row_best(isa: Isa, s: &[f32], y: usize, grad_row: f32, out: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2 {
+        // SAFETY: `isa.avx2` is true only when `Isa::detect` found AVX2 on this CPU.
+        return unsafe { ce_loss_grad_row_avx2(s, y, grad_row, out) };
+    }
+    let _ = isa;
+    ce_loss_grad_row(s, y, grad_row, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1908,16 +1974,28 @@ mod tests {
             &dev,
         )?;
         for all_masked in [false, true] {
-            let mask_v: Vec<f32> = (0..n).map(|i| if all_masked || i % 3 == 2 { 0.0 } else { 1.0 }).collect();
+            let mask_v: Vec<f32> = (0..n)
+                .map(|i| if all_masked || i % 3 == 2 { 0.0 } else { 1.0 })
+                .collect();
             let mask = Tensor::from_slice(&mask_v, n, &dev)?;
             let denom = mask_v.iter().sum::<f32>() as f64;
             for temp in [1.0, 2.5] {
-                for (d, teacher) in ALL.iter().map(|&d| (d, Some(&t))).chain([(Divergence::ForwardKl, None)]) {
+                for (d, teacher) in ALL
+                    .iter()
+                    .map(|&d| (d, Some(&t)))
+                    .chain([(Divergence::ForwardKl, None)])
+                {
                     let what = format!("{d} T={temp} teacher={} all_masked={all_masked}", teacher.is_some());
                     let sv = Var::from_slice(&s0, (n, v), &dev)?;
                     let teacher_t = teacher.map(TeacherTargets::Logits);
                     let f = distill_loss_with(sv.as_tensor(), teacher_t, &targets, &mask, 0.3, temp, denom, d)?;
-                    let want = f.total.backward()?.get(sv.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+                    let want = f
+                        .total
+                        .backward()?
+                        .get(sv.as_tensor())
+                        .unwrap()
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
                     let student = Tensor::from_slice(&s0, (n, v), &dev)?;
                     let (vals, grad) =
                         distill_loss_and_grad(&student, teacher, Some(&targets), &mask, 0.3, temp, denom, d)?;
@@ -1938,7 +2016,16 @@ mod tests {
         let student = Tensor::from_slice(&s0, (n, v), &dev)?;
         let bad_targets = Tensor::from_vec(vec![v as u32; n], n, &dev)?;
         let mask = Tensor::ones(n, DType::F32, &dev)?;
-        let err = distill_loss_and_grad(&student, None, Some(&bad_targets), &mask, 0.5, 1.0, 1.0, Divergence::ForwardKl);
+        let err = distill_loss_and_grad(
+            &student,
+            None,
+            Some(&bad_targets),
+            &mask,
+            0.5,
+            1.0,
+            1.0,
+            Divergence::ForwardKl,
+        );
         assert!(err.is_err(), "a target outside the vocabulary is an error");
         assert!(distill_loss_and_grad(&student, None, None, &mask, 0.5, 1.0, 1.0, Divergence::ForwardKl).is_err());
         // Without targets: the KD term alone, as `divergence_rows` and candle's backward give it.
@@ -1946,11 +2033,30 @@ mod tests {
         let sv = Var::from_slice(&s0, (n, v), &dev)?;
         let rows = divergence_rows(sv.as_tensor(), &t, d, 2.0)?;
         let loss = (rows.sum_all()? * (4.0 / n as f64))?;
-        let want = loss.backward()?.get(sv.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let want = loss
+            .backward()?
+            .get(sv.as_tensor())
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let (vals, grad) = distill_loss_and_grad(&student, Some(&t), None, &mask, 0.0, 2.0, n as f64, d)?;
-        assert_close("kd only: total", &[vals.total], &[loss.to_scalar::<f32>()?], 1, &[], 1e-5);
+        assert_close(
+            "kd only: total",
+            &[vals.total],
+            &[loss.to_scalar::<f32>()?],
+            1,
+            &[],
+            1e-5,
+        );
         assert_eq!(vals.ce, 0.0);
-        assert_close("kd only: grad", &grad.flatten_all()?.to_vec1::<f32>()?, &want, v, &[], 1e-5);
+        assert_close(
+            "kd only: grad",
+            &grad.flatten_all()?.to_vec1::<f32>()?,
+            &want,
+            v,
+            &[],
+            1e-5,
+        );
         Ok(())
     }
 
@@ -2086,6 +2192,10 @@ mod tests {
             ce_forward_row_best(base, &s, 3).to_bits(),
             ce_forward_row_best(best, &s, 3).to_bits()
         );
+        let (mut ga, mut gb) = (vec![0f32; v], vec![0f32; v]);
+        let a = ce_loss_grad_row_best(base, &s, 3, 0.7, &mut ga);
+        let b = ce_loss_grad_row_best(best, &s, 3, 0.7, &mut gb);
+        assert_eq!((a.to_bits(), ga), (b.to_bits(), gb));
         for accumulate in [false, true] {
             let (mut ga, mut gb) = (vec![0.5f32; v], vec![0.5f32; v]);
             let (mut ea, mut eb) = (vec![0f32; v], vec![0f32; v]);

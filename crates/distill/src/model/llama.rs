@@ -494,7 +494,7 @@ impl Llama {
         Ok(self.w(self.head_name())?.to_dtype(DType::F32)?)
     }
 
-    fn head_name(&self) -> &'static str {
+    pub(crate) fn head_name(&self) -> &'static str {
         if self.cfg.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {

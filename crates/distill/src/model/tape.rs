@@ -245,6 +245,74 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// One micro-batch with no autograd graph at all, on the fused CPU f32 path: the
+    /// taped body, the head as one gemm, `loss::fused::distill_loss_and_grad` on the
+    /// logits (the loss and its gradient in one pass), the head's two backward gemms
+    /// and the body's backward. Same loss and arguments as `distill_loss_with` with a
+    /// full-logit teacher or none; returns the loss values and every parameter's
+    /// gradient. Errors unless `can_tape()`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grads_one_pass(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        mask: &Tensor,
+        teacher_logits: Option<&Tensor>,
+        alpha: f64,
+        temperature: f64,
+        denom: f64,
+        divergence: crate::loss::Divergence,
+    ) -> Result<(crate::loss::fused::LossValues, BTreeMap<String, Tensor>)> {
+        let (hidden, tape) = self.forward_taped(ids)?; // (B, T, d)
+        let (n, d, v) = (tape.b * tape.t, self.cfg.hidden_size, self.cfg.vocab_size);
+        let head = self.head_name();
+        let hidden: Vec<f32> = hidden.flatten_all()?.to_vec1()?; // (N, d)
+        let (logits, head_w) = {
+            let w = Weights::of(self)?;
+            let wh = w.get(head)?;
+            (linear_fwd(&hidden, wh, (n, v, d))?, wh.to_vec()) // (N, V), (V, d)
+        };
+        let targets: Vec<u32> = targets.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+        let mask: Vec<f32> = mask.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let teacher: Option<Vec<f32>> = match teacher_logits {
+            Some(t) => {
+                if t.dims() != [n, v] {
+                    return Err(Error::Invalid(format!(
+                        "teacher logits have shape {:?}, expected [{n}, {v}]",
+                        t.dims()
+                    )));
+                }
+                Some(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?)
+            }
+            None => None,
+        };
+        let (values, dlogits) = crate::loss::fused::loss_and_grad_slices(
+            &logits,
+            teacher.as_deref(),
+            Some(&targets),
+            &mask,
+            v,
+            alpha,
+            temperature,
+            denom,
+            divergence,
+        )?;
+        drop(logits);
+        let dh = linear_bwd_input(&dlogits, &head_w, (n, v, d))?; // (N, d)
+        let dw_head = linear_bwd_weight(&dlogits, &hidden, (n, v, d))?; // (V, d)
+        drop(dlogits);
+        let mut grads = tape.backward(self, &Tensor::from_vec(dh, (n, d), self.device())?)?;
+        let dw_head = Tensor::from_vec(dw_head, (v, d), self.device())?;
+        let g = match grads.remove(head) {
+            Some(body) => (body + dw_head)?, // tied: the embedding's two uses add up
+            None => dw_head,
+        };
+        grads.insert(head.to_string(), g);
+        Ok((values, grads))
+    }
+}
+
 impl Tape {
     /// The gradient of every body parameter of `model` (every parameter but an untied
     /// `lm_head.weight`) for the gradient `dhidden` (B, T, d) of the hidden states
@@ -469,6 +537,46 @@ mod tests {
                     let what = format!("tied={tied} bias={bias} kv={kv} head={head} {name}");
                     assert!(ef < 1e-5, "{what}: {ef} from the fused ops' autograd");
                     assert!(ep < 1e-5, "{what}: {ep} from the plain ops' autograd");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The graph-free micro-batch against the same loss on candle's graph (`Forward`
+    /// and `distill_loss_with`): loss terms and every gradient, with a full-logit
+    /// teacher and without, masked rows, tied and untied heads.
+    #[test]
+    fn the_one_pass_micro_batch_matches_the_graph() -> Result<()> {
+        use crate::loss::{distill_loss_with, TeacherTargets};
+        for (tied, bias, kv) in [(false, false, 4), (true, true, 2)] {
+            let m = Llama::init(cfg(tied, bias, kv), 0.2, 5, &Device::Cpu)?;
+            let (x, y) = (ids(3, 13, 0)?, ids(1, 39, 5)?.flatten_all()?);
+            let mask_v: Vec<f32> = (0..39).map(|i| if i % 5 == 4 { 0.0 } else { 1.0 }).collect();
+            let mask = Tensor::from_vec(mask_v, 39, &Device::Cpu)?;
+            let teacher = (Tensor::randn(0f32, 3.0, (39, 61), &Device::Cpu)?).contiguous()?;
+            for (tl, d) in [
+                (None, Divergence::ForwardKl),
+                (Some(&teacher), Divergence::ForwardKl),
+                (Some(&teacher), Divergence::Tvd),
+            ] {
+                let (vals, got) = m.loss_and_grads_one_pass(&x, &y, &mask, tl, 0.4, 2.0, 31.0, d)?;
+                let fwd = Forward::run(&m, &x, false)?;
+                let parts = distill_loss_with(&fwd.out, tl.map(TeacherTargets::Logits), &y, &mask, 0.4, 2.0, 31.0, d)?;
+                let total = parts.total.to_scalar::<f32>()?;
+                let what = format!("tied={tied} teacher={} {d}", tl.is_some());
+                assert!(
+                    (vals.total - total).abs() <= 1e-5 * total.abs(),
+                    "{what}: {} vs {total}",
+                    vals.total
+                );
+                assert!((vals.ce - parts.ce).abs() <= 1e-5 * parts.ce.abs(), "{what}");
+                assert!((vals.kd - parts.kd).abs() <= 1e-5 * parts.kd.abs().max(1e-6), "{what}");
+                let want = fwd.grads(&m, &parts.total)?;
+                assert_eq!(got.len(), want.len());
+                for (name, g) in &got {
+                    let e = rel(g, &want[name])?;
+                    assert!(e < 1e-5, "{what} {name}: {e}");
                 }
             }
         }
