@@ -41,10 +41,9 @@
 //! The last line is machine-readable: `RESULT distill tokens_per_s=...` (or
 //! `RESULT distill-plain ...`).
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
-use distill::candle::{Device, Tensor};
+use distill::candle::Device;
 use distill::config::{ModelSpec, TrainSpec};
 use distill::data::batch::{make_batch, Encoded};
 use distill::loss::fused_head::{fused_linear_distill_loss, HeadTeacher};
