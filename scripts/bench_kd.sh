@@ -101,7 +101,7 @@ def mib(x):
 loss_order = {}
 for r in rows:
     loss_order.setdefault(r["loss"], len(loss_order))
-impl_order = {"distill-fused": 0, "candle-plain-ops": 1, "pytorch-eager": 2}
+impl_order = {"distill-onepass": 0, "distill-fused": 1, "candle-plain-ops": 2, "pytorch-eager": 3}
 order = lambda kv: (impl_order.get(kv[0][0], 3), loss_order[kv[0][1]], kv[0][2])
 for (imp, loss, alloc), r in sorted(best.items(), key=order):
     first = r.get("cold_ms", r.get("first_ms"))
@@ -148,4 +148,17 @@ if d.get("rss_peak_extra_bytes") is not None:
 for a, r in torch.items():
     if r:
         print(f"  PyTorch ({a}) resident peak extra / one (N, V) f32: {r['peak_extra_bytes'] / nv:.2f}x")
+
+# The same targets for the one-pass loss and gradient (loss::fused::distill_loss_and_grad),
+# the path the training step takes on the CPU.
+for alloc in ("glibc-default", "glibc-tuned"):
+    o = best.get(("distill-onepass", "forward_kl", alloc))
+    if not o:
+        continue
+    speed = pt_best["median_ms"] / o["median_ms"]
+    mem = o["peak_extra_bytes"] / nv
+    print()
+    print(f"forward KL ratios (distill-onepass, {alloc}: median {o['median_ms']:.1f} ms, min {o['min_ms']:.1f} ms)")
+    print(f"  PyTorch warm at its best ({pt_best['alloc']}) / distill, medians: {speed:5.2f}x   target >= 3x: {verdict(speed >= 3.0)}")
+    print(f"  distill peak extra memory / one (N, V) f32: {mem:.2f}x   target <= 1.5x: {verdict(mem <= 1.5)}")
 EOF
