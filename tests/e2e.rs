@@ -469,6 +469,23 @@ fn a_student_pruned_from_the_teacher_trains_beside_a_random_one() {
     .unwrap();
     let err = fails(bin().arg("--config").arg(&bad).arg("--out-dir").arg(tmp.path()));
     assert!(err.contains("student.prune_layers"), "{err}");
+
+    // A width the teacher cannot be cut to (hidden 40 is not 2 heads x the teacher's head
+    // size 16) is refused before the teacher trains: no teacher checkpoint is written.
+    let unreachable = tmp.path().join("unreachable.toml");
+    std::fs::write(&unreachable, text.replace("hidden_size = 32\n", "hidden_size = 40\n")).unwrap();
+    assert_ne!(
+        std::fs::read_to_string(&unreachable).unwrap(),
+        text,
+        "the test edits the student"
+    );
+    let out = tmp.path().join("unreachable-out");
+    let err = fails(bin().arg("--config").arg(&unreachable).arg("--out-dir").arg(&out));
+    assert!(err.contains("hidden_size") && err.contains("[student.model]"), "{err}");
+    assert!(
+        !out.join("tiny/teacher").exists(),
+        "the teacher trained before the error"
+    );
 }
 
 #[test]

@@ -377,6 +377,16 @@ fn run_on(
         kernels,
     };
 
+    // A pruned student's targets are checked against the teacher's architecture now,
+    // not after the teacher has been trained.
+    if cfg.student.init != StudentInit::Random {
+        let teacher_cfg = match &loaded_teacher {
+            Some((m, _)) => m.cfg.clone(),
+            None => ModelConfig::from_spec(&cfg.teacher.model, vocab, tok.bos, tok.eos, tok.pad),
+        };
+        prune_plan(&teacher_cfg, cfg)?;
+    }
+
     // Stage: teacher.
     let (teacher, teacher_dir) = match loaded_teacher {
         Some((m, _)) => {
@@ -626,6 +636,39 @@ fn run_on(
     Ok(report)
 }
 
+/// The teacher layers a pruned student keeps (`[student] prune_layers`, or spread
+/// evenly with the first and last included) and its width target (`[student.model]`),
+/// checked against the teacher's architecture: an error names the keys to change.
+fn prune_plan(teacher: &ModelConfig, cfg: &Config) -> Result<(Vec<usize>, crate::prune::WidthTarget)> {
+    let spec = &cfg.student.model;
+    let (l, n) = (teacher.num_hidden_layers, spec.num_layers);
+    let layers: Vec<usize> = match &cfg.student.prune_layers {
+        Some(v) => v.clone(),
+        None if n > l => {
+            return Err(Error::Invalid(format!(
+                "student.model.num_layers = {n} exceeds the teacher's {l} layers; a pruned student keeps some of them"
+            )))
+        }
+        None if n == 1 => vec![0],
+        None => (0..n).map(|i| (i * (l - 1) + (n - 1) / 2) / (n - 1)).collect(),
+    };
+    let target = crate::prune::WidthTarget {
+        hidden_size: spec.hidden_size,
+        intermediate_size: spec.intermediate_size,
+        num_attention_heads: spec.num_heads,
+    };
+    let explain = |e: Error| {
+        Error::Invalid(format!(
+            "[student] init = {:?} cannot cut [student.model] from this teacher: {e}; change [student.model] \
+             or [student] prune_layers, or use init = \"random\"",
+            cfg.student.init
+        ))
+    };
+    crate::prune::check_keep_layers(l, &layers).map_err(explain)?;
+    crate::prune::check_width_target(teacher, target).map_err(explain)?;
+    Ok((layers, target))
+}
+
 /// The student cut from the teacher: its layers `student.prune_layers` (default: spread
 /// evenly), then, scored by their activations on the first `student.calibration_examples`
 /// training examples, its most important heads, MLP neurons and embedding channels, down
@@ -638,19 +681,7 @@ fn pruned_student(
     dev: &Device,
     progress: &dyn Progress,
 ) -> Result<(Llama, f64, u64)> {
-    let spec = &cfg.student.model;
-    let l = teacher.cfg.num_hidden_layers;
-    let n = spec.num_layers;
-    let layers: Vec<usize> = match &cfg.student.prune_layers {
-        Some(v) => v.clone(),
-        None if n > l => {
-            return Err(Error::Invalid(format!(
-                "student.model.num_layers = {n} exceeds the teacher's {l} layers; a pruned student keeps some of them"
-            )))
-        }
-        None if n == 1 => vec![0],
-        None => (0..n).map(|i| (i * (l - 1) + (n - 1) / 2) / (n - 1)).collect(),
-    };
+    let (layers, target) = prune_plan(&teacher.cfg, cfg)?;
     let depth = crate::prune::depth_prune(teacher, &layers)?;
     let calib: Vec<candle_core::Tensor> = train
         .iter()
@@ -663,11 +694,6 @@ fn pruned_student(
         .map(|t| depth.cfg.forward_flops_per_token(t.elem_count()) * t.elem_count() as f64)
         .sum();
     let importance = crate::prune::estimate_importance(&depth, &calib)?;
-    let target = crate::prune::WidthTarget {
-        hidden_size: spec.hidden_size,
-        intermediate_size: spec.intermediate_size,
-        num_attention_heads: spec.num_heads,
-    };
     let student = crate::prune::width_prune(&depth, &importance, target)?;
     progress.message(&format!(
         "prune: teacher layers {layers:?}, then width to hidden {} / {} heads ({} kv) / MLP {} by activations on {} examples: {} -> {} parameters",

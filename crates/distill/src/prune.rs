@@ -27,13 +27,9 @@ use crate::model::fused::rms_norm_plain as rms_norm;
 use crate::model::llama::{linear, repeat_kv, rope, softmax_last};
 use crate::model::{Llama, ModelConfig};
 
-/// Keeps the decoder layers `keep_layers` of `teacher` (strictly increasing
-/// indices into its layers, at least one) and renumbers them 0..n; embeddings,
-/// final norm and head are copied unchanged. This is Minitron's depth pruning;
-/// which layers to keep is the caller's choice (the paper picks contiguous
-/// blocks by the LM loss or downstream accuracy of the model without them).
-pub fn depth_prune(teacher: &Llama, keep_layers: &[usize]) -> Result<Llama> {
-    let n_layers = teacher.cfg.num_hidden_layers;
+/// The checks of `depth_prune`: `keep_layers` non-empty, in range of the teacher's
+/// `n_layers`, strictly increasing.
+pub fn check_keep_layers(n_layers: usize, keep_layers: &[usize]) -> Result<()> {
     if keep_layers.is_empty() {
         return Err(Error::Invalid(
             "depth_prune: keep_layers is empty; name at least one of the teacher's layers to keep".into(),
@@ -53,6 +49,16 @@ pub fn depth_prune(teacher: &Llama, keep_layers: &[usize]) -> Result<Llama> {
             )));
         }
     }
+    Ok(())
+}
+
+/// Keeps the decoder layers `keep_layers` of `teacher` (strictly increasing
+/// indices into its layers, at least one) and renumbers them 0..n; embeddings,
+/// final norm and head are copied unchanged. This is Minitron's depth pruning;
+/// which layers to keep is the caller's choice (the paper picks contiguous
+/// blocks by the LM loss or downstream accuracy of the model without them).
+pub fn depth_prune(teacher: &Llama, keep_layers: &[usize]) -> Result<Llama> {
+    check_keep_layers(teacher.cfg.num_hidden_layers, keep_layers)?;
     let renumber: BTreeMap<usize, usize> = keep_layers.iter().enumerate().map(|(new, &old)| (old, new)).collect();
     let mut out = BTreeMap::new();
     for (name, t) in teacher.tensors() {
@@ -373,31 +379,10 @@ impl WidthTarget {
     }
 }
 
-/// Minitron width pruning: keeps, in their original order, the `target`
-/// top-scored embedding channels (one set for the whole residual stream),
-/// attention heads and MLP neurons (chosen per layer), and slices every weight
-/// to match: the embedding, norms and head lose columns/entries, q/k/v and
-/// gate/up lose rows of the pruned heads/neurons and columns of the pruned
-/// channels, o_proj and down_proj the reverse. Ties go to the lower index.
-///
-/// **Grouped-query attention.** Heads are removed a key/value group at a time:
-/// a group (one k/v head and the `H / H_kv` query heads that read it) is scored
-/// by the sum of its query heads' scores ([`Importance::kv_groups`]), and the
-/// top `target.num_attention_heads / (H / H_kv)` groups are kept whole. The
-/// student keeps the teacher's group size, so it is again a valid GQA model
-/// with `num_key_value_heads = target heads / group size`; the target head
-/// count must therefore be a multiple of the group size.
-///
-/// **Head dimension.** Minitron keeps the head dimension and prunes the
-/// embedding width separately, but `ModelConfig` derives the head dimension as
-/// `hidden_size / num_attention_heads`, so the target must satisfy
-/// `hidden_size == num_attention_heads * teacher head_dim`.
-///
-/// Unlike the paper, pruned heads' outputs are not folded back into the kept
-/// ones; distillation afterwards is what recovers the accuracy.
-pub fn width_prune(teacher: &Llama, importance: &Importance, target: WidthTarget) -> Result<Llama> {
-    let cfg = &teacher.cfg;
-    let (l, h, hkv) = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads);
+/// The checks of `width_prune` that need only the teacher's architecture, so that a
+/// pipeline can refuse an unreachable target before it trains or loads anything.
+pub fn check_width_target(cfg: &ModelConfig, target: WidthTarget) -> Result<()> {
+    let (h, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let bad = |msg: String| Err(Error::Invalid(format!("width_prune: {msg}")));
     if h == 0 || hkv == 0 || h % hkv != 0 {
@@ -432,9 +417,41 @@ pub fn width_prune(teacher: &Llama, importance: &Importance, target: WidthTarget
             target.num_attention_heads * hd
         ));
     }
+    Ok(())
+}
+
+/// Minitron width pruning: keeps, in their original order, the `target`
+/// top-scored embedding channels (one set for the whole residual stream),
+/// attention heads and MLP neurons (chosen per layer), and slices every weight
+/// to match: the embedding, norms and head lose columns/entries, q/k/v and
+/// gate/up lose rows of the pruned heads/neurons and columns of the pruned
+/// channels, o_proj and down_proj the reverse. Ties go to the lower index.
+///
+/// **Grouped-query attention.** Heads are removed a key/value group at a time:
+/// a group (one k/v head and the `H / H_kv` query heads that read it) is scored
+/// by the sum of its query heads' scores ([`Importance::kv_groups`]), and the
+/// top `target.num_attention_heads / (H / H_kv)` groups are kept whole. The
+/// student keeps the teacher's group size, so it is again a valid GQA model
+/// with `num_key_value_heads = target heads / group size`; the target head
+/// count must therefore be a multiple of the group size.
+///
+/// **Head dimension.** Minitron keeps the head dimension and prunes the
+/// embedding width separately, but `ModelConfig` derives the head dimension as
+/// `hidden_size / num_attention_heads`, so the target must satisfy
+/// `hidden_size == num_attention_heads * teacher head_dim`.
+///
+/// Unlike the paper, pruned heads' outputs are not folded back into the kept
+/// ones; distillation afterwards is what recovers the accuracy.
+pub fn width_prune(teacher: &Llama, importance: &Importance, target: WidthTarget) -> Result<Llama> {
+    let cfg = &teacher.cfg;
+    check_width_target(cfg, target)?;
+    let (l, h, hkv) = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads);
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     check_importance(importance, l, h, f, d)?;
+    let (hd, group) = (cfg.head_dim(), h / hkv);
 
     let dev = teacher.device();
+
     let idx = |v: &[usize]| -> Result<Tensor> {
         let v: Vec<u32> = v.iter().map(|&i| i as u32).collect();
         let n = v.len();
