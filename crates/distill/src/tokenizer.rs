@@ -65,11 +65,10 @@ impl Tokenizer {
             path: path.to_path_buf(),
             msg: format!("not a valid tokenizer.json: {e}"),
         })?;
-        let mut tok = Self::wrap(inner).map_err(|msg| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg,
-        })?;
+        // The config's names come first; the usual names are only a fallback, so a
+        // vocabulary with none of them still loads when the config names its tokens.
         let config = path.with_file_name("tokenizer_config.json");
+        let (mut bos, mut eos, mut pad) = (None, None, None);
         if let Ok(text) = std::fs::read_to_string(&config) {
             let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
                 path: config.clone(),
@@ -81,17 +80,25 @@ impl Tokenizer {
                     serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or(""),
                     _ => return Ok(None),
                 };
-                tok.inner.token_to_id(name).map(Some).ok_or_else(|| Error::Checkpoint {
+                inner.token_to_id(name).map(Some).ok_or_else(|| Error::Checkpoint {
                     path: config.clone(),
                     msg: format!("{key} {name:?} is not in the vocabulary of tokenizer.json"),
                 })
             };
-            let (bos, eos, pad) = (named("bos_token")?, named("eos_token")?, named("pad_token")?);
-            tok.eos = eos.unwrap_or(tok.eos);
-            tok.bos = bos.unwrap_or(tok.bos);
-            tok.pad = pad.unwrap_or(tok.pad);
+            (bos, eos, pad) = (named("bos_token")?, named("eos_token")?, named("pad_token")?);
         }
-        Ok(tok)
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let eos = eos.or_else(|| find(EOS_ALIASES)).ok_or_else(|| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!(
+                "no end-of-sequence token: {} names no eos_token and the vocabulary has none of {EOS_ALIASES:?}; \
+                 add \"eos_token\" to tokenizer_config.json beside it",
+                config.display()
+            ),
+        })?;
+        let bos = bos.or_else(|| find(BOS_ALIASES)).unwrap_or(eos);
+        let pad = pad.or_else(|| find(PAD_ALIASES)).unwrap_or(eos);
+        Ok(Self { inner, bos, eos, pad })
     }
 
     /// Wraps a `tokenizers::Tokenizer` built elsewhere (e.g. from GGUF metadata,
@@ -227,6 +234,33 @@ mod tests {
             err.contains("tokenizer_config.json") && err.contains("<|nope|>"),
             "{err}"
         );
+        Ok(())
+    }
+
+    /// A vocabulary with none of the usual special-token names loads when
+    /// tokenizer_config.json names its end-of-sequence token, and without the config
+    /// the error says to add it.
+    #[test]
+    fn a_vocabulary_without_usual_names_loads_from_its_config() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let path = dir.path().join("tokenizer.json");
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1, "<stop>": 2}, "unk_token": "a"}
+        });
+        std::fs::write(&path, json.to_string()).map_err(|e| Error::Invalid(e.to_string()))?;
+        let err = Tokenizer::load(&path).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            err.contains("eos_token") && err.contains("tokenizer_config.json"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"eos_token": "<stop>"}"#)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let tok = Tokenizer::load(&path)?;
+        assert_eq!((tok.bos, tok.eos, tok.pad), (2, 2, 2));
+        assert_eq!(tok.encode("a b")?, vec![0, 1]);
         Ok(())
     }
 
