@@ -288,6 +288,8 @@ pub struct Llama {
     compute_dtype: DType,
     /// Fused CPU kernels (`model::fused`, `model::attention`) or plain candle ops.
     kernels: Kernels,
+    /// A frozen bf16/f16 model's head widened to f32 once, for `lm_head_weight`.
+    head_f32: std::sync::OnceLock<Tensor>,
     cos: Tensor, // (max_pos, D/2) f32
     sin: Tensor, // (max_pos, D/2) f32
     device: Device,
@@ -364,6 +366,7 @@ impl Llama {
             frozen: BTreeMap::new(),
             compute_dtype: DType::F32,
             kernels: Kernels::default(),
+            head_f32: std::sync::OnceLock::new(),
             device: device.clone(),
         })
     }
@@ -489,9 +492,18 @@ impl Llama {
     /// The output projection, (V, d) f32: `lm_head.weight`, or with tied embeddings
     /// the embedding matrix itself. For a trainable model this is the f32 `Var`
     /// itself (so gradients from both uses add up); a frozen bf16/f16 model returns
-    /// an f32 copy, since the fused head loss takes f32.
+    /// an f32 copy (made once and kept), since the fused head loss takes f32.
     pub fn lm_head_weight(&self) -> Result<Tensor> {
-        Ok(self.w(self.head_name())?.to_dtype(DType::F32)?)
+        let w = self.w(self.head_name())?;
+        if !self.is_frozen() || w.dtype() == DType::F32 {
+            return Ok(w.to_dtype(DType::F32)?);
+        }
+        // Frozen weights never change: widen once, not on every micro-batch.
+        if let Some(h) = self.head_f32.get() {
+            return Ok(h.clone());
+        }
+        let h = w.to_dtype(DType::F32)?;
+        Ok(self.head_f32.get_or_init(|| h).clone())
     }
 
     pub(crate) fn head_name(&self) -> &'static str {
