@@ -1225,12 +1225,12 @@ fn sign0(x: f32) -> f32 {
 
 /// Which instruction set the row kernels run with, chosen once per op call.
 #[derive(Clone, Copy)]
-struct Isa {
-    avx2: bool,
+pub(crate) struct Isa {
+    pub(crate) avx2: bool,
 }
 
 impl Isa {
-    fn detect() -> Self {
+    pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         let avx2 = std::arch::is_x86_feature_detected!("avx2");
         #[cfg(not(target_arch = "x86_64"))]

@@ -88,7 +88,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Met
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::loss::fused::{exp_f32, f32_slice};
+use crate::loss::fused::{exp_f32, f32_slice, Isa};
 
 /// Query rows per tile: the scores of a tile are (TILE_ROWS, <= T) floats of scratch.
 /// 64 rows keep the products large enough for `gemm`'s kernels while the masked
@@ -870,22 +870,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
-}
-
-/// Which instruction set the row passes run with, detected once per op call.
-#[derive(Clone, Copy)]
-struct Isa {
-    avx2: bool,
-}
-
-impl Isa {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = std::arch::is_x86_feature_detected!("avx2");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
-        Self { avx2 }
-    }
 }
 
 /// Defines `$name(isa, args..)`, which runs the `#[inline(always)]` kernel `$kernel`

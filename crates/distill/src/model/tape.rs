@@ -29,6 +29,7 @@ use rayon::prelude::*;
 use super::attention::{backward_slices, forward_slices, AttnShape};
 use super::fused::{
     linear_bwd_input, linear_bwd_weight, linear_fwd, rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd, swiglu_fwd,
+    with_cpu_f32,
 };
 use super::llama::Llama;
 use crate::error::{Error, Result};
@@ -156,6 +157,13 @@ impl Llama {
     /// The final hidden states (B, T, d) f32 as a plain tensor (no autograd graph), and
     /// the tape its backward needs. Errors unless `can_tape()`.
     pub fn forward_taped(&self, ids: &Tensor) -> Result<(Tensor, Tape)> {
+        let (hidden, tape) = self.forward_taped_slices(ids)?;
+        let dims = (tape.b, tape.t, self.cfg.hidden_size);
+        Ok((Tensor::from_vec(hidden, dims, self.device())?, tape))
+    }
+
+    /// `forward_taped` with the hidden states as a row-major (B*T, d) vector.
+    fn forward_taped_slices(&self, ids: &Tensor) -> Result<(Vec<f32>, Tape)> {
         if !self.can_tape() {
             return Err(Error::Invalid(
                 "forward_taped needs a trainable model on the fused CPU f32 path (Kernels::Fused, CPU, f32 compute)"
@@ -230,8 +238,7 @@ impl Llama {
                 act,
             });
         }
-        let hidden = rms_norm_fwd(&x, w.get("model.norm.weight")?, eps);
-        let hidden = Tensor::from_vec(hidden, (b, t, d), self.device())?;
+        let hidden = rms_norm_fwd(&x, w.get("model.norm.weight")?, eps); // (N, d)
         Ok((
             hidden,
             Tape {
@@ -264,44 +271,48 @@ impl Llama {
         denom: f64,
         divergence: crate::loss::Divergence,
     ) -> Result<(crate::loss::fused::LossValues, BTreeMap<String, Tensor>)> {
-        let (hidden, tape) = self.forward_taped(ids)?; // (B, T, d)
+        let (hidden, tape) = self.forward_taped_slices(ids)?; // (N, d)
         let (n, d, v) = (tape.b * tape.t, self.cfg.hidden_size, self.cfg.vocab_size);
         let head = self.head_name();
-        let hidden: Vec<f32> = hidden.flatten_all()?.to_vec1()?; // (N, d)
-        let (logits, head_w) = {
-            let w = Weights::of(self)?;
-            let wh = w.get(head)?;
-            (linear_fwd(&hidden, wh, (n, v, d))?, wh.to_vec()) // (N, V), (V, d)
-        };
         let targets: Vec<u32> = targets.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
         let mask: Vec<f32> = mask.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        let teacher: Option<Vec<f32>> = match teacher_logits {
-            Some(t) => {
-                if t.dims() != [n, v] {
-                    return Err(Error::Invalid(format!(
-                        "teacher logits have shape {:?}, expected [{n}, {v}]",
-                        t.dims()
-                    )));
-                }
-                Some(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?)
+        if let Some(t) = teacher_logits {
+            if t.dims() != [n, v] {
+                return Err(Error::Invalid(format!(
+                    "teacher logits have shape {:?}, expected [{n}, {v}]",
+                    t.dims()
+                )));
             }
-            None => None,
+        }
+        let (values, dh, dw_head) = {
+            let w = Weights::of(self)?;
+            let wh = w.get(head)?; // (V, d)
+            let logits = linear_fwd(&hidden, wh, (n, v, d))?; // (N, V)
+            let loss = |t: Option<&[f32]>| {
+                crate::loss::fused::loss_and_grad_slices(
+                    &logits,
+                    t,
+                    Some(&targets),
+                    &mask,
+                    v,
+                    alpha,
+                    temperature,
+                    denom,
+                    divergence,
+                )
+            };
+            let (values, dlogits) = match teacher_logits {
+                // Read in place: no copy of the (N, V) teacher logits.
+                Some(t) => with_cpu_f32(&t.to_dtype(candle_core::DType::F32)?, "one-pass loss", |t| {
+                    loss(Some(t))
+                })??,
+                None => loss(None)?,
+            };
+            drop(logits);
+            let dh = linear_bwd_input(&dlogits, wh, (n, v, d))?; // (N, d)
+            let dw_head = linear_bwd_weight(&dlogits, &hidden, (n, v, d))?; // (V, d)
+            (values, dh, dw_head)
         };
-        let (values, dlogits) = crate::loss::fused::loss_and_grad_slices(
-            &logits,
-            teacher.as_deref(),
-            Some(&targets),
-            &mask,
-            v,
-            alpha,
-            temperature,
-            denom,
-            divergence,
-        )?;
-        drop(logits);
-        let dh = linear_bwd_input(&dlogits, &head_w, (n, v, d))?; // (N, d)
-        let dw_head = linear_bwd_weight(&dlogits, &hidden, (n, v, d))?; // (V, d)
-        drop(dlogits);
         let mut grads = tape.backward(self, &Tensor::from_vec(dh, (n, d), self.device())?)?;
         let dw_head = Tensor::from_vec(dw_head, (v, d), self.device())?;
         let g = match grads.remove(head) {
