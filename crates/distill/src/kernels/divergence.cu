@@ -1,6 +1,7 @@
 // CUDA kernels of the fused distillation losses in loss/fused.rs: the divergence family
 // between p = softmax(teacher / T) and q = softmax(student / T), its student gradient,
-// and the hard-label cross-entropy with its gradient.
+// the same against a top-k teacher (loss/topk.rs), and the hard-label cross-entropy with
+// its gradient.
 //
 // The math is the CPU kernel's, term for term (the formulas are in the header of
 // loss/fused.rs; the device functions below carry the same names as its `elem_fn!`s):
@@ -27,8 +28,13 @@
 // one of the `nvrtc-variants` listed at the end of the file.
 //
 // Kernel names: distill_div_fwd_<s>_<t>, distill_div_bwd_<s>_<t>, distill_ce_fwd_<s>,
-// distill_ce_bwd_<s>, where <s>, <t> in {f32, f16, bf16, f64} are the student's and
-// the teacher's element types.
+// distill_ce_bwd_<s>, distill_topk_fwd_<s>, distill_topk_bwd_<s>, where <s>, <t> in
+// {f32, f16, bf16, f64} are the student's and the teacher's element types (a top-k
+// teacher is always u32 ids and f32 log-probabilities).
+
+// DISTILL_CUDA_EMU: compiled as host C++ by crates/cuda-emu, whose header defines the
+// CUDA built-ins this file uses and the two f16 conversions below (no inline PTX on a CPU).
+// Nothing else in the file differs between the two builds.
 
 #define NEG_INF __uint_as_float(0xff800000u)
 
@@ -60,15 +66,23 @@ struct F64 {
 struct F16 {
     typedef unsigned short raw;
     static __device__ __forceinline__ float load(unsigned short h) {
+#ifdef DISTILL_CUDA_EMU
+        return distill_emu_f16_to_f32(h);
+#else
         float f;
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
         return f;
+#endif
     }
     // Round to nearest even, subnormals and overflow to inf included, as half::f16.
     static __device__ __forceinline__ unsigned short store(float f) {
+#ifdef DISTILL_CUDA_EMU
+        return distill_emu_f32_to_f16(f);
+#else
         unsigned short h;
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
         return h;
+#endif
     }
 };
 
@@ -314,17 +328,11 @@ static __device__ void row_norms(const typename S::raw* s, const typename T::raw
     np = finish(block_lse(p, scratch));
 }
 
-// student (rows, v), teacher (rows, v) -> out (rows,) f32: the divergence of each row.
+// The divergence of one row (halved for TVD): a sum over the block, returned to every
+// thread. Also used on the k + 1 categories of a top-k row (in shared memory).
 template <class S, class T>
-static __device__ void div_fwd(const typename S::raw* student, const typename T::raw* teacher, float* out,
-                               int rows, int v, Params k) {
-    __shared__ float scratch[32];
-    const int row = blockIdx.x;
-    if (row >= rows) {
-        return; // the whole block leaves together: no __syncthreads is left waiting
-    }
-    const typename S::raw* s = student + (size_t)row * (size_t)v;
-    const typename T::raw* t = teacher + (size_t)row * (size_t)v;
+static __device__ float row_divergence(const typename S::raw* s, const typename T::raw* t, int v,
+                                       const Params& k, float* scratch) {
     LogNorm nq, np;
     row_norms<S, T>(s, t, v, k.inv_t, scratch, nq, np);
     float acc = 0.0f;
@@ -334,33 +342,14 @@ static __device__ void div_fwd(const typename S::raw* student, const typename T:
         acc += loss_term(k, lq, lp);
     }
     const float total = block_sum(acc, scratch);
-    if (threadIdx.x == 0) {
-        out[row] = k.kind == DIV_TVD ? 0.5f * total : total;
-    }
+    return k.kind == DIV_TVD ? 0.5f * total : total;
 }
 
-// student (rows, v), teacher (rows, v), grad_rows (rows,) f32 -> out (rows, v) in the
-// student's type: grad_rows[row] * d divergence(row) / d student.
-template <class S, class T>
-static __device__ void div_bwd(const typename S::raw* student, const typename T::raw* teacher,
-                               const float* grad_rows, typename S::raw* out, int rows, int v, Params k) {
-    __shared__ float scratch[32];
-    const int row = blockIdx.x;
-    if (row >= rows) {
-        return;
-    }
-    const typename S::raw* s = student + (size_t)row * (size_t)v;
-    const typename T::raw* t = teacher + (size_t)row * (size_t)v;
-    typename S::raw* o = out + (size_t)row * (size_t)v;
-    const float g = grad_rows[row];
-    if (g == 0.0f) {
-        // A row whose loss is unused (mask 0) gets zeros without reading its logits, so
-        // that garbage in padded rows cannot become NaN gradients (as on the CPU).
-        for (int j = threadIdx.x; j < v; j += blockDim.x) {
-            o[j] = S::store(0.0f);
-        }
-        return;
-    }
+// o[j] = g * d divergence(row) / d s_j, stored as O (the student's type, or f32 for the
+// categories of a top-k row). Every thread of the block must call it.
+template <class S, class T, class O>
+static __device__ void row_divergence_grad(const typename S::raw* s, const typename T::raw* t, int v,
+                                           const Params& k, float g, typename O::raw* o, float* scratch) {
     LogNorm nq, np;
     row_norms<S, T>(s, t, v, k.inv_t, scratch, nq, np);
     const float scale = g * k.inv_t; // chain rule through s = student / T
@@ -386,8 +375,50 @@ static __device__ void div_bwd(const typename S::raw* student, const typename T:
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
         const float lq = nq.log_prob(S::load(s[j]) * k.inv_t);
         const float lp = np.log_prob(T::load(t[j]) * k.inv_t);
-        o[j] = S::store(scale * grad_term(k, lq, lp, c1, c2));
+        o[j] = O::store(scale * grad_term(k, lq, lp, c1, c2));
     }
+}
+
+// student (rows, v), teacher (rows, v) -> out (rows,) f32: the divergence of each row.
+template <class S, class T>
+static __device__ void div_fwd(const typename S::raw* student, const typename T::raw* teacher, float* out,
+                               int rows, int v, Params k) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    if (row >= rows) {
+        return; // the whole block leaves together: no __syncthreads is left waiting
+    }
+    const typename S::raw* s = student + (size_t)row * (size_t)v;
+    const typename T::raw* t = teacher + (size_t)row * (size_t)v;
+    const float total = row_divergence<S, T>(s, t, v, k, scratch);
+    if (threadIdx.x == 0) {
+        out[row] = total;
+    }
+}
+
+// student (rows, v), teacher (rows, v), grad_rows (rows,) f32 -> out (rows, v) in the
+// student's type: grad_rows[row] * d divergence(row) / d student.
+template <class S, class T>
+static __device__ void div_bwd(const typename S::raw* student, const typename T::raw* teacher,
+                               const float* grad_rows, typename S::raw* out, int rows, int v, Params k) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    if (row >= rows) {
+        return;
+    }
+    const typename S::raw* s = student + (size_t)row * (size_t)v;
+    const typename T::raw* t = teacher + (size_t)row * (size_t)v;
+    typename S::raw* o = out + (size_t)row * (size_t)v;
+    const float g = grad_rows[row];
+    if (g == 0.0f) {
+        // A row whose loss is unused (mask 0) gets zeros without reading its logits, so
+        // that garbage in padded rows cannot become NaN gradients (as on the CPU).
+        for (int j = threadIdx.x; j < v; j += blockDim.x) {
+            o[j] = S::store(0.0f);
+        }
+        return;
+    }
+    row_divergence_grad<S, T, S>(s, t, v, k, g, o, scratch);
 }
 
 // Pass 1 for one side only, at temperature 1 (cross-entropy).
@@ -452,6 +483,201 @@ static __device__ void ce_bwd(const typename S::raw* student, const unsigned int
 }
 
 // ---------------------------------------------------------------------------
+// Top-k teachers (loss/topk.rs, whose header gives the math): a row's teacher is k token
+// ids and their tempered log-probabilities. Both sides are coarsened to k + 1 categories,
+// the listed tokens and then the tail of everything else, and the divergence is taken
+// between the two coarsened distributions with the row functions above at T = 1.
+//
+// One block per row, as above. The row's categories live in dynamic shared memory,
+// 4 (4k + 3) bytes (loss/cuda.rs sizes it): the k ids sorted (for the membership test of
+// the tail pass), then the student's and the teacher's k + 1 category log-probabilities,
+// then (backward) their k + 1 gradients.
+// ---------------------------------------------------------------------------
+
+#ifndef DISTILL_DYNAMIC_SHARED
+#define DISTILL_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
+// Is token j among the k sorted ids? A binary search.
+static __device__ __forceinline__ bool listed(const unsigned int* sorted, int kk, unsigned int j) {
+    int lo = 0;
+    int hi = kk;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (sorted[mid] < j) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo < kk && sorted[lo] == j;
+}
+
+// Fills the shared categories of one row and returns the student's normaliser of the
+// whole row at 1/T through `norm`. Checks the teacher side as topk.rs's `coarsen` does:
+// ids inside the vocabulary and distinct, log-probabilities <= 1e-4 and not NaN, their
+// probabilities summing to at most 1 + 1e-3. Returns false, in every thread, for a bad
+// row; the caller flags it and the host re-checks that row to name the fault.
+template <class S>
+static __device__ bool topk_coarsen(const typename S::raw* s, const unsigned int* idx, const float* lp_in, int v,
+                                    int kk, float inv_t, float* smem, float* scratch, LogNorm& norm) {
+    __shared__ unsigned int bad;
+    __shared__ double mass;
+    unsigned int* sorted = reinterpret_cast<unsigned int*>(smem);
+    float* lq = smem + kk;
+    float* lp = lq + kk + 1;
+    if (threadIdx.x == 0) {
+        bad = 0u;
+    }
+    __syncthreads();
+    // Sorting by rank: id c goes to the number of ids below it. A repeated id is a
+    // fault, so ranks never collide in a row that passes.
+    for (int c = threadIdx.x; c < kk; c += blockDim.x) {
+        const unsigned int x = idx[c];
+        int rank = 0;
+        bool repeated = false;
+        for (int i = 0; i < kk; ++i) {
+            const unsigned int y = idx[i];
+            rank += y < x ? 1 : 0;
+            repeated = repeated || (y == x && i != c);
+        }
+        const float l = lp_in[c];
+        if (x >= (unsigned int)v || repeated || !(l <= 1e-4f)) { // !(l <= ..) is also true for NaN
+            atomicMax(&bad, 1u);
+        } else {
+            sorted[rank] = x;
+        }
+    }
+    if (threadIdx.x == 0) {
+        // The teacher's mass, in f64 and in the listed order, as on the CPU.
+        double m = 0.0;
+        for (int c = 0; c < kk; ++c) {
+            m += exp((double)lp_in[c]);
+        }
+        if (m > 1.0 + 1e-3) {
+            atomicMax(&bad, 1u);
+        }
+        mass = m;
+    }
+    __syncthreads();
+    if (bad != 0u) {
+        return false;
+    }
+    // The whole row's normaliser and the tail's (unlisted tokens only: a log-sum-exp of
+    // its own, not 1 - the listed mass, which cancels when the top k hold nearly all).
+    Lse all = {NEG_INF, 0.0f};
+    Lse tail = {NEG_INF, 0.0f};
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        const float x = S::load(s[j]) * inv_t;
+        lse_push(all, x);
+        if (!listed(sorted, kk, (unsigned int)j)) {
+            lse_push(tail, x);
+        }
+    }
+    norm = finish(block_lse(all, scratch));
+    const Lse t = block_lse(tail, scratch);
+    for (int c = threadIdx.x; c < kk; c += blockDim.x) {
+        lq[c] = norm.log_prob(S::load(s[idx[c]]) * inv_t);
+        lp[c] = lp_in[c];
+    }
+    if (threadIdx.x == 0) {
+        // No unlisted token (k = V), or all of them at -inf: an empty tail.
+        lq[kk] = t.max == NEG_INF ? NEG_INF : (t.max - norm.max) + logf(t.sum) - norm.log_sum;
+        // With every token listed the tail is empty by definition: 1 - mass is rounding
+        // noise there, and a noise mass against the student's empty tail is infinite.
+        const double rest = kk == v ? 0.0 : 1.0 - mass;
+        lp[kk] = rest > 0.0 ? (float)log(rest) : NEG_INF;
+    }
+    __syncthreads();
+    return true;
+}
+
+// The categories' kernel constants: the same divergence at T = 1.
+static __device__ __forceinline__ Params category_params(Params k) {
+    k.inv_t = 1.0f;
+    return k;
+}
+
+// student (rows, v), indices (rows, kk) u32, log_probs (rows, kk) f32 -> out (rows,) f32.
+// A bad teacher row makes its loss NaN and is reported through `bad` as in ce_fwd.
+template <class S>
+static __device__ void topk_fwd(const typename S::raw* student, const unsigned int* indices, const float* log_probs,
+                                float* out, unsigned int* bad, int rows, int v, int kk, Params k) {
+    __shared__ float scratch[32];
+    DISTILL_DYNAMIC_SHARED(float, smem);
+    const int row = blockIdx.x;
+    if (row >= rows) {
+        return;
+    }
+    const typename S::raw* s = student + (size_t)row * (size_t)v;
+    const size_t at = (size_t)row * (size_t)kk;
+    LogNorm norm;
+    if (!topk_coarsen<S>(s, indices + at, log_probs + at, v, kk, k.inv_t, smem, scratch, norm)) {
+        if (threadIdx.x == 0) {
+            out[row] = __uint_as_float(0x7fc00000u); // NaN
+            atomicMax(bad, 0xffffffffu - (unsigned int)row);
+        }
+        return;
+    }
+    const float* lq = smem + kk;
+    const float* lp = lq + kk + 1;
+    const float total = row_divergence<F32, F32>(lq, lp, kk + 1, category_params(k), scratch);
+    if (threadIdx.x == 0) {
+        out[row] = total;
+    }
+}
+
+// Same inputs and grad_rows (rows,) f32 -> out (rows, v) in the student's type. A listed
+// token gets its category's gradient; a tail token gets (q_j / q_tail) times the tail's,
+// since the tail's log-probability is the log-sum-exp of its members. Both times 1/T.
+template <class S>
+static __device__ void topk_bwd(const typename S::raw* student, const unsigned int* indices, const float* log_probs,
+                                const float* grad_rows, typename S::raw* out, unsigned int* bad, int rows, int v,
+                                int kk, Params k) {
+    __shared__ float scratch[32];
+    DISTILL_DYNAMIC_SHARED(float, smem);
+    const int row = blockIdx.x;
+    if (row >= rows) {
+        return;
+    }
+    const typename S::raw* s = student + (size_t)row * (size_t)v;
+    typename S::raw* o = out + (size_t)row * (size_t)v;
+    const float g = grad_rows[row];
+    const size_t at = (size_t)row * (size_t)kk;
+    LogNorm norm;
+    // A masked row (g = 0) gets zeros without being read or checked, as on the CPU.
+    if (g == 0.0f || !topk_coarsen<S>(s, indices + at, log_probs + at, v, kk, k.inv_t, smem, scratch, norm)) {
+        for (int j = threadIdx.x; j < v; j += blockDim.x) {
+            o[j] = S::store(0.0f);
+        }
+        if (g != 0.0f && threadIdx.x == 0) {
+            atomicMax(bad, 0xffffffffu - (unsigned int)row);
+        }
+        return;
+    }
+    const unsigned int* sorted = reinterpret_cast<const unsigned int*>(smem);
+    const float* lq = smem + kk;
+    const float* lp = lq + kk + 1;
+    float* d = smem + 3 * kk + 2; // k + 1 category gradients, g included
+    row_divergence_grad<F32, F32, F32>(lq, lp, kk + 1, category_params(k), g, d, scratch);
+    __syncthreads();
+    const float lq_tail = lq[kk];
+    const float d_tail = d[kk];
+    const bool spread = lq_tail > NEG_INF && d_tail != 0.0f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        if (listed(sorted, kk, (unsigned int)j)) {
+            continue; // written below
+        }
+        const float w = spread ? expf(norm.log_prob(S::load(s[j]) * k.inv_t) - lq_tail) : 0.0f; // q_j / q_tail
+        o[j] = S::store(k.inv_t * w * d_tail);
+    }
+    const unsigned int* idx = indices + at;
+    for (int c = threadIdx.x; c < kk; c += blockDim.x) {
+        o[idx[c]] = S::store(k.inv_t * d[c]);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // extern "C" entry points, one per element type (pair), so that the Rust side can
 // look them up by name.
 // ---------------------------------------------------------------------------
@@ -487,6 +713,23 @@ static __device__ void ce_bwd(const typename S::raw* student, const unsigned int
         ce_bwd<S>(student, targets, grad_rows, out, rows, v);                                                  \
     }
 
+#define TOPK_KERNELS(SN, S)                                                                                    \
+    extern "C" __global__ void distill_topk_fwd_##SN(const S::raw* student, const unsigned int* indices,       \
+                                                     const float* log_probs, float* out, unsigned int* bad,    \
+                                                     int rows, int v, int kk, int kind, float inv_t, float w,  \
+                                                     float ln_w, float ln_1mw) {                               \
+        const Params k = {kind, inv_t, w, ln_w, ln_1mw};                                                       \
+        topk_fwd<S>(student, indices, log_probs, out, bad, rows, v, kk, k);                                    \
+    }                                                                                                          \
+    extern "C" __global__ void distill_topk_bwd_##SN(const S::raw* student, const unsigned int* indices,       \
+                                                     const float* log_probs, const float* grad_rows,           \
+                                                     S::raw* out, unsigned int* bad, int rows, int v, int kk,  \
+                                                     int kind, float inv_t, float w, float ln_w,               \
+                                                     float ln_1mw) {                                           \
+        const Params k = {kind, inv_t, w, ln_w, ln_1mw};                                                       \
+        topk_bwd<S>(student, indices, log_probs, grad_rows, out, bad, rows, v, kk, k);                         \
+    }
+
 // Which students' kernels to emit: every student type by default, or one when the file
 // is compiled with -DDISTILL_STUDENT=<code> (1 f32, 2 f16, 3 bf16, 4 f64). loss/cuda.rs
 // compiles one such module per student type it meets: a quarter of the PTX for NVRTC
@@ -500,19 +743,23 @@ static __device__ void ce_bwd(const typename S::raw* student, const unsigned int
 #if EMIT_STUDENT(1)
 DIV_KERNELS_FOR_STUDENT(f32, F32)
 CE_KERNELS(f32, F32)
+TOPK_KERNELS(f32, F32)
 #endif
 
 #if EMIT_STUDENT(2)
 DIV_KERNELS_FOR_STUDENT(f16, F16)
 CE_KERNELS(f16, F16)
+TOPK_KERNELS(f16, F16)
 #endif
 
 #if EMIT_STUDENT(3)
 DIV_KERNELS_FOR_STUDENT(bf16, BF16)
 CE_KERNELS(bf16, BF16)
+TOPK_KERNELS(bf16, BF16)
 #endif
 
 #if EMIT_STUDENT(4)
 DIV_KERNELS_FOR_STUDENT(f64, F64)
 CE_KERNELS(f64, F64)
+TOPK_KERNELS(f64, F64)
 #endif

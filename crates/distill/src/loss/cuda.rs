@@ -268,7 +268,7 @@ impl Call<'_> {
 }
 
 // ---------------------------------------------------------------------------
-// The four ops
+// The divergence and cross-entropy ops
 // ---------------------------------------------------------------------------
 
 /// `DivergenceRows`: student (N, V), teacher (N, V) -> (N,) f32.
@@ -490,4 +490,202 @@ fn ce_bwd<S: DeviceRepr>(
     // type; s and out hold rows * v elements, targets and grad_rows rows.
     unsafe { b.launch(call.config()) }.w()?;
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Top-k teachers
+// ---------------------------------------------------------------------------
+
+/// The most ids per row the top-k kernels take: a row's categories live in shared
+/// memory, 4 (4k + 3) bytes, and 2048 keeps that under the 48 KiB every GPU gives a
+/// block without opting in.
+const MAX_TOP_K: usize = 2048;
+
+/// The top-k kernels' extra inputs: the teacher's ids and log-probabilities, and k.
+struct TopKArgs<'a> {
+    indices: CudaView<'a, u32>,
+    log_probs: CudaView<'a, f32>,
+    k: usize,
+}
+
+impl<'a> TopKArgs<'a> {
+    fn new(call: &Call, s2: &'a CudaStorage, l2: &Layout, s3: &'a CudaStorage, l3: &Layout) -> Result<Self> {
+        let op = call.op;
+        let (_, k) = rows_and_vocab(l2);
+        if l2.shape() != l3.shape() {
+            return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                lhs: l2.shape().clone(),
+                rhs: l3.shape().clone(),
+                op,
+            }
+            .bt());
+        }
+        if k > MAX_TOP_K {
+            return Err(msg(format!(
+                "{op}: a top-k teacher with k = {k} has no CUDA kernel (at most {MAX_TOP_K} ids per token); \
+                 lower `top_k` in [distill], or use the full teacher logits"
+            )));
+        }
+        let indices = u32_view(s2, l2, op, "the top-k ids")?; // (N, k)
+        let log_probs = f32_view(s3, l3, op, "the top-k log-probabilities")?; // (N, k)
+        check_rows(op, "the top-k teacher", indices.len(), call.rows * k)?;
+        Ok(Self { indices, log_probs, k })
+    }
+
+    fn config(&self, call: &Call) -> LaunchConfig {
+        LaunchConfig {
+            shared_mem_bytes: (4 * (4 * self.k + 3)) as u32,
+            ..call.config()
+        }
+    }
+
+    /// After a launch that flagged a bad teacher row (`flag` = u32::MAX - row): the
+    /// row's ids and log-probabilities, copied back and checked by the CPU's own check,
+    /// so that the error names the fault exactly as on the CPU.
+    fn bad_row_error(&self, call: &Call, flag: u32) -> candle_core::Error {
+        let row = (u32::MAX - flag) as usize;
+        let range = row * self.k..(row + 1) * self.k;
+        let fetched = self
+            .indices
+            .try_slice(range.clone())
+            .zip(self.log_probs.try_slice(range))
+            .map(|(i, l)| Ok::<_, candle_core::Error>((call.dev.clone_dtoh(&i)?, call.dev.clone_dtoh(&l)?)));
+        match fetched {
+            Some(Ok((idx, lp))) => match super::topk::check_teacher_row(row, call.v, &idx, &lp) {
+                Err(e) => e,
+                Ok(_) => msg(format!("{}: the CUDA kernel flagged top-k teacher row {row}", call.op)),
+            },
+            Some(Err(e)) => e,
+            None => msg(format!("{}: the CUDA kernel flagged top-k teacher row {row}", call.op)),
+        }
+    }
+}
+
+/// `TopKRows`: student (N, V), indices (N, k) u32, log_probs (N, k) f32 -> (N,) f32. A
+/// bad teacher row is an error naming it, as on the CPU; finding out costs a 4-byte copy
+/// back to the host per call.
+#[allow(clippy::too_many_arguments)] // the op's three (storage, layout) pairs and its constants
+pub(super) fn top_k_rows_fwd(
+    op: &'static str,
+    divergence: Divergence,
+    temperature: f64,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows_shape, v) = rows_and_vocab(l1);
+    let dev = &s1.device;
+    let call = Call {
+        dev,
+        op,
+        rows: rows_shape.elem_count(),
+        v,
+    };
+    let top = TopKArgs::new(&call, s2, l2, s3, l3)?;
+    let args = Args::new(divergence, temperature);
+    let out = with_float_view!(op, "student logits", s1, l1, |s, sn| top_k_fwd(
+        &call, sn, &s, &top, &args
+    )?);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), rows_shape))
+}
+
+fn top_k_fwd<S>(call: &Call, sn: Elem, s: &CudaView<S>, top: &TopKArgs, a: &Args) -> Result<CudaSlice<f32>> {
+    let dev = call.dev;
+    // SAFETY: thread 0 of block `row` writes out[row], one block per row.
+    let out = unsafe { dev.alloc::<f32>(call.rows)? }; // (N,)
+    if call.rows == 0 {
+        return Ok(out);
+    }
+    let bad = dev.alloc_zeros::<u32>(1)?; // (1,): u32::MAX - (a bad row), or 0
+    let (func, n, c) = call.kernel(sn, &format!("distill_topk_fwd_{}", sn.name))?;
+    let kk = top.k as i32; // <= MAX_TOP_K
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(s).arg(&top.indices).arg(&top.log_probs).arg(&out).arg(&bad);
+    b.arg(&n).arg(&c).arg(&kk);
+    b.arg(&a.kind).arg(&a.inv_t).arg(&a.w).arg(&a.ln_w).arg(&a.ln_1mw);
+    // SAFETY: the arguments match distill_topk_fwd_*'s parameters in number, order and
+    // type; s holds rows * v elements, indices and log_probs rows * kk, out rows, bad
+    // one; the dynamic shared memory is the 4 (4 kk + 3) bytes the kernel lays out.
+    unsafe { b.launch(top.config(call)) }.w()?;
+    match dev.clone_dtoh(&bad)?.first() {
+        Some(&f) if f != 0 => Err(top.bad_row_error(call, f)),
+        _ => Ok(out),
+    }
+}
+
+/// `TopKRowsGrad`: student (N, V), indices (N, k), log_probs (N, k) and the incoming
+/// gradient per row (held by the op, copied to the device here) -> (N, V) in the
+/// student's dtype.
+#[allow(clippy::too_many_arguments)] // the op's three (storage, layout) pairs and its constants
+pub(super) fn top_k_rows_bwd(
+    op: &'static str,
+    divergence: Divergence,
+    temperature: f64,
+    grad_rows: &[f32],
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows_shape, v) = rows_and_vocab(l1);
+    let dev = &s1.device;
+    let call = Call {
+        dev,
+        op,
+        rows: rows_shape.elem_count(),
+        v,
+    };
+    check_rows(op, "the incoming gradient", grad_rows.len(), call.rows)?;
+    let top = TopKArgs::new(&call, s2, l2, s3, l3)?;
+    let args = Args::new(divergence, temperature);
+    let grad_rows = dev.clone_htod(grad_rows)?; // (N,)
+    let out = with_float_view!(op, "student logits", s1, l1, |s, sn| {
+        let out = top_k_bwd(&call, sn, &s, &top, &grad_rows, &args)?; // (N, V)
+        CudaStorage::wrap_cuda_slice(out, dev.clone())
+    });
+    Ok((out, l1.shape().clone()))
+}
+
+fn top_k_bwd<S: DeviceRepr>(
+    call: &Call,
+    sn: Elem,
+    s: &CudaView<S>,
+    top: &TopKArgs,
+    grad_rows: &CudaSlice<f32>,
+    a: &Args,
+) -> Result<CudaSlice<S>> {
+    let dev = call.dev;
+    // SAFETY: the kernel writes every element of every row (zeros for masked and bad
+    // rows) before anything reads it.
+    let out = unsafe { dev.alloc::<S>(call.rows * call.v)? }; // (N, V)
+    if call.rows == 0 {
+        return Ok(out);
+    }
+    let bad = dev.alloc_zeros::<u32>(1)?;
+    let (func, n, c) = call.kernel(sn, &format!("distill_topk_bwd_{}", sn.name))?;
+    let kk = top.k as i32; // <= MAX_TOP_K
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(s)
+        .arg(&top.indices)
+        .arg(&top.log_probs)
+        .arg(grad_rows)
+        .arg(&out)
+        .arg(&bad);
+    b.arg(&n).arg(&c).arg(&kk);
+    b.arg(&a.kind).arg(&a.inv_t).arg(&a.w).arg(&a.ln_w).arg(&a.ln_1mw);
+    // SAFETY: the arguments match distill_topk_bwd_*'s parameters in number, order and
+    // type; s and out hold rows * v elements, indices and log_probs rows * kk,
+    // grad_rows rows, bad one; the dynamic shared memory is the kernel's 4 (4 kk + 3) bytes.
+    unsafe { b.launch(top.config(call)) }.w()?;
+    match dev.clone_dtoh(&bad)?.first() {
+        Some(&f) if f != 0 => Err(top.bad_row_error(call, f)),
+        _ => Ok(out),
+    }
 }

@@ -21,6 +21,10 @@
 //!   term `p_tail KL(p_tail-normalised || q_tail-normalised)`, which is >= 0, so the top-k
 //!   loss is a lower bound of the full one (tested).
 //!
+//! The ops run on the CPU (below) and, in a `cuda` build, on CUDA: the top-k kernels of
+//! `kernels/divergence.cu` do the same coarsening one thread block per row, with k at most
+//! 2048 there.
+//!
 //! The alternative many tools use, renormalising the teacher over its top k and ignoring
 //! the tail, overstates the teacher's confidence on every row whose top k hold little mass.
 //!
@@ -38,7 +42,7 @@ use rayon::prelude::*;
 
 use super::family::{check_temperature, Divergence};
 use super::fused::{
-    backward_row, check_cpu, check_rows, exp_f32, f32_slice, float_input, forward_row, ld, min_rows, no_kernel,
+    backward_row, check_kernel_device, check_rows, exp_f32, f32_slice, float_input, forward_row, ld, min_rows,
     rows_and_vocab, u32_slice, with_float_slice, Kernel, LogNorm,
 };
 use crate::error::{Error, Result};
@@ -116,7 +120,7 @@ pub fn top_k_divergence_rows(student: &Tensor, teacher: &TopK, d: Divergence, te
     d.validate()?;
     check_temperature(temperature)?;
     check_top_k_shapes(student, teacher)?;
-    check_cpu(student, "top_k_divergence_rows")?;
+    check_kernel_device(student, "top_k_divergence_rows")?;
     let student = float_input(student, "student logits")?; // (N, V)
     let indices = teacher.indices.to_dtype(DType::U32)?.contiguous()?; // (N, k)
     let log_probs = teacher.log_probs.to_dtype(DType::F32)?.detach().contiguous()?; // (N, k)
@@ -189,14 +193,22 @@ impl CustomOp3 for TopKRows {
 
     fn cuda_fwd(
         &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Err(no_kernel(self.name(), "CUDA"))
+        #[cfg(feature = "cuda")]
+        {
+            super::cuda::top_k_rows_fwd(self.name(), self.divergence, self.temperature, s1, l1, s2, l2, s3, l3)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (s1, l1, s2, l2, s3, l3);
+            Err(super::fused::no_kernel(self.name(), "CUDA"))
+        }
     }
 
     fn bwd(
@@ -261,14 +273,23 @@ impl CustomOp3 for TopKRowsGrad {
 
     fn cuda_fwd(
         &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Err(no_kernel(self.name(), "CUDA"))
+        #[cfg(feature = "cuda")]
+        {
+            let (name, d, t) = (self.name(), self.divergence, self.temperature);
+            super::cuda::top_k_rows_bwd(name, d, t, &self.grad_rows, s1, l1, s2, l2, s3, l3)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (s1, l1, s2, l2, s3, l3);
+            Err(super::fused::no_kernel(self.name(), "CUDA"))
+        }
     }
 }
 
@@ -289,11 +310,17 @@ fn bad_row(row: usize, msg: String) -> candle_core::Error {
     candle_core::Error::Msg(format!("top-k teacher, row {row}: {msg}")).bt()
 }
 
-/// Builds a row's k + 1 categories, checking the teacher side: ids inside the vocabulary
-/// and distinct, log-probabilities <= 0 (up to rounding) and not NaN, summing to at most 1.
-fn coarsen<S: WithDType>(row: usize, s: &[S], idx: &[u32], lp: &[f32], inv_t: f32) -> candle_core::Result<Coarse> {
-    let v = s.len();
-    let norm = LogNorm::of_row(s, inv_t);
+/// Checks a row's teacher side against a vocabulary of `v`: ids inside it and distinct,
+/// log-probabilities <= 0 (up to rounding) and not NaN, their probabilities summing to at
+/// most 1 (up to rounding). Returns the ids sorted and the listed mass (summed in f64 in
+/// the listed order). The CUDA kernels make the same checks and call this on a row they
+/// flag, for the message.
+pub(super) fn check_teacher_row(
+    row: usize,
+    v: usize,
+    idx: &[u32],
+    lp: &[f32],
+) -> candle_core::Result<(Vec<usize>, f64)> {
     let mut sorted: Vec<usize> = idx.iter().map(|&i| i as usize).collect();
     sorted.sort_unstable();
     if let Some(&last) = sorted.last() {
@@ -307,6 +334,27 @@ fn coarsen<S: WithDType>(row: usize, s: &[S], idx: &[u32], lp: &[f32], inv_t: f3
     if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
         return Err(bad_row(row, format!("token id {} is listed twice", w[0])));
     }
+    let mut mass = 0f64;
+    for &l in lp {
+        if l.is_nan() || l > 1e-4 {
+            return Err(bad_row(row, format!("log-probability {l} is not <= 0")));
+        }
+        mass += (l as f64).exp();
+    }
+    if mass > 1.0 + 1e-3 {
+        return Err(bad_row(
+            row,
+            format!("the top-k probabilities sum to {mass}, more than 1; were they written at another temperature?"),
+        ));
+    }
+    Ok((sorted, mass))
+}
+
+/// Builds a row's k + 1 categories, after `check_teacher_row`.
+fn coarsen<S: WithDType>(row: usize, s: &[S], idx: &[u32], lp: &[f32], inv_t: f32) -> candle_core::Result<Coarse> {
+    let v = s.len();
+    let (sorted, mass) = check_teacher_row(row, v, idx, lp)?;
+    let norm = LogNorm::of_row(s, inv_t);
     // The student's tail: a log-sum-exp over the unlisted tokens only, segment by
     // segment, shifted by the tail's own max so that it stays finite (not -inf) when
     // the tail is far below the row's max, as the reference's log-sum-exp does.
@@ -329,19 +377,6 @@ fn coarsen<S: WithDType>(row: usize, s: &[S], idx: &[u32], lp: &[f32], inv_t: f3
             .sum();
         (tail_max - norm.max) + sum.ln() - norm.log_sum
     };
-    let mut mass = 0f64;
-    for &l in lp {
-        if l.is_nan() || l > 1e-4 {
-            return Err(bad_row(row, format!("log-probability {l} is not <= 0")));
-        }
-        mass += (l as f64).exp();
-    }
-    if mass > 1.0 + 1e-3 {
-        return Err(bad_row(
-            row,
-            format!("the top-k probabilities sum to {mass}, more than 1; were they written at another temperature?"),
-        ));
-    }
     // With every token listed the tail is empty by definition; 1 - mass would be
     // rounding noise there, and a noise mass against the student's empty tail is infinite.
     let rest = if idx.len() == v { 0.0 } else { 1.0 - mass };
@@ -632,6 +667,57 @@ mod tests {
             log_probs: Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?,
         };
         assert!(top_k_divergence_rows(&s, &wrong, Divergence::ForwardKl, 1.0).is_err());
+        Ok(())
+    }
+
+    /// The CUDA kernels against the CPU ones, values and gradients, for every divergence,
+    /// k = 1, 64 and V, and a bad teacher row. Compiled in every `cuda` build; skipped,
+    /// with a message, where no GPU is present.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_top_k_kernels_match_the_cpu_kernels() -> Result<()> {
+        let gpu = match Device::new_cuda(0) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("skipped cuda_top_k_kernels_match_the_cpu_kernels: no CUDA device ({e})");
+                return Ok(());
+            }
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let (n, v) = (12, 3001);
+        let s = logits(&mut rng, n, v);
+        let t = Tensor::from_vec(teacher_logits(&mut rng, n, v), (n, v), &Device::Cpu)?;
+        let w: Vec<f32> = (0..n).map(|i| if i % 4 == 3 { 0.0 } else { 1.0 }).collect();
+        for k in [1, 64, v] {
+            let top = top_k_of_logits(&t, k, 2.0)?;
+            for d in ALL {
+                let on = |dev: &Device| -> Result<(Vec<f32>, Vec<f32>)> {
+                    let top = TopK {
+                        indices: top.indices.to_device(dev)?,
+                        log_probs: top.log_probs.to_device(dev)?,
+                    };
+                    let sv = Var::from_slice(&s, (n, v), dev)?;
+                    let rows = top_k_divergence_rows(sv.as_tensor(), &top, d, 2.0)?;
+                    let g = (&rows * Tensor::from_slice(&w, n, dev)?)?.sum_all()?.backward()?;
+                    let grad = g.get(sv.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+                    Ok((rows.to_vec1::<f32>()?, grad))
+                };
+                let (cr, cg) = on(&Device::Cpu)?;
+                let (gr, gg) = on(&gpu)?;
+                let floor: Vec<f32> = cr.iter().zip(&w).map(|(l, w)| (l * w).abs()).collect();
+                assert_close(&format!("{d} k={k} rows"), &gr, &cr, 1, &[0.01; 12], 1e-4);
+                assert_close(&format!("{d} k={k} grads"), &gg, &cg, v, &floor, 1e-4);
+            }
+        }
+        let bad = TopK {
+            indices: Tensor::new(&[[0u32, 7], [1, 1]], &gpu)?,
+            log_probs: Tensor::new(&[[-1f32, -1.0], [-1.0, -1.0]], &gpu)?,
+        };
+        let s = Tensor::zeros((2, 9), DType::F32, &gpu)?;
+        let e = top_k_divergence_rows(&s, &bad, Divergence::ForwardKl, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("row 1: token id 1 is listed twice"), "{e}");
         Ok(())
     }
 }
