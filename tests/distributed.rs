@@ -83,11 +83,14 @@ fn bitwise_equal(a: &Path, b: &Path) -> bool {
     })
 }
 
-/// The largest ||a - b|| / ||a|| over the tensors of every stage.
-fn max_relative_difference(a: &Path, b: &Path) -> f64 {
-    let mut worst = 0f64;
+/// Relative differences ||a - b|| / ||a|| between two runs' weights: the largest over the
+/// stages of the whole model's (every tensor as one vector), and the largest over single
+/// tensors.
+fn relative_differences(a: &Path, b: &Path) -> (f64, f64) {
+    let (mut model, mut tensor) = (0f64, 0f64);
     for s in STAGES {
         let (x, y) = (weights(a, s), weights(b, s));
+        let (mut diff_all, mut norm_all) = (0f64, 0f64);
         for (k, t) in &x {
             let p = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let q = y[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -97,10 +100,13 @@ fn max_relative_difference(a: &Path, b: &Path) -> f64 {
                 .map(|(u, v)| (f64::from(*u) - f64::from(*v)).powi(2))
                 .sum();
             let norm: f64 = p.iter().map(|u| f64::from(*u).powi(2)).sum();
-            worst = worst.max((diff / norm.max(1e-30)).sqrt());
+            tensor = tensor.max((diff / norm.max(1e-30)).sqrt());
+            diff_all += diff;
+            norm_all += norm;
         }
+        model = model.max((diff_all / norm_all.max(1e-30)).sqrt());
     }
-    worst
+    (model, tensor)
 }
 
 fn ledger(run_dir: &Path) -> Vec<serde_json::Value> {
@@ -116,7 +122,12 @@ fn ledger(run_dir: &Path) -> Vec<serde_json::Value> {
 /// - they are bitwise the run of one process that accumulates the same two halves as
 ///   micro-batches of 8 (`grad_accum = 2`): the ranks compute exactly that sum;
 /// - against one process with whole batches of 16 they differ only by the order of the
-///   float additions; `max_relative_difference` is printed and bounded.
+///   float additions: each stage's weights within 1e-5 relative (the issue's bound), and
+///   every single tensor within 1e-4. The single-tensor figure is larger because of
+///   Adam's epsilon (1e-8): a gradient element near zero is mostly rounding noise, and
+///   Adam scales its step up to the size of every other's. Measured on this config: one
+///   step gives whole models within 1.5e-6 and the teacher's down_proj at 1.3e-5; with
+///   eps = 1e-6 instead, 7e-8 and 6.8e-7.
 ///
 /// The ledger bills both ranks and records the communication time; rank 0 alone wrote
 /// the metrics.
@@ -147,9 +158,13 @@ fn two_ranks_train_the_weights_of_one_process_bitwise_reproducibly() {
         bitwise_equal(&d.join("two-a"), &d.join("accum")),
         "2 ranks differ from one process accumulating the same halves"
     );
-    let rel = max_relative_difference(&d.join("one"), &d.join("two-a"));
-    eprintln!("2 ranks vs one process with whole batches: max ||a - b|| / ||a|| = {rel:.3e}");
-    assert!(rel > 0.0 && rel < 1e-4, "{rel:e}");
+    let (model, tensor) = relative_differences(&d.join("one"), &d.join("two-a"));
+    eprintln!(
+        "2 ranks vs one process with whole batches, ||a - b|| / ||a||: whole model {model:.3e}, \
+         worst tensor {tensor:.3e}"
+    );
+    assert!(model > 0.0 && model < 1e-5, "whole model {model:e}");
+    assert!(tensor < 1e-4, "worst tensor {tensor:e}");
 
     let records = ledger(&d.join("two-a"));
     for r in &records {

@@ -203,25 +203,72 @@ pub fn launcher_rank() -> Option<(usize, usize)> {
 }
 
 /// An id of the launched job, the same on all its ranks and different for the next
-/// job (Slurm's job and step, PMIx's namespace under Open MPI 4/5, Open MPI's job id),
-/// or "0" when the launcher sets none of them.
-pub fn launcher_job_id() -> String {
-    let slurm = std::env::var("SLURM_JOB_ID")
-        .ok()
-        .map(|j| format!("{j}.{}", std::env::var("SLURM_STEP_ID").unwrap_or_default()));
-    slurm
-        .or_else(|| std::env::var("PMIX_NAMESPACE").ok())
-        .or_else(|| std::env::var("OMPI_MCA_ess_base_jobid").ok())
-        .unwrap_or_else(|| "0".into())
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+/// job, from the environment; `None` when the launcher sets none (MPICH's Hydra, for one).
+pub fn launcher_job_id() -> Option<String> {
+    job_id_from(|name| std::env::var(name).ok())
+}
+
+/// `launcher_job_id` over any environment: `DISTILL_JOB_ID` (set by the user, the same on
+/// every rank), then Slurm's job, step and restart count (a requeued job keeps its job id
+/// and numbers its steps from 0 again), then PMIx's namespace (Open MPI 4/5), then Open
+/// MPI's job id. Characters other than letters, digits, `.` and `-` become `_`.
+fn job_id_from(env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let slurm = env("SLURM_JOB_ID").map(|j| {
+        let step = env("SLURM_STEP_ID").unwrap_or_default();
+        let restart = env("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into());
+        format!("{j}.{step}.{restart}")
+    });
+    let id = env("DISTILL_JOB_ID")
+        .filter(|v| !v.trim().is_empty())
+        .or(slurm)
+        .or_else(|| env("PMIX_NAMESPACE"))
+        .or_else(|| env("OMPI_MCA_ess_base_jobid"))?;
+    Some(
+        id.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect(),
+    )
+}
+
+/// How rank 0 hands NCCL's unique id to the other ranks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NcclIdExchange {
+    /// Broadcast over MPI (a build with `--features mpi`): nothing on disk.
+    Mpi,
+    /// Through this file, on a filesystem every rank shares; its name holds the job id,
+    /// so that a file left by an earlier job that crashed is never read by this one.
+    File(std::path::PathBuf),
+}
+
+/// Picks the id exchange: MPI when the build has it; otherwise a file named after
+/// `job_id` in `out_dir`. Without either, the ranks could not tell this job's file from
+/// a stale one, so that is an error that says what to set.
+pub fn nccl_id_exchange(
+    out_dir: &std::path::Path,
+    run_name: &str,
+    job_id: Option<&str>,
+    mpi_built: bool,
+) -> Result<NcclIdExchange> {
+    if mpi_built {
+        return Ok(NcclIdExchange::Mpi);
+    }
+    match job_id {
+        Some(job) => Ok(NcclIdExchange::File(out_dir.join(format!(".{run_name}.nccl-id-{job}")))),
+        None => Err(Error::Distributed(
+            "backend \"nccl\": rank 0 passes NCCL's unique id to the other ranks in a file, and the launcher set \
+             no job id to name it (none of SLURM_JOB_ID, PMIX_NAMESPACE, OMPI_MCA_ess_base_jobid), so a file \
+             left by an earlier job could be read by this one; set DISTILL_JOB_ID to a value unique to this \
+             launch on every rank (e.g. `DISTILL_JOB_ID=$(date +%s%N) mpiexec -n 8 distill ...`), or build \
+             with `--features cuda,mpi` to pass the id over MPI"
+                .into(),
+        )),
+    }
 }
 
 /// This process's index among the ranks on its host, to pick its GPU.
@@ -360,17 +407,17 @@ mod mpi_backend {
     }
 }
 
-/// NCCL between the GPUs of a job: rank and world size from the launcher, the
-/// GPU from the local rank (`cuda:<local rank>`), and NCCL's unique id passed from
-/// rank 0 to the others through `id_file` on a filesystem they share.
+/// NCCL between the GPUs of a job: the GPU from the local rank (`cuda:<local rank>`),
+/// and NCCL's unique id passed from rank 0 to the others as `exchange` says (rank and
+/// world size from MPI, or from the launcher's environment with a file).
 #[cfg(feature = "cuda")]
-pub fn init_nccl(device: &candle_core::Device, id_file: &std::path::Path) -> Result<Box<dyn Collective>> {
-    Ok(Box::new(nccl_backend::Nccl::init(device, id_file)?))
+pub fn init_nccl(device: &candle_core::Device, exchange: &NcclIdExchange) -> Result<Box<dyn Collective>> {
+    Ok(Box::new(nccl_backend::Nccl::init(device, exchange)?))
 }
 
 /// A build without CUDA cannot start NCCL.
 #[cfg(not(feature = "cuda"))]
-pub fn init_nccl(_device: &candle_core::Device, _id_file: &std::path::Path) -> Result<Box<dyn Collective>> {
+pub fn init_nccl(_device: &candle_core::Device, _exchange: &NcclIdExchange) -> Result<Box<dyn Collective>> {
     Err(Error::Distributed(
         "[distributed] backend = \"nccl\", but this build has no CUDA support; rebuild with \
          `cargo build --release --features cuda`, or use backend = \"mpi\" on CPUs"
@@ -396,19 +443,22 @@ pub fn rank_device_ordinal() -> usize {
 
 #[cfg(feature = "cuda")]
 mod nccl_backend {
-    use std::sync::Arc;
+    use std::rc::Rc;
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
     use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
     use candle_core::{CpuStorage, CudaStorage, CustomOp1, Device, Layout, Shape, Tensor};
 
-    use super::{Backend, Collective};
+    use super::{Backend, Collective, NcclIdExchange};
     use crate::error::{Error, Result};
 
     pub struct Nccl {
-        comm: Arc<Comm>,
+        comm: Rc<Comm>,
         device: Device,
+        /// The MPI world the id came over, when it did: kept for the life of the job
+        /// (dropping it finalises MPI).
+        _mpi: Option<Box<dyn Collective>>,
     }
 
     fn nccl_err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -416,54 +466,86 @@ mod nccl_backend {
     }
 
     impl Nccl {
-        pub fn init(device: &Device, id_file: &std::path::Path) -> Result<Self> {
-            let (rank, world) = super::launcher_rank().ok_or_else(|| {
-                Error::Distributed(
-                    "backend \"nccl\" needs a launcher that sets the rank and world size (mpirun, srun): none of \
-                     OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID is set"
-                        .into(),
-                )
-            })?;
+        pub fn init(device: &Device, exchange: &NcclIdExchange) -> Result<Self> {
             let cuda = device.as_cuda_device().map_err(|_| {
                 Error::Distributed("backend \"nccl\" needs --device cuda; use backend = \"mpi\" on CPUs".into())
             })?;
-            let id = if rank == 0 {
-                let id = Id::new().map_err(|e| nccl_err("unique id", e))?;
-                let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
-                crate::checkpoint::write_file_atomic(id_file, &bytes)?;
-                id
-            } else {
-                let t0 = std::time::Instant::now();
-                loop {
-                    if let Ok(b) = std::fs::read(id_file) {
-                        if b.len() == 128 {
-                            let mut internal = [0 as std::ffi::c_char; 128];
-                            for (d, s) in internal.iter_mut().zip(&b) {
-                                *d = *s as std::ffi::c_char;
-                            }
-                            break Id::uninit(internal);
-                        }
-                    }
-                    if t0.elapsed() > std::time::Duration::from_secs(600) {
-                        return Err(Error::Distributed(format!(
-                            "rank {rank}: rank 0 wrote no NCCL id to {} within 10 minutes; the run directory must \
-                             be on a filesystem all ranks share",
-                            id_file.display()
-                        )));
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+            let (rank, world, id, mpi) = match exchange {
+                NcclIdExchange::Mpi => {
+                    let mpi = super::init_mpi()?;
+                    let (rank, world) = (mpi.rank(), mpi.world());
+                    let mine = if rank == 0 { id_bytes(&new_id()?) } else { Vec::new() };
+                    let all = mpi.gather_bytes(&mine)?;
+                    let id = id_from_bytes(all.first().map(Vec::as_slice).unwrap_or_default())
+                        .ok_or_else(|| Error::Distributed(format!("rank {rank}: rank 0 sent no NCCL id over MPI")))?;
+                    (rank, world, id, Some(mpi))
+                }
+                NcclIdExchange::File(id_file) => {
+                    let (rank, world) = super::launcher_rank().ok_or_else(|| {
+                        Error::Distributed(
+                            "backend \"nccl\" needs a launcher that sets the rank and world size (mpirun, srun): \
+                             none of OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID is set"
+                                .into(),
+                        )
+                    })?;
+                    (rank, world, file_id(rank, id_file)?, None)
                 }
             };
             let comm = Comm::from_rank(cuda.cuda_stream(), rank, world, id).map_err(|e| nccl_err("init", e))?;
             Ok(Self {
-                comm: Arc::new(comm),
+                comm: Rc::new(comm),
                 device: device.clone(),
+                _mpi: mpi,
             })
         }
     }
 
-    /// The all-reduce as a candle op, so it runs on the tensor's device memory.
-    struct AllReduce(Arc<Comm>);
+    fn new_id() -> Result<Id> {
+        Id::new().map_err(|e| nccl_err("unique id", e))
+    }
+
+    fn id_bytes(id: &Id) -> Vec<u8> {
+        id.internal().iter().map(|&c| c as u8).collect()
+    }
+
+    /// NCCL's id is 128 bytes; anything else is not one.
+    fn id_from_bytes(b: &[u8]) -> Option<Id> {
+        if b.len() != 128 {
+            return None;
+        }
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (d, s) in internal.iter_mut().zip(b) {
+            *d = *s as std::ffi::c_char;
+        }
+        Some(Id::uninit(internal))
+    }
+
+    /// Rank 0 writes a new id to `id_file` (atomically); the others wait for it.
+    fn file_id(rank: usize, id_file: &std::path::Path) -> Result<Id> {
+        if rank == 0 {
+            let id = new_id()?;
+            crate::checkpoint::write_file_atomic(id_file, &id_bytes(&id))?;
+            return Ok(id);
+        }
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(id) = std::fs::read(id_file).ok().and_then(|b| id_from_bytes(&b)) {
+                return Ok(id);
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(600) {
+                return Err(Error::Distributed(format!(
+                    "rank {rank}: rank 0 wrote no NCCL id to {} within 10 minutes; the run directory must \
+                     be on a filesystem all ranks share",
+                    id_file.display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// The all-reduce as a candle op, so it runs on the tensor's device memory. (`Rc`:
+    /// NCCL's communicator is neither `Send` nor `Sync`, and each rank uses it from one thread.)
+    struct AllReduce(Rc<Comm>);
 
     impl CustomOp1 for AllReduce {
         fn name(&self) -> &'static str {
@@ -674,11 +756,46 @@ mod tests {
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let e = init_nccl(&candle_core::Device::Cpu, std::path::Path::new("x"))
+            let e = init_nccl(&candle_core::Device::Cpu, &NcclIdExchange::Mpi)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
             assert!(e.contains("--features cuda"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_job_id_comes_from_the_launcher_and_names_the_nccl_id_file() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(job_id_from(env(&[])), None);
+        assert_eq!(
+            job_id_from(env(&[("SLURM_JOB_ID", "812"), ("SLURM_STEP_ID", "0")])).as_deref(),
+            Some("812.0.0")
+        );
+        // A requeued Slurm job keeps its id and starts its steps at 0 again.
+        let requeued = env(&[
+            ("SLURM_JOB_ID", "812"),
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_RESTART_COUNT", "1"),
+        ]);
+        assert_eq!(job_id_from(requeued).as_deref(), Some("812.0.1"));
+        assert_eq!(
+            job_id_from(env(&[("PMIX_NAMESPACE", "prterun-host-123@1")])).as_deref(),
+            Some("prterun-host-123_1")
+        );
+        let both = env(&[("DISTILL_JOB_ID", "mine"), ("SLURM_JOB_ID", "812")]);
+        assert_eq!(job_id_from(both).as_deref(), Some("mine"));
+
+        let dir = std::path::Path::new("/runs");
+        assert_eq!(
+            nccl_id_exchange(dir, "r1", Some("812.0.1"), false).unwrap(),
+            NcclIdExchange::File(dir.join(".r1.nccl-id-812.0.1"))
+        );
+        assert_eq!(nccl_id_exchange(dir, "r1", None, true).unwrap(), NcclIdExchange::Mpi);
+        // No job id and no MPI: refused, rather than risk a stale file from an earlier job.
+        let e = nccl_id_exchange(dir, "r1", None, false).unwrap_err().to_string();
+        assert!(e.contains("DISTILL_JOB_ID") && e.contains("--features cuda,mpi"), "{e}");
     }
 }

@@ -109,17 +109,18 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
     let dev = device::open(name)?;
     let comm = match cfg.distributed.backend {
         Backend::Nccl => {
-            let id_file = cfg
-                .run
-                .out_dir
-                .join(format!(".{}.nccl-id-{}", cfg.run.name, distributed::launcher_job_id()));
-            if let Some(parent) = id_file.parent() {
-                std::fs::create_dir_all(parent).at(parent)?;
+            let job = distributed::launcher_job_id();
+            let exchange =
+                distributed::nccl_id_exchange(&cfg.run.out_dir, &cfg.run.name, job.as_deref(), cfg!(feature = "mpi"))?;
+            if let distributed::NcclIdExchange::File(id_file) = &exchange {
+                if let Some(parent) = id_file.parent() {
+                    std::fs::create_dir_all(parent).at(parent)?;
+                }
             }
-            let comm = distributed::init_nccl(&dev, &id_file)?;
+            let comm = distributed::init_nccl(&dev, &exchange)?;
             comm.barrier()?;
-            if comm.is_root() {
-                let _ = std::fs::remove_file(&id_file);
+            if let (distributed::NcclIdExchange::File(id_file), true) = (&exchange, comm.is_root()) {
+                let _ = std::fs::remove_file(id_file);
             }
             comm
         }
