@@ -231,12 +231,19 @@ impl Ledger {
         self.stages.iter().any(|c| c.stage == stage && !c.interrupted)
     }
 
-    /// Appends a stage to `ledger.jsonl` (fsynced) and rewrites `cost.json`.
+    /// Appends a stage of this run to `ledger.jsonl` (fsynced) and rewrites `cost.json`,
+    /// billed on the run's ranks.
     pub fn record(&mut self, mut cost: StageCost) -> Result<()> {
         if cost.world_size != self.world {
             let (comm, steps) = (cost.comm_seconds, cost.steps);
             cost = cost.on_ranks(self.world, comm, steps);
         }
+        self.record_as_billed(cost)
+    }
+
+    /// Appends a stage billed on the ranks it says (`StageCost::on_ranks`): a segment
+    /// an earlier launch ran, on its own number of ranks.
+    pub fn record_as_billed(&mut self, mut cost: StageCost) -> Result<()> {
         if let (Some(peak), None) = (self.peak_flops, cost.peak_flops_per_second) {
             cost.peak_flops_per_second = Some(peak);
             if !cost.interrupted && cost.flops_per_second > 0.0 && peak > 0.0 {

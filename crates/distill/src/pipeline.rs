@@ -324,6 +324,7 @@ fn run_on(
         stage: Default::default(),
         dollars_per_second: crate::cost::price_per_hour(&cfg.cost, &info) * (info.count * world) as f64 / 3600.0,
         spent_before: std::cell::Cell::new(ledger.summary().total_dollars),
+        world,
     };
     let progress: &dyn Progress = &heartbeat;
 
@@ -415,6 +416,10 @@ fn run_on(
     } else {
         let t0 = Instant::now();
         let (model, flops, calib_tokens) = pruned_student(&teacher, cfg, student_train, &dev, progress)?;
+        // Every rank prunes the same way on the same calibration data (so that each holds
+        // the student with no broadcast): the devices billed did world x one rank's work,
+        // and the peak the MFU divides by is the world's.
+        let flops = flops * comm.world() as f64;
         if !ledger.completed("prune") {
             ledger.record(StageCost::new(
                 "prune",
@@ -916,6 +921,10 @@ struct Beat {
     stage: String,
     started_unix: f64,
     alive_unix: f64,
+    /// The ranks the segment ran on: a resume on another number of ranks still bills
+    /// the killed segment at its own. (Heartbeats written before this field: 1.)
+    #[serde(default = "one_rank")]
+    world: usize,
 }
 
 fn now_unix() -> f64 {
@@ -933,6 +942,8 @@ struct Heartbeat<'a> {
     inner: &'a dyn Progress,
     stage: std::cell::RefCell<Option<Beat>>,
     dollars_per_second: f64,
+    /// The ranks of this run.
+    world: usize,
     /// Dollars of the ledger records written before the current stage.
     spent_before: std::cell::Cell<f64>,
 }
@@ -1021,6 +1032,7 @@ impl Progress for Heartbeat<'_> {
             stage: stage.to_string(),
             started_unix: now,
             alive_unix: now,
+            world: self.world,
         });
         self.beat();
         if total_steps > 0 {
@@ -1072,7 +1084,8 @@ fn record_killed_segment(
             "{}: the last run was killed {wall:.1} s into this stage; resuming",
             b.stage
         ));
-        ledger.record(StageCost::interrupted(&b.stage, info, &cfg.cost, wall))?;
+        let killed = StageCost::interrupted(&b.stage, info, &cfg.cost, wall).on_ranks(b.world, 0.0, None);
+        ledger.record_as_billed(killed)?;
     }
     std::fs::remove_file(&path).at(&path)
 }
@@ -1611,4 +1624,43 @@ pub fn verdict(r: &Report) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A segment killed on 2 ranks and resumed on 1 is billed for 2.
+    #[test]
+    fn a_killed_segment_is_billed_on_the_ranks_it_ran_on() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let beat = Beat {
+            stage: "teacher".into(),
+            started_unix: 1000.0,
+            alive_unix: 1360.0,
+            world: 2,
+        };
+        std::fs::write(dir.path().join(HEARTBEAT), serde_json::to_vec(&beat)?)?;
+        let mut ledger = Ledger::new(dir.path()).in_memory(); // this run: 1 rank
+        let info = DeviceInfo {
+            kind: "cpu".into(),
+            count: 2,
+            ..Default::default()
+        };
+        record_killed_segment(dir.path(), &mut ledger, &info, &Config::default(), &train::Silent)?;
+        let killed = &ledger.stages[0];
+        assert!(killed.interrupted);
+        assert_eq!(killed.world_size, 2);
+        assert!(
+            (killed.device_hours - 360.0 / 3600.0 * 2.0 * 2.0).abs() < 1e-12,
+            "{killed:?}"
+        );
+        assert!(!dir.path().join(HEARTBEAT).exists());
+        // A heartbeat from before the field: one rank.
+        let old = r#"{"stage":"student","started_unix":0.0,"alive_unix":36.0}"#;
+        std::fs::write(dir.path().join(HEARTBEAT), old)?;
+        record_killed_segment(dir.path(), &mut ledger, &info, &Config::default(), &train::Silent)?;
+        assert_eq!(ledger.stages[1].world_size, 1);
+        Ok(())
+    }
 }
