@@ -249,7 +249,27 @@ pub fn write_index(
     };
     let json = serde_json::to_vec_pretty(&index).map_err(|e| bad(&index_path, e.to_string()))?;
     write_file_atomic(&index_path, &json)?;
+    remove_unlisted_shards(dir, &index)?;
     Ok(index)
+}
+
+/// Deletes the shard files in `dir` that `index` does not list: those of an earlier cache
+/// written there with more shards or by other ranks. Only names of the form
+/// `shard-*.safetensors` are touched, and only once the new index is on disk, so a crash
+/// before this leaves garbage, never a cache without its shards.
+fn remove_unlisted_shards(dir: &Path, index: &Index) -> Result<()> {
+    let listed: std::collections::HashSet<&str> = index.shards.iter().map(|s| s.file.as_str()).collect();
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name.starts_with("shard-") && name.ends_with(".safetensors");
+        if ours && !listed.contains(name) && entry.file_type().at(dir)?.is_file() {
+            let path = entry.path();
+            std::fs::remove_file(&path).at(&path)?;
+        }
+    }
+    Ok(())
 }
 
 fn write_shard(path: &Path, ids: &[u32], lps: &[f32], rows: usize, k: usize) -> Result<()> {
@@ -613,6 +633,24 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Rewriting a cache deletes the shards the new index does not list (an earlier
+    /// writer's), and nothing else.
+    #[test]
+    fn a_rewritten_cache_leaves_no_old_shards() -> Result<()> {
+        let (dir, model, data) = (tempfile::tempdir().unwrap(), teacher(), data());
+        let old = dir.path().join("shard-r1-00000.safetensors"); // as rank 1 of an earlier job wrote
+        let mine = dir.path().join("notes.txt");
+        std::fs::write(&old, b"stale").unwrap();
+        std::fs::write(&mine, b"the user's").unwrap();
+        let (index, _) = write(dir.path(), &model, "sha256:test", &data, &expect(&data), 3, &|_, _| {})?;
+        assert!(!old.exists() && mine.exists());
+        for s in &index.shards {
+            assert!(dir.path().join(&s.file).exists(), "{}", s.file);
+        }
+        LogitCache::open(dir.path(), &data, &expect(&data))?;
         Ok(())
     }
 
