@@ -33,7 +33,9 @@ use std::time::Instant;
 use distill::candle::backprop::GradStore;
 use distill::candle::{Device, Tensor, Var};
 use distill::loss::fused::distill_loss_and_grad;
-use distill::loss::{divergence_rows, divergence_rows_reference, Divergence};
+use distill::loss::{
+    divergence_rows, divergence_rows_reference, top_k_divergence_rows, top_k_of_logits, Divergence, TeacherTargets,
+};
 use serde_json::json;
 
 /// `anyhow` is not among the library's dependencies, so the bench boxes its errors.
@@ -274,11 +276,34 @@ fn main() -> Res<()> {
     for (name, d) in &a.losses {
         let d = *d;
         let step = || -> Res<(f32, Tensor)> {
-            let (vals, grad) =
-                distill_loss_and_grad(&plain_student, Some(&teacher), None, &ones, 0.0, temp, n as f64, d)?;
+            let t = Some(TeacherTargets::Logits(&teacher));
+            let (vals, grad) = distill_loss_and_grad(&plain_student, t, None, &ones, 0.0, temp, n as f64, d)?;
             Ok((vals.total, grad))
         };
         cases.push(run_case(&a, "distill-onepass", name, step)?);
+    }
+
+    // A top-k teacher (as the logit cache stores it), forward KL: the op with candle's
+    // backward (what the fused head uses) against the one-pass form (the training step).
+    const TOP_K: usize = 16;
+    if let Some((name, d)) = a.losses.iter().find(|(_, d)| *d == Divergence::ForwardKl) {
+        let d = *d;
+        let top = top_k_of_logits(&teacher, TOP_K, temp)?;
+        let name = format!("{name}@top{TOP_K}");
+        let op = || {
+            loss_and_grads(
+                top_k_divergence_rows(student.as_tensor(), &top, d, temp)?,
+                &student,
+                temp,
+            )
+        };
+        cases.push(run_case(&a, "distill-fused", &name, op)?);
+        let one_pass = || -> Res<(f32, Tensor)> {
+            let t = Some(TeacherTargets::TopK(&top));
+            let (vals, grad) = distill_loss_and_grad(&plain_student, t, None, &ones, 0.0, temp, n as f64, d)?;
+            Ok((vals.total, grad))
+        };
+        cases.push(run_case(&a, "distill-onepass", &name, one_pass)?);
     }
 
     // Where the fused step's time and memory go, for forward KL: the forward kernel alone,

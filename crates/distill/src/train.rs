@@ -365,15 +365,16 @@ pub fn train(
                 Some(tch) => Some(teacher_side(tch, b, idx, t, head, &mut stats)?),
                 None => None,
             };
-            // The default fused loss on full-logit teachers (or none) runs with no
-            // autograd graph on the fused CPU path: the loss and its gradient in one
+            // The default fused loss on full-logit or top-k teachers (or none) runs with
+            // no autograd graph on the fused CPU path: the loss and its gradient in one
             // pass over the logits (`Llama::loss_and_grads_one_pass`).
-            let teacher_logits = match &side {
+            let one_pass_teacher = match &side {
                 None => Some(None),
-                Some(TeacherSide::Logits(l)) => Some(Some(l)),
-                Some(_) => None,
+                Some(TeacherSide::Logits(l)) => Some(Some(TeacherTargets::Logits(l))),
+                Some(TeacherSide::TopK(top)) => Some(Some(TeacherTargets::TopK(top))),
+                Some(TeacherSide::Hidden(..)) => None,
             };
-            let (total, micro_ce, micro_kd, micro_grads) = match teacher_logits {
+            let (total, micro_ce, micro_kd, micro_grads) = match one_pass_teacher {
                 Some(tl) if !head && loss_impl == LossImpl::Fused && model.can_tape() => {
                     let (vals, g) = model.loss_and_grads_one_pass(
                         &b.inputs,

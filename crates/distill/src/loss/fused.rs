@@ -199,8 +199,9 @@ pub struct LossValues {
     pub kd: f32,
 }
 
-/// `distill_loss_with`'s value for full-logit teachers (or none) together with its
-/// gradient for the student logits, in one pass per row and with no autograd graph.
+/// `distill_loss_with`'s value together with its gradient for the student logits, in
+/// one pass per row and with no autograd graph, for a full-logit teacher, a top-k teacher
+/// (`loss::topk`) or none.
 ///
 /// Each row's forward and backward run back to back while the row is in cache, and
 /// the gradient is written once, into one (N, V) buffer: candle's backward instead
@@ -208,13 +209,13 @@ pub struct LossValues {
 /// gradient into. The upstream gradient of each row is known in advance (the loss
 /// is a masked mean: mask / denom times the CE or T^2 KD weight), so nothing waits
 /// for a backward call. Same formulas and kernels as the ops, so the same values and
-/// gradients to rounding (tested). f32 on the CPU; student (N, V), teacher (N, V),
-/// targets (N,) u32, mask (N,) f32. Without targets there is no CE term (the loss is
-/// `(1 - alpha) * T^2 * KD`, `ce` is 0): a pure distillation loss.
+/// gradients to rounding (tested). f32 on the CPU; student (N, V), teacher (N, V) or
+/// top-k (N, k), targets (N,) u32, mask (N,) f32. Without targets there is no CE term
+/// (the loss is `(1 - alpha) * T^2 * KD`, `ce` is 0): a pure distillation loss.
 #[allow(clippy::too_many_arguments)]
 pub fn distill_loss_and_grad(
     student: &Tensor,
-    teacher: Option<&Tensor>,
+    teacher: Option<TeacherTargets<'_>>,
     targets: Option<&Tensor>,
     mask: &Tensor,
     alpha: f64,
@@ -223,11 +224,24 @@ pub fn distill_loss_and_grad(
     divergence: Divergence,
 ) -> Result<(LossValues, Tensor)> {
     check_cpu(student, "distill_loss_and_grad")?;
-    if let Some(t) = teacher {
-        check_inputs(student, t, divergence, temperature)?;
-    }
     let (n, v) = student.dims2()?;
-    if student.dtype() != DType::F32 || teacher.is_some_and(|t| t.dtype() != DType::F32) {
+    match teacher {
+        Some(TeacherTargets::Logits(t)) => {
+            check_inputs(student, t, divergence, temperature)?;
+            if t.dtype() != DType::F32 {
+                return Err(Error::Invalid(
+                    "distill_loss_and_grad takes f32 logits; use distill_loss_with for other dtypes".into(),
+                ));
+            }
+        }
+        Some(TeacherTargets::TopK(top)) => {
+            divergence.validate()?;
+            super::family::check_temperature(temperature)?;
+            super::topk::check_top_k_shapes(student, top)?;
+        }
+        None => {}
+    }
+    if student.dtype() != DType::F32 {
         return Err(Error::Invalid(
             "distill_loss_and_grad takes f32 logits; use distill_loss_with for other dtypes".into(),
         ));
@@ -248,23 +262,51 @@ pub fn distill_loss_and_grad(
     let targets = targets.as_deref();
     let mask: Vec<f32> = mask.to_dtype(DType::F32)?.to_vec1()?;
     let student = student.contiguous()?;
-    let teacher = teacher.map(|t| t.contiguous()).transpose()?;
     let op = "distill_loss_and_grad";
-    let (values, grad) = crate::model::fused::with_cpu_f32(&student, op, |s| match &teacher {
-        None => loss_and_grad_slices(s, None, targets, &mask, v, alpha, temperature, denom, divergence),
-        Some(t) => crate::model::fused::with_cpu_f32(t, op, |t| {
-            loss_and_grad_slices(s, Some(t), targets, &mask, v, alpha, temperature, denom, divergence)
-        })?,
+    let run = |s: &[f32], t: Option<SliceTeacher<'_>>| {
+        loss_and_grad_slices(s, t, targets, &mask, v, alpha, temperature, denom, divergence)
+    };
+    let (values, grad) = crate::model::fused::with_cpu_f32(&student, op, |s| match teacher {
+        None => run(s, None),
+        Some(TeacherTargets::Logits(t)) => {
+            crate::model::fused::with_cpu_f32(&t.contiguous()?, op, |t| run(s, Some(SliceTeacher::Logits(t))))?
+        }
+        Some(TeacherTargets::TopK(top)) => {
+            let indices: Vec<u32> = top.indices.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+            let log_probs: Vec<f32> = top.log_probs.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            let k = top.k();
+            run(
+                s,
+                Some(SliceTeacher::TopK {
+                    indices: &indices,
+                    log_probs: &log_probs,
+                    k,
+                }),
+            )
+        }
     })??;
     Ok((values, Tensor::from_vec(grad, (n, v), student.device())?))
 }
 
-/// `distill_loss_and_grad` on slices: s and t (N, V) row-major, targets and mask (N,).
-/// Returns the loss values and the gradient (N, V).
+/// The teacher of `loss_and_grad_slices`, as row-major slices.
+#[derive(Clone, Copy)]
+pub(crate) enum SliceTeacher<'a> {
+    /// Full logits (N, V).
+    Logits(&'a [f32]),
+    /// The top k ids per row and their tempered log-probabilities, (N, k) each.
+    TopK {
+        indices: &'a [u32],
+        log_probs: &'a [f32],
+        k: usize,
+    },
+}
+
+/// `distill_loss_and_grad` on slices: s (N, V) row-major, the teacher (full logits or top
+/// k, `loss::topk`), targets and mask (N,). Returns the loss values and the gradient (N, V).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn loss_and_grad_slices(
     s: &[f32],
-    t: Option<&[f32]>,
+    t: Option<SliceTeacher<'_>>,
     targets: Option<&[u32]>,
     mask: &[f32],
     v: usize,
@@ -276,8 +318,24 @@ pub(crate) fn loss_and_grad_slices(
     let n = mask.len();
     let denom = denom.max(1.0); // an all-masked step gives 0, not NaN
     check_rows("distill_loss_and_grad", "the logits", s.len(), n * v)?;
-    if let Some(t) = t {
-        check_rows("distill_loss_and_grad", "the teacher logits", t.len(), n * v)?;
+    match t {
+        Some(SliceTeacher::Logits(t)) => check_rows("distill_loss_and_grad", "the teacher logits", t.len(), n * v)?,
+        Some(SliceTeacher::TopK { indices, log_probs, k }) => {
+            if k == 0 || k > v {
+                return Err(candle_core::Error::Msg(format!(
+                    "distill_loss_and_grad: a top-k teacher needs 1 <= k <= {v} (the vocabulary), got {k}"
+                ))
+                .bt());
+            }
+            check_rows("distill_loss_and_grad", "the top-k ids", indices.len(), n * k)?;
+            check_rows(
+                "distill_loss_and_grad",
+                "the top-k log-probabilities",
+                log_probs.len(),
+                n * k,
+            )?;
+        }
+        None => {}
     }
     if let Some(targets) = targets {
         check_rows("distill_loss_and_grad", "the targets", targets.len(), n)?;
@@ -294,13 +352,18 @@ pub(crate) fn loss_and_grad_slices(
     };
     let mut grad = vec![0f32; s.len()];
     // Per row: (mask * ce, mask * divergence), added up in row order below.
+    let scratch_len = if matches!(t, Some(SliceTeacher::Logits(_))) {
+        v
+    } else {
+        0
+    };
     let rows: Vec<(f32, f32)> = grad
         .par_chunks_mut(v)
         .zip(s.par_chunks(v))
         .enumerate()
         .with_min_len(min_rows(v))
         .map_init(
-            || vec![0f32; if t.is_some() { v } else { 0 }],
+            || vec![0f32; scratch_len],
             |scratch, (row, (g, s_row))| {
                 let m = mask[row];
                 let ce = match targets {
@@ -310,16 +373,31 @@ pub(crate) fn loss_and_grad_slices(
                     }
                     None => 0.0,
                 };
-                let Some(t) = t else { return (m * ce, 0.0) };
-                let t_row = &t[row * v..(row + 1) * v];
                 let gk = (w_kd * m as f64) as f32;
+                let t_row = match t {
+                    None => return Ok((m * ce, 0.0)),
+                    // Masked rows are neither read nor checked, as in the top-k backward.
+                    Some(SliceTeacher::TopK { .. }) if m == 0.0 => return Ok((0.0, 0.0)),
+                    Some(SliceTeacher::TopK {
+                        indices,
+                        log_probs,
+                        k: kk,
+                    }) => {
+                        let r = row * kk..(row + 1) * kk;
+                        let acc = targets.is_some();
+                        let kd =
+                            super::topk::loss_grad_row(&k, row, s_row, &indices[r.clone()], &log_probs[r], gk, g, acc)?;
+                        return Ok((m * ce, m * kd));
+                    }
+                    Some(SliceTeacher::Logits(t)) => &t[row * v..(row + 1) * v],
+                };
                 if k.divergence == Divergence::ForwardKl {
                     if m == 0.0 {
-                        return (0.0, 0.0); // masked: no loss, and the gradient stays 0
+                        return Ok((0.0, 0.0)); // masked: no loss, and the gradient stays 0
                     }
                     let acc = targets.is_some();
                     let kd = fwd_kl_loss_grad_row_best(isa, s_row, t_row, k.inv_t, gk, scratch, g, acc);
-                    return (m * ce, m * kd);
+                    return Ok((m * ce, m * kd));
                 }
                 let kd = forward_row_best(isa, &k, s_row, t_row);
                 if gk != 0.0 && targets.is_none() {
@@ -332,10 +410,10 @@ pub(crate) fn loss_and_grad_slices(
                         *a += b;
                     }
                 }
-                (m * ce, m * kd)
+                Ok((m * ce, m * kd))
             },
         )
-        .collect();
+        .collect::<candle_core::Result<_>>()?;
     let (ce_sum, kd_sum) = rows
         .iter()
         .fold((0f64, 0f64), |(a, b), &(c, d)| (a + c as f64, b + d as f64));
@@ -1998,7 +2076,7 @@ mod tests {
                         .to_vec1::<f32>()?;
                     let student = Tensor::from_slice(&s0, (n, v), &dev)?;
                     let (vals, grad) =
-                        distill_loss_and_grad(&student, teacher, Some(&targets), &mask, 0.3, temp, denom, d)?;
+                        distill_loss_and_grad(&student, teacher_t, Some(&targets), &mask, 0.3, temp, denom, d)?;
                     let got = grad.flatten_all()?.to_vec1::<f32>()?;
                     let total = f.total.to_scalar::<f32>()?;
                     assert_close(&format!("{what}: total"), &[vals.total], &[total], 1, &[], 1e-5);
@@ -2039,7 +2117,16 @@ mod tests {
             .unwrap()
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let (vals, grad) = distill_loss_and_grad(&student, Some(&t), None, &mask, 0.0, 2.0, n as f64, d)?;
+        let (vals, grad) = distill_loss_and_grad(
+            &student,
+            Some(TeacherTargets::Logits(&t)),
+            None,
+            &mask,
+            0.0,
+            2.0,
+            n as f64,
+            d,
+        )?;
         assert_close(
             "kd only: total",
             &[vals.total],

@@ -131,8 +131,16 @@ pub fn top_k_divergence_rows(student: &Tensor, teacher: &TopK, d: Divergence, te
     Ok(student.apply_op3(&indices, &log_probs, op)?) // (N,)
 }
 
+/// `check_top_k_shapes` for student logits of (rows, v).
+pub(crate) fn check_top_k_dims(rows: usize, v: usize, teacher: &TopK) -> Result<()> {
+    check_dims(&[rows, v], teacher)
+}
+
 pub(crate) fn check_top_k_shapes(student: &Tensor, teacher: &TopK) -> Result<()> {
-    let s = student.dims();
+    check_dims(student.dims(), teacher)
+}
+
+fn check_dims(s: &[usize], teacher: &TopK) -> Result<()> {
     let (i, l) = (teacher.indices.dims(), teacher.log_probs.dims());
     let ok = s.len() == 2 && i.len() == 2 && i == l && i[0] == s[0] && i[1] >= 1 && i[1] <= s[1];
     if ok {
@@ -440,24 +448,67 @@ fn top_k_backward<S: WithDType>(
                 return Ok::<(), candle_core::Error>(()); // a masked row keeps its zeros, as in the full kernel
             }
             let c = coarsen(row, s, idx, lp, k.inv_t)?;
-            // D: the gradient of g * loss with respect to the category log-probabilities.
-            let mut d = vec![0f32; c.lq.len()];
-            backward_row(&ck, &c.lq, &c.lp, g, &mut d);
-            let scale = k.inv_t; // the chain rule through s = student / T
-            let lq_tail = c.lq[c.lq.len() - 1];
-            let d_tail = d[d.len() - 1];
-            if lq_tail > f32::NEG_INFINITY && d_tail != 0.0 {
-                for (o, &x) in out.iter_mut().zip(s) {
-                    let w = exp_f32(c.norm.log_prob(ld(x) * k.inv_t) - lq_tail); // q_i / q_tail
-                    *o = S::from_f64((scale * w * d_tail) as f64);
-                }
-            }
-            for (&i, &di) in idx.iter().zip(&d) {
-                out[i as usize] = S::from_f64((scale * di) as f64);
-            }
+            write_row_grad(k, &ck, s, idx, &c, g, out, false);
             Ok(())
         })?;
     Ok(out)
+}
+
+/// One row for the one-pass loss (`fused::loss_and_grad_slices`): the row's divergence,
+/// and, when `g` is nonzero, `g` times its gradient written into `out` (added to what
+/// `out` holds with `accumulate`, as after a cross-entropy term).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn loss_grad_row(
+    k: &Kernel,
+    row: usize,
+    s: &[f32],
+    idx: &[u32],
+    lp: &[f32],
+    g: f32,
+    out: &mut [f32],
+    accumulate: bool,
+) -> candle_core::Result<f32> {
+    let ck = category_kernel(k);
+    let c = coarsen(row, s, idx, lp, k.inv_t)?;
+    let loss = forward_row(&ck, &c.lq, &c.lp);
+    if g != 0.0 {
+        write_row_grad(k, &ck, s, idx, &c, g, out, accumulate);
+    }
+    Ok(loss)
+}
+
+/// `g` times the row's gradient for the student's logits, from its categories: the
+/// category's gradient for a listed token, `(q_i / q_tail)` times the tail's for the
+/// others (module header), both times 1/T. Written into `out`, or added to it.
+#[allow(clippy::too_many_arguments)]
+fn write_row_grad<S: WithDType>(
+    k: &Kernel,
+    ck: &Kernel,
+    s: &[S],
+    idx: &[u32],
+    c: &Coarse,
+    g: f32,
+    out: &mut [S],
+    accumulate: bool,
+) {
+    // D: the gradient of g * loss with respect to the category log-probabilities.
+    let mut d = vec![0f32; c.lq.len()];
+    backward_row(ck, &c.lq, &c.lp, g, &mut d);
+    let scale = k.inv_t; // the chain rule through s = student / T
+    let base = |o: S| if accumulate { ld(o) } else { 0.0 };
+    // The listed tokens take their category's gradient, not the tail's: keep what they held.
+    let listed: Vec<f32> = idx.iter().map(|&i| base(out[i as usize])).collect();
+    let lq_tail = c.lq[c.lq.len() - 1];
+    let d_tail = d[d.len() - 1];
+    if lq_tail > f32::NEG_INFINITY && d_tail != 0.0 {
+        for (o, &x) in out.iter_mut().zip(s) {
+            let w = exp_f32(c.norm.log_prob(ld(x) * k.inv_t) - lq_tail); // q_i / q_tail
+            *o = S::from_f64((base(*o) + scale * w * d_tail) as f64);
+        }
+    }
+    for ((&i, &di), &b) in idx.iter().zip(&d).zip(&listed) {
+        out[i as usize] = S::from_f64((b + scale * di) as f64);
+    }
 }
 
 #[cfg(test)]

@@ -257,15 +257,15 @@ impl Llama {
     /// taped body, the head as one gemm, `loss::fused::distill_loss_and_grad` on the
     /// logits (the loss and its gradient in one pass), the head's two backward gemms
     /// and the body's backward. Same loss and arguments as `distill_loss_with` with a
-    /// full-logit teacher or none; returns the loss values and every parameter's
-    /// gradient. Errors unless `can_tape()`.
+    /// full-logit teacher, a top-k teacher (`loss::topk`) or none; returns the loss
+    /// values and every parameter's gradient. Errors unless `can_tape()`.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads_one_pass(
         &self,
         ids: &Tensor,
         targets: &Tensor,
         mask: &Tensor,
-        teacher_logits: Option<&Tensor>,
+        teacher: Option<crate::loss::TeacherTargets<'_>>,
         alpha: f64,
         temperature: f64,
         denom: f64,
@@ -276,19 +276,23 @@ impl Llama {
         let head = self.head_name();
         let targets: Vec<u32> = targets.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
         let mask: Vec<f32> = mask.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        if let Some(t) = teacher_logits {
-            if t.dims() != [n, v] {
+        use crate::loss::fused::SliceTeacher;
+        use crate::loss::TeacherTargets;
+        match teacher {
+            Some(TeacherTargets::Logits(t)) if t.dims() != [n, v] => {
                 return Err(Error::Invalid(format!(
                     "teacher logits have shape {:?}, expected [{n}, {v}]",
                     t.dims()
                 )));
             }
+            Some(TeacherTargets::TopK(top)) => crate::loss::topk::check_top_k_dims(n, v, top)?,
+            _ => {}
         }
         let (values, dh, dw_head) = {
             let w = Weights::of(self)?;
             let wh = w.get(head)?; // (V, d)
             let logits = linear_fwd(&hidden, wh, (n, v, d))?; // (N, V)
-            let loss = |t: Option<&[f32]>| {
+            let loss = |t: Option<SliceTeacher<'_>>| {
                 crate::loss::fused::loss_and_grad_slices(
                     &logits,
                     t,
@@ -301,11 +305,31 @@ impl Llama {
                     divergence,
                 )
             };
-            let (values, dlogits) = match teacher_logits {
+            let (values, dlogits) = match teacher {
                 // Read in place: no copy of the (N, V) teacher logits.
-                Some(t) => with_cpu_f32(&t.to_dtype(candle_core::DType::F32)?, "one-pass loss", |t| {
-                    loss(Some(t))
-                })??,
+                Some(TeacherTargets::Logits(t)) => {
+                    with_cpu_f32(&t.to_dtype(candle_core::DType::F32)?, "one-pass loss", |t| {
+                        loss(Some(SliceTeacher::Logits(t)))
+                    })??
+                }
+                Some(TeacherTargets::TopK(top)) => {
+                    let indices: Vec<u32> = top
+                        .indices
+                        .flatten_all()?
+                        .to_dtype(candle_core::DType::U32)?
+                        .to_vec1()?;
+                    let log_probs: Vec<f32> = top
+                        .log_probs
+                        .flatten_all()?
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_vec1()?;
+                    let k = top.k();
+                    loss(Some(SliceTeacher::TopK {
+                        indices: &indices,
+                        log_probs: &log_probs,
+                        k,
+                    }))?
+                }
                 None => loss(None)?,
             };
             drop(logits);
@@ -556,7 +580,7 @@ mod tests {
 
     /// The graph-free micro-batch against the same loss on candle's graph (`Forward`
     /// and `distill_loss_with`): loss terms and every gradient, with a full-logit
-    /// teacher and without, masked rows, tied and untied heads.
+    /// teacher, a top-k teacher and none, masked rows, tied and untied heads.
     #[test]
     fn the_one_pass_micro_batch_matches_the_graph() -> Result<()> {
         use crate::loss::{distill_loss_with, TeacherTargets};
@@ -566,16 +590,27 @@ mod tests {
             let mask_v: Vec<f32> = (0..39).map(|i| if i % 5 == 4 { 0.0 } else { 1.0 }).collect();
             let mask = Tensor::from_vec(mask_v, 39, &Device::Cpu)?;
             let teacher = (Tensor::randn(0f32, 3.0, (39, 61), &Device::Cpu)?).contiguous()?;
+            let top = crate::loss::top_k_of_logits(&teacher, 7, 2.0)?;
             for (tl, d) in [
                 (None, Divergence::ForwardKl),
-                (Some(&teacher), Divergence::ForwardKl),
-                (Some(&teacher), Divergence::Tvd),
+                (Some(TeacherTargets::Logits(&teacher)), Divergence::ForwardKl),
+                (Some(TeacherTargets::Logits(&teacher)), Divergence::Tvd),
+                (Some(TeacherTargets::TopK(&top)), Divergence::ForwardKl),
+                (
+                    Some(TeacherTargets::TopK(&top)),
+                    Divergence::SkewReverseKl { skew: 0.1 },
+                ),
             ] {
                 let (vals, got) = m.loss_and_grads_one_pass(&x, &y, &mask, tl, 0.4, 2.0, 31.0, d)?;
                 let fwd = Forward::run(&m, &x, false)?;
-                let parts = distill_loss_with(&fwd.out, tl.map(TeacherTargets::Logits), &y, &mask, 0.4, 2.0, 31.0, d)?;
+                let parts = distill_loss_with(&fwd.out, tl, &y, &mask, 0.4, 2.0, 31.0, d)?;
                 let total = parts.total.to_scalar::<f32>()?;
-                let what = format!("tied={tied} teacher={} {d}", tl.is_some());
+                let kind = match tl {
+                    None => "none",
+                    Some(TeacherTargets::Logits(_)) => "logits",
+                    Some(TeacherTargets::TopK(_)) => "top-7",
+                };
+                let what = format!("tied={tied} teacher={kind} {d}");
                 assert!(
                     (vals.total - total).abs() <= 1e-5 * total.abs(),
                     "{what}: {} vs {total}",
