@@ -853,7 +853,7 @@ const LANES: usize = 16;
 
 /// Elements per block of the streaming log-sum-exp: two blocks of f32 (student and
 /// teacher) stay in L1 between the max and the sum.
-const BLOCK: usize = 512;
+pub(super) const BLOCK: usize = 512;
 
 /// Rows per rayon task are at least this many elements' worth, so that small
 /// vocabularies do not drown in scheduling overhead.
@@ -1021,14 +1021,14 @@ impl PairFn<f32, f32> for ExpShifted {
 /// of exp(x - max) is rescaled once per block whose max is larger, so each element
 /// costs one exp and the row is read once.
 #[derive(Clone, Copy)]
-struct OnlineLse {
-    max: f32,
-    sum: f32,
+pub(super) struct OnlineLse {
+    pub(super) max: f32,
+    pub(super) sum: f32,
 }
 
 impl OnlineLse {
     #[inline(always)]
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             max: f32::NEG_INFINITY,
             sum: 0.0,
@@ -1037,7 +1037,7 @@ impl OnlineLse {
 
     /// Adds a block of temperature-scaled logits.
     #[inline(always)]
-    fn push_block(&mut self, xs: &[f32]) {
+    pub(super) fn push_block(&mut self, xs: &[f32]) {
         let m = lanes_max(xs);
         if m > self.max {
             self.sum *= exp_f32(self.max - m); // 0 while the max was -inf
@@ -1053,7 +1053,7 @@ impl OnlineLse {
     /// log-probabilities exact near the max even for logits like 1e4 (the same order
     /// of operations as the max-shifted log-softmax in `loss::family`).
     #[inline(always)]
-    fn finish(self) -> LogNorm {
+    pub(super) fn finish(self) -> LogNorm {
         LogNorm {
             max: self.max,
             log_sum: self.sum.ln(),

@@ -43,7 +43,7 @@ use rayon::prelude::*;
 use super::family::{check_temperature, Divergence};
 use super::fused::{
     backward_row, check_kernel_device, check_rows, exp_f32, f32_slice, float_input, forward_row, ld, min_rows,
-    rows_and_vocab, u32_slice, with_float_slice, Kernel, LogNorm,
+    rows_and_vocab, u32_slice, with_float_slice, Kernel, LogNorm, OnlineLse, BLOCK,
 };
 use crate::error::{Error, Result};
 
@@ -362,28 +362,31 @@ pub(super) fn check_teacher_row(
 fn coarsen<S: WithDType>(row: usize, s: &[S], idx: &[u32], lp: &[f32], inv_t: f32) -> candle_core::Result<Coarse> {
     let v = s.len();
     let (sorted, mass) = check_teacher_row(row, v, idx, lp)?;
-    let norm = LogNorm::of_row(s, inv_t);
-    // The student's tail: a log-sum-exp over the unlisted tokens only, segment by
-    // segment, shifted by the tail's own max so that it stays finite (not -inf) when
-    // the tail is far below the row's max, as the reference's log-sum-exp does.
-    let segments = || {
-        let mut from = 0;
-        sorted.iter().chain(std::iter::once(&v)).map(move |&i| {
-            let seg = &s[from.min(i)..i];
-            from = i + 1;
-            seg
-        })
-    };
-    let tail_max = segments()
-        .flat_map(|seg| seg.iter().map(|&x| ld(x) * inv_t))
-        .fold(f32::NEG_INFINITY, f32::max);
-    let lq_tail = if tail_max == f32::NEG_INFINITY {
+    // One pass over the row for both normalisers: the whole row's, and the tail's, a
+    // log-sum-exp over the unlisted tokens only (segment by segment between the listed
+    // ids) with its own max, so that it stays finite (not -inf) when the tail is far
+    // below the row's max, as the reference's log-sum-exp does.
+    let (mut all, mut tail) = (OnlineLse::new(), OnlineLse::new());
+    let mut buf = [0f32; BLOCK];
+    let mut from = 0;
+    for &i in sorted.iter().chain(std::iter::once(&v)) {
+        for block in s[from.min(i)..i].chunks(BLOCK) {
+            let buf = &mut buf[..block.len()];
+            buf.iter_mut().zip(block).for_each(|(b, &x)| *b = ld(x) * inv_t);
+            all.push_block(buf);
+            tail.push_block(buf);
+        }
+        from = i + 1;
+    }
+    let listed: Vec<f32> = sorted.iter().map(|&i| ld(s[i]) * inv_t).collect();
+    for block in listed.chunks(BLOCK) {
+        all.push_block(block);
+    }
+    let norm = all.finish();
+    let lq_tail = if tail.max == f32::NEG_INFINITY {
         f32::NEG_INFINITY // no unlisted token (k = V), or all of them at -inf
     } else {
-        let sum: f32 = segments()
-            .map(|seg| seg.iter().map(|&x| exp_f32(ld(x) * inv_t - tail_max)).sum::<f32>())
-            .sum();
-        (tail_max - norm.max) + sum.ln() - norm.log_sum
+        (tail.max - norm.max) + tail.sum.ln() - norm.log_sum
     };
     // With every token listed the tail is empty by definition; 1 - mass would be
     // rounding noise there, and a noise mass against the student's empty tail is infinite.
