@@ -429,53 +429,31 @@ impl InplaceOp3 for AddMatmul {
         if m == 0 || n == 0 || k == 0 {
             return Ok(()); // nothing to add
         }
-        // gemm reads and writes through raw pointers: check here that every element the
-        // strides reach lies inside its buffer.
-        for (len, l, what) in [(dst.len(), l1, "dst"), (a.len(), l2, "a"), (b.len(), l3, "b")] {
-            let (dims, st) = (l.dims(), l.stride());
-            let last = l.start_offset() + (dims[0] - 1) * st[0] + (dims[1] - 1) * st[1];
-            if last >= len {
-                return Err(
-                    candle_core::Error::Msg(format!("{}: {what} layout overruns its buffer", self.name())).bt(),
-                );
-            }
-        }
         let (d_st, a_st, b_st) = (l1.stride(), l2.stride(), l3.stride());
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
+        let from = |len: usize, l: &Layout, what: &str| {
+            if l.start_offset() <= len {
+                Ok(l.start_offset())
+            } else {
+                Err(candle_core::Error::Msg(format!("{}: {what} layout starts past its buffer", self.name())).bt())
+            }
         };
-        // SAFETY: the three buffers are distinct (`Tensor::inplace_op3` refuses aliased
-        // operands for an op that declares no access pattern), the loop above checked that
-        // the largest offset each layout reaches is inside its buffer, and the pointers are
-        // derived from those buffers at their layouts' start offsets. gemm computes
-        // dst = 1 * dst + 1 * a @ b (read_dst = true) with the given row and column strides.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr().add(l1.start_offset()),
-                d_st[1] as isize,
-                d_st[0] as isize,
-                true,
-                a.as_ptr().add(l2.start_offset()),
-                a_st[1] as isize,
-                a_st[0] as isize,
-                b.as_ptr().add(l3.start_offset()),
-                b_st[1] as isize,
-                b_st[0] as isize,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
-        Ok(())
+        let (d0, a0, b0) = (
+            from(dst.len(), l1, "dst")?,
+            from(a.len(), l2, "a")?,
+            from(b.len(), l3, "b")?,
+        );
+        // The operands from their layouts' start; gemm_f32 checks that the strides stay
+        // inside them.
+        crate::model::fused::gemm_f32(
+            (m, n, k),
+            &mut dst[d0..],
+            (d_st[0], d_st[1]),
+            &a[a0..],
+            (a_st[0], a_st[1]),
+            &b[b0..],
+            (b_st[0], b_st[1]),
+            true,
+        )
     }
 }
 

@@ -161,11 +161,11 @@ pub fn linear_plain(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.reshape((rows, i))?.matmul(&w.t()?)?.reshape(out_shape)?)
 }
 
-/// dst (m, n) = lhs (m, k) @ rhs (k, n), every operand given by its row and column
-/// strides, on the rayon pool (gemm splits the output, never k, so the result does not
-/// depend on the thread count).
+/// dst (m, n) = lhs (m, k) @ rhs (k, n), or dst += lhs @ rhs with `accumulate`, every
+/// operand given by its row and column strides, on the rayon pool (gemm splits the
+/// output, never k, so the result does not depend on the thread count).
 #[allow(clippy::too_many_arguments)]
-fn gemm_f32(
+pub(crate) fn gemm_f32(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     (dst_rs, dst_cs): (usize, usize),
@@ -173,6 +173,7 @@ fn gemm_f32(
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
 ) -> candle_core::Result<()> {
     // The last element each operand's strides reach must lie inside its slice.
     let reach = |rows: usize, cols: usize, rs: usize, cs: usize| {
@@ -192,7 +193,9 @@ fn gemm_f32(
         return Ok(());
     }
     if k == 0 {
-        dst.iter_mut().for_each(|v| *v = 0.0);
+        if !accumulate {
+            dst.iter_mut().for_each(|v| *v = 0.0);
+        }
         return Ok(());
     }
     let threads = rayon::current_num_threads();
@@ -203,7 +206,9 @@ fn gemm_f32(
     };
     // SAFETY: the three operands are live slices that every (row, column) the strides
     // address lies within (checked above); dst is exclusively borrowed and does not
-    // alias lhs or rhs; read_dst is false, so dst's old contents are not read.
+    // alias lhs or rhs. gemm computes dst = alpha dst + beta lhs @ rhs, reading dst
+    // only with read_dst (`accumulate`).
+    let alpha = if accumulate { 1.0 } else { 0.0 };
     unsafe {
         gemm::gemm(
             m,
@@ -212,14 +217,14 @@ fn gemm_f32(
             dst.as_mut_ptr(),
             dst_cs as isize,
             dst_rs as isize,
-            false,
+            accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
-            0.0,
+            alpha,
             1.0,
             false,
             false,
@@ -234,7 +239,7 @@ fn gemm_f32(
 pub(crate) fn linear_fwd(x: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)) -> candle_core::Result<Vec<f32>> {
     let mut y = vec![0f32; n * o];
     // w^T's (k, j) element is w[j * i + k].
-    gemm_f32((n, o, i), &mut y, (o, 1), x, (i, 1), w, (1, i))?;
+    gemm_f32((n, o, i), &mut y, (o, 1), x, (i, 1), w, (1, i), false)?;
     Ok(y)
 }
 
@@ -245,7 +250,7 @@ pub(crate) fn linear_bwd_input(
     (n, o, i): (usize, usize, usize),
 ) -> candle_core::Result<Vec<f32>> {
     let mut dx = vec![0f32; n * i];
-    gemm_f32((n, i, o), &mut dx, (i, 1), g, (o, 1), w, (i, 1))?;
+    gemm_f32((n, i, o), &mut dx, (i, 1), g, (o, 1), w, (i, 1), false)?;
     Ok(dx)
 }
 
@@ -256,7 +261,7 @@ pub(crate) fn linear_bwd_weight(
     (n, o, i): (usize, usize, usize),
 ) -> candle_core::Result<Vec<f32>> {
     let mut dw = vec![0f32; o * i];
-    gemm_f32((o, i, n), &mut dw, (i, 1), g, (1, o), x, (i, 1))?;
+    gemm_f32((o, i, n), &mut dw, (i, 1), g, (1, o), x, (i, 1), false)?;
     Ok(dw)
 }
 
