@@ -20,6 +20,8 @@ pub mod peak;
 pub mod pipeline;
 pub mod projection;
 pub mod prune;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod traces;
 pub mod train;

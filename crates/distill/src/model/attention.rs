@@ -1059,20 +1059,7 @@ mod tests {
     fn results_are_bitwise_identical_for_any_thread_count() -> Result<()> {
         // 4 backward tasks, 8 forward tasks, 3 tiles per head (the last one partial).
         let case = Case(2, 150, 4, 2, 32, 2.0);
-        let in_pool = |n: usize| -> Result<Vec<Vec<u32>>> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build()
-                .map_err(|e| Error::Invalid(e.to_string()))?;
-            let ts = pool.install(|| run(case, 7, fused))?;
-            let bits = |x: &Tensor| -> Result<Vec<u32>> { Ok(values(x)?.iter().map(|v| v.to_bits()).collect()) };
-            ts.iter().map(bits).collect()
-        };
-        let one = in_pool(1)?;
-        for n in [2, 3] {
-            assert!(one == in_pool(n)?, "{n} threads differ from 1 thread");
-        }
-        Ok(())
+        crate::test_util::assert_same_bits_for_any_thread_count(|| run(case, 7, fused)?.iter().map(values).collect())
     }
 
     /// Central differences of the f32 op, the loss summed in f64: with step h the rounding

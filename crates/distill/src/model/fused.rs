@@ -791,42 +791,25 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() -> Result<()> {
-        let run = |threads: usize| -> Result<Vec<Vec<f32>>> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .map_err(|e| Error::Invalid(e.to_string()))?;
-            pool.install(|| {
-                let x = Var::from_tensor(&randn(&[37, 3, 8, 64], 2.0, 1)?)?;
-                let w = Var::from_tensor(&randn(&[64], 1.0, 2)?)?;
-                let u = randn(&[37, 3, 8, 64], 1.0, 3)?;
-                let ang = randn(&[3, 32], 3.0, 4)?;
-                let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)?;
-                let y = rope(&y, &ang.cos()?, &ang.sin()?)?;
-                let y = swiglu(&y, &u)?;
-                let lw = Var::from_tensor(&randn(&[96, 64], 1.0, 5)?)?;
-                let y = linear(&y, lw.as_tensor())?;
-                let g = y.sum_all()?.backward()?;
-                let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
-                Ok(vec![
-                    flat(&y)?,
-                    flat(g.get(x.as_tensor()).expect("dx"))?,
-                    flat(g.get(w.as_tensor()).expect("dw"))?,
-                    flat(g.get(lw.as_tensor()).expect("linear dw"))?,
-                ])
-            })
-        };
-        let one = run(1)?;
-        for threads in [2, 3] {
-            let many = run(threads)?;
-            for (a, b) in one.iter().zip(&many) {
-                assert!(
-                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "{threads} threads differ from 1"
-                );
-            }
-        }
-        Ok(())
+        crate::test_util::assert_same_bits_for_any_thread_count(|| {
+            let x = Var::from_tensor(&randn(&[37, 3, 8, 64], 2.0, 1)?)?;
+            let w = Var::from_tensor(&randn(&[64], 1.0, 2)?)?;
+            let u = randn(&[37, 3, 8, 64], 1.0, 3)?;
+            let ang = randn(&[3, 32], 3.0, 4)?;
+            let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)?;
+            let y = rope(&y, &ang.cos()?, &ang.sin()?)?;
+            let y = swiglu(&y, &u)?;
+            let lw = Var::from_tensor(&randn(&[96, 64], 1.0, 5)?)?;
+            let y = linear(&y, lw.as_tensor())?;
+            let g = y.sum_all()?.backward()?;
+            let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+            Ok(vec![
+                flat(&y)?,
+                flat(g.get(x.as_tensor()).expect("dx"))?,
+                flat(g.get(w.as_tensor()).expect("dw"))?,
+                flat(g.get(lw.as_tensor()).expect("linear dw"))?,
+            ])
+        })
     }
 
     #[test]

@@ -631,31 +631,14 @@ mod tests {
 
     #[test]
     fn taped_gradients_do_not_depend_on_the_thread_count() -> Result<()> {
-        let run = |threads: usize| -> Result<Vec<Vec<f32>>> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .map_err(|e| Error::Invalid(e.to_string()))?;
-            pool.install(|| {
-                let m = Llama::init(cfg(false, true, 2), 0.2, 9, &Device::Cpu)?;
-                let (x, y) = (ids(4, 40, 0)?, ids(1, 160, 3)?.flatten_all()?);
-                taped(&m, &x, &y, false)?
-                    .values()
-                    .map(|g| Ok(g.flatten_all()?.to_vec1()?))
-                    .collect()
-            })
-        };
-        let one = run(1)?;
-        for threads in [2, 3] {
-            let many = run(threads)?;
-            for (a, b) in one.iter().zip(&many) {
-                assert!(
-                    a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{threads} threads differ"
-                );
-            }
-        }
-        Ok(())
+        crate::test_util::assert_same_bits_for_any_thread_count(|| {
+            let m = Llama::init(cfg(false, true, 2), 0.2, 9, &Device::Cpu)?;
+            let (x, y) = (ids(4, 40, 0)?, ids(1, 160, 3)?.flatten_all()?);
+            taped(&m, &x, &y, false)?
+                .values()
+                .map(|g| Ok(g.flatten_all()?.to_vec1()?))
+                .collect()
+        })
     }
 
     #[test]
