@@ -668,8 +668,10 @@ static __device__ void topk_bwd(const typename S::raw* student, const unsigned i
         if (listed(sorted, kk, (unsigned int)j)) {
             continue; // written below
         }
-        const float w = spread ? expf(norm.log_prob(S::load(s[j]) * k.inv_t) - lq_tail) : 0.0f; // q_j / q_tail
-        o[j] = S::store(k.inv_t * w * d_tail);
+        // +0 where nothing spreads, as on the CPU (0 * d_tail would be -0, or NaN for an
+        // infinite d_tail).
+        const float grad = spread ? k.inv_t * expf(norm.log_prob(S::load(s[j]) * k.inv_t) - lq_tail) * d_tail : 0.0f;
+        o[j] = S::store(grad); // (1/T) (q_j / q_tail) d_tail
     }
     const unsigned int* idx = indices + at;
     for (int c = threadIdx.x; c < kk; c += blockDim.x) {

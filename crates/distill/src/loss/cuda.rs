@@ -33,7 +33,7 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
 use super::family::Divergence;
-use super::fused::{check_rows, rows_and_vocab, Kernel};
+use super::fused::{check_rows, cuda_block_size, rows_and_vocab, KernelParams};
 
 /// The kernel source, the very file `scripts/check_cuda_kernels.py` checks.
 const SOURCE: &str = include_str!("../kernels/divergence.cu");
@@ -115,13 +115,11 @@ fn function(dev: &CudaDevice, op: &'static str, student: Elem, name: &str) -> Re
     Ok(dev.get_or_load_custom_func(name, &module, &ptx)?.into_cuda_function())
 }
 
-/// One block per row; about 8 elements per thread, in whole warps, 32 to 1024 threads
-/// (the kernels need a multiple of 32, at most 1024).
+/// One block per row, of `cuda_block_size(v)` threads.
 fn launch_config(rows: usize, v: usize) -> LaunchConfig {
-    let warps = v.div_ceil(32 * 8).clamp(1, 32) as u32;
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (warps * 32, 1, 1),
+        block_dim: (cuda_block_size(v), 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -202,36 +200,7 @@ macro_rules! with_float_view {
 }
 
 /// The kernels' per-call constants, as the `Params` struct of divergence.cu reads them.
-struct Args {
-    kind: i32,
-    inv_t: f32,
-    w: f32,
-    ln_w: f32,
-    ln_1mw: f32,
-}
-
-impl Args {
-    fn new(divergence: Divergence, temperature: f64) -> Self {
-        // The CPU kernel's constants, rounded the same way.
-        let k = Kernel::new(divergence, temperature);
-        // The DIV_* codes of divergence.cu.
-        let kind = match k.divergence {
-            Divergence::ForwardKl => 0,
-            Divergence::ReverseKl => 1,
-            Divergence::Jsd { .. } => 2,
-            Divergence::SkewForwardKl { .. } => 3,
-            Divergence::SkewReverseKl { .. } => 4,
-            Divergence::Tvd => 5,
-        };
-        Self {
-            kind,
-            inv_t: k.inv_t,
-            w: k.w,
-            ln_w: k.ln_w,
-            ln_1mw: k.ln_1mw,
-        }
-    }
-}
+type Args = KernelParams;
 
 fn same_shape(op: &'static str, l1: &Layout, l2: &Layout) -> Result<()> {
     if l1.shape() == l2.shape() {

@@ -964,6 +964,51 @@ impl Kernel {
     }
 }
 
+/// The per-call constants of the CUDA kernels (the `Params` struct of
+/// `kernels/divergence.cu`), rounded as the CPU kernel rounds them, with the JSD end
+/// points made forward and reverse KL (`Divergence::canonical`). `loss::cuda` launches
+/// with these, and so does the CPU emulator of the kernels (crates/cuda-emu).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelParams {
+    /// The `DIV_*` code of divergence.cu: 0 forward KL, 1 reverse KL, 2 JSD, 3 skew
+    /// forward KL, 4 skew reverse KL, 5 TVD.
+    pub kind: i32,
+    /// 1/T rounded to f32.
+    pub inv_t: f32,
+    /// beta or skew, and ln w, ln(1 - w) (ln 0 = -inf).
+    pub w: f32,
+    pub ln_w: f32,
+    pub ln_1mw: f32,
+}
+
+impl KernelParams {
+    pub fn new(divergence: Divergence, temperature: f64) -> Self {
+        let k = Kernel::new(divergence.canonical(), temperature);
+        let kind = match k.divergence {
+            Divergence::ForwardKl => 0,
+            Divergence::ReverseKl => 1,
+            Divergence::Jsd { .. } => 2,
+            Divergence::SkewForwardKl { .. } => 3,
+            Divergence::SkewReverseKl { .. } => 4,
+            Divergence::Tvd => 5,
+        };
+        Self {
+            kind,
+            inv_t: k.inv_t,
+            w: k.w,
+            ln_w: k.ln_w,
+            ln_1mw: k.ln_1mw,
+        }
+    }
+}
+
+/// The thread-block size the CUDA kernels run with for rows of `v` logits (one block per
+/// row): about 8 elements per thread, in whole warps, 32 to 1024 threads (the kernels
+/// need a multiple of 32, at most 1024).
+pub fn cuda_block_size(v: usize) -> u32 {
+    v.div_ceil(32 * 8).clamp(1, 32) as u32 * 32
+}
+
 /// Largest element, NaN ignored (NaN is caught by the sum that follows).
 #[inline(always)]
 fn lanes_max(xs: &[f32]) -> f32 {
