@@ -24,8 +24,12 @@
 //! (`HeadTeacher::Hidden`) is projected per chunk too, so its logits are not
 //! materialised either.
 //!
+//! On the CPU, `loss_c` and `g_c` come together from one pass over the chunk's logits
+//! (`distill_loss_and_grad`, no autograd graph); on other devices from the loss ops and
+//! a backward of the chunk, whose logits are copied into a fresh `Var` to cut the graph.
+//!
 //! Costs and limits. The matmuls are those of the unfused path (3 of N x H x V, one more
-//! for a `Hidden` teacher), plus one copy of each chunk's logits into a fresh `Var`.
+//! for a `Hidden` teacher).
 //! Memory is O(C V + V H). Its floor is three (V, H) buffers at `backward`: the stored dW
 //! and GradStore's `zeros_like` plus the sum it adds dW into, which candle makes for the
 //! first gradient of any tensor. `total` keeps dx and dW alive, so drop the loss once
@@ -35,17 +39,18 @@
 //! tested against.
 //!
 //! Measured (`examples/fused_head_mem.rs`, release, RAYON_NUM_THREADS=2 on the 2-core dev
-//! machine under heavy load from other jobs): forward KL, T 2, N 2048, H 576, V 49,152,
-//! loss plus backward, default chunk (85 rows). Bytes allocated at the peak above the
-//! inputs: 335 MiB fused against 1,920 MiB unfused with a `Hidden` teacher (-82.6%), 333
-//! against 1,536 MiB with teacher `Logits` given (-78.3%; the three-(V, H) floor alone is
-//! 324 MiB). Resident: -81% and -86%. Time: the same within the noise (14-19 s either way).
+//! machine, nothing else running): forward KL, T 2, N 2048, H 576, V 49,152, loss plus
+//! backward, default chunk (85 rows). Bytes allocated at the peak above the inputs: 335 MiB
+//! fused against 1,920 MiB unfused with a `Hidden` teacher (-82.6%), 333 against 1,536 MiB
+//! with teacher `Logits` given (-78.3%; the three-(V, H) floor alone is 324 MiB). Resident:
+//! -84% and -86%. Time, medians of 3: 3.75 s fused against 4.57 s unfused (`Hidden`), 3.17
+//! against 3.53 s (`Logits`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, InplaceOp3, Layout, MetalStorage, Shape, Tensor, Var};
 
 use super::family::Divergence;
-use super::fused::{distill_loss_with, TeacherTargets};
+use super::fused::{distill_loss_and_grad, distill_loss_with, TeacherTargets};
 use super::reference::LossParts;
 use super::topk::TopK;
 use crate::error::{Error, Result};
@@ -136,37 +141,59 @@ pub fn fused_linear_distill_loss(
     };
     let mut dx_chunks = Vec::with_capacity(if want_dx { n.div_ceil(chunk) } else { 0 }); // each (C, H)
     let (mut total, mut ce, mut kd) = (0f64, 0f64, 0f64);
+    // On the CPU each chunk's loss and its gradient come from one pass over the chunk's
+    // logits (`distill_loss_and_grad`), with no autograd graph; elsewhere from the loss
+    // ops and a backward of the chunk.
+    let one_pass = device.is_cpu();
     for start in (0..n).step_by(chunk) {
         let c = chunk.min(n - start);
         let x_c = x.narrow(0, start, c)?; // (C, H)
-
-        // A fresh `Var` cuts the chunk's graph at the logits: its backward stops there
-        // and GradStore keeps exactly the (C, V) gradient this loop needs.
         let logits = x_c.matmul(&w.t()?)?; // (C, V)
-        let logits = if want_dx || want_dw {
-            Var::from_tensor(&logits)?.into_inner()
-        } else {
-            logits
-        };
         let teacher_c = teacher.rows(start, c)?; // (C, V) or None
-        let parts = loss_on_logits(
-            &logits,
-            teacher_c.as_ref().map(TeacherChunk::targets),
-            &targets.narrow(0, start, c)?,
-            &mask.narrow(0, start, c)?,
-            &s,
-        )?;
-        total += f64::from(parts.total.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-        ce += f64::from(parts.ce);
-        kd += f64::from(parts.kd);
+        let (targets_c, mask_c) = (targets.narrow(0, start, c)?, mask.narrow(0, start, c)?);
+        let g = if one_pass {
+            let teacher_c = match teacher_c {
+                Some(TeacherChunk::Logits(t)) => Some(TeacherChunk::Logits(t.to_dtype(DType::F32)?)),
+                other => other,
+            };
+            let (vals, g) = distill_loss_and_grad(
+                &logits,
+                teacher_c.as_ref().map(TeacherChunk::targets),
+                Some(&targets_c),
+                &mask_c,
+                s.alpha,
+                s.temperature,
+                s.denom,
+                s.divergence,
+            )?;
+            total += f64::from(vals.total);
+            ce += f64::from(vals.ce);
+            kd += f64::from(vals.kd);
+            g // (C, V)
+        } else {
+            // A fresh `Var` cuts the chunk's graph at the logits: its backward stops there
+            // and GradStore keeps exactly the (C, V) gradient this loop needs.
+            let logits = if want_dx || want_dw {
+                Var::from_tensor(&logits)?.into_inner()
+            } else {
+                logits
+            };
+            let teacher_t = teacher_c.as_ref().map(TeacherChunk::targets);
+            let parts = loss_on_logits(&logits, teacher_t, &targets_c, &mask_c, &s)?;
+            total += f64::from(parts.total.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            ce += f64::from(parts.ce);
+            kd += f64::from(parts.kd);
+            if !(want_dx || want_dw) {
+                continue;
+            }
+            match parts.total.backward()?.get(&logits) {
+                Some(g) => g.to_dtype(DType::F32)?, // (C, V)
+                None => Tensor::zeros((c, v), DType::F32, device)?,
+            }
+        };
         if !(want_dx || want_dw) {
             continue;
         }
-        let grads = parts.total.backward()?;
-        let g = match grads.get(&logits) {
-            Some(g) => g.to_dtype(DType::F32)?, // (C, V)
-            None => Tensor::zeros((c, v), DType::F32, device)?,
-        };
         if want_dx {
             dx_chunks.push(g.matmul(&w)?); // (C, H)
         }
