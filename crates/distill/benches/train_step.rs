@@ -46,7 +46,7 @@ use std::time::Instant;
 use distill::candle::Device;
 use distill::config::{ModelSpec, TrainSpec};
 use distill::data::batch::{make_batch, Encoded};
-use distill::loss::fused_head::{fused_linear_distill_loss, HeadTeacher};
+use distill::loss::fused_head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
 use distill::loss::{distill_loss_with, Divergence};
 use distill::model::fused::Kernels;
 use distill::model::{Llama, ModelConfig};
@@ -119,19 +119,21 @@ fn train_step(
     let lr = lr_at(spec, step);
     let denom: usize = examples.iter().map(|e| e.loss_tokens()).sum();
     let b = make_batch(examples, 0, model.device())?;
-    // As `train()` does it: on the fused CPU path the default loss runs with no
-    // autograd graph (`Llama::loss_and_grads_one_pass`); the fused head, and the plain
-    // kernels, go through `train::Forward` and candle's backward.
-    let (loss, mut grads, t1) = if !fused_head && model.can_tape() {
+    // As `train()` does it: on the fused CPU path the loss runs with no autograd graph
+    // (`Llama::loss_and_grads_one_pass`, in chunks for the fused head); the plain
+    // kernels go through `train::Forward` and candle's backward.
+    let (loss, mut grads, t1) = if model.can_tape() {
+        let chunk = fused_head.then(|| default_chunk_rows(model.cfg.vocab_size));
         let (vals, grads) = model.loss_and_grads_one_pass(
             &b.inputs,
             &b.targets,
             &b.mask,
-            None,
+            HeadTeacher::None,
             1.0,
             1.0,
             denom as f64,
             Divergence::ForwardKl,
+            chunk,
         )?;
         // Forward, loss and backward are one call here: the whole of it is reported as
         // the backward phase, and the forward phase as 0.

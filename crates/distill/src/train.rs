@@ -17,7 +17,7 @@ use crate::data::batch::{make_batch, Batch, Encoded, Order};
 use crate::distributed::{shard_range, Collective, CommTimer};
 use crate::error::{Error, Result};
 use crate::logit_cache::LogitCache;
-use crate::loss::fused_head::{fused_linear_distill_loss, HeadTeacher};
+use crate::loss::fused_head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
 use crate::loss::{distill_loss, distill_loss_with, top_k_of_logits, Divergence, LossParts, TeacherTargets, TopK};
 use crate::model::tape::Tape;
 use crate::model::Llama;
@@ -365,45 +365,42 @@ pub fn train(
                 Some(tch) => Some(teacher_side(tch, b, idx, t, head, &mut stats)?),
                 None => None,
             };
-            // The default fused loss on full-logit or top-k teachers (or none) runs with
-            // no autograd graph on the fused CPU path: the loss and its gradient in one
-            // pass over the logits (`Llama::loss_and_grads_one_pass`).
-            let one_pass_teacher = match &side {
-                None => Some(None),
-                Some(TeacherSide::Logits(l)) => Some(Some(TeacherTargets::Logits(l))),
-                Some(TeacherSide::TopK(top)) => Some(Some(TeacherTargets::TopK(top))),
-                Some(TeacherSide::Hidden(..)) => None,
+            // The fused loss, with the fused head or without, runs with no autograd graph
+            // on the fused CPU path: the head, the loss and its gradient in one pass over
+            // the logits, chunk by chunk for the fused head (`Llama::loss_and_grads_one_pass`).
+            let head_teacher = match &side {
+                None => HeadTeacher::None,
+                Some(TeacherSide::Logits(l)) => HeadTeacher::Logits(l),
+                Some(TeacherSide::Hidden(h, w)) => HeadTeacher::Hidden { hidden: h, weight: w },
+                Some(TeacherSide::TopK(top)) => HeadTeacher::TopK(top),
             };
-            let (total, micro_ce, micro_kd, micro_grads) = match one_pass_teacher {
-                Some(tl) if !head && loss_impl == LossImpl::Fused && model.can_tape() => {
+            let one_pass = matches!(loss_impl, LossImpl::Fused | LossImpl::FusedHead) && model.can_tape();
+            let (total, micro_ce, micro_kd, micro_grads) = match one_pass {
+                true => {
+                    let chunk = head.then(|| default_chunk_rows(model.cfg.vocab_size));
                     let (vals, g) = model.loss_and_grads_one_pass(
                         &b.inputs,
                         &b.targets,
                         &b.mask,
-                        tl,
+                        head_teacher,
                         alpha,
                         temperature,
                         d,
                         divergence,
+                        chunk,
                     )?;
                     (vals.total, vals.ce, vals.kd, MicroGrads::Done(g))
                 }
-                _ => {
+                false => {
                     let fwd = Forward::run(model, &b.inputs, head)?;
                     let parts = if head {
                         // Hidden states and head weight in, the (B*T, V) logits never whole.
                         let hidden = &fwd.out; // (B*T, H)
-                        let ht = match &side {
-                            None => HeadTeacher::None,
-                            Some(TeacherSide::Logits(l)) => HeadTeacher::Logits(l),
-                            Some(TeacherSide::Hidden(h, w)) => HeadTeacher::Hidden { hidden: h, weight: w },
-                            Some(TeacherSide::TopK(top)) => HeadTeacher::TopK(top),
-                        };
                         let w = model.lm_head_weight()?;
                         fused_linear_distill_loss(
                             hidden,
                             &w,
-                            ht,
+                            head_teacher,
                             &b.targets,
                             &b.mask,
                             alpha,

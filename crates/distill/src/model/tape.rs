@@ -28,8 +28,8 @@ use rayon::prelude::*;
 
 use super::attention::{backward_slices, forward_slices, AttnShape};
 use super::fused::{
-    linear_bwd_input, linear_bwd_weight, linear_fwd, rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd, swiglu_fwd,
-    with_cpu_f32,
+    gemm_f32, linear_bwd_input, linear_bwd_weight, linear_fwd, rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd,
+    swiglu_fwd, with_cpu_f32,
 };
 use super::llama::Llama;
 use crate::error::{Error, Result};
@@ -254,89 +254,108 @@ impl Llama {
 
 impl Llama {
     /// One micro-batch with no autograd graph at all, on the fused CPU f32 path: the
-    /// taped body, the head as one gemm, `loss::fused::distill_loss_and_grad` on the
-    /// logits (the loss and its gradient in one pass), the head's two backward gemms
-    /// and the body's backward. Same loss and arguments as `distill_loss_with` with a
-    /// full-logit teacher, a top-k teacher (`loss::topk`) or none; returns the loss
-    /// values and every parameter's gradient. Errors unless `can_tape()`.
+    /// taped body, the head as gemms, `loss::fused::loss_and_grad_slices` on the logits
+    /// (the loss and its gradient in one pass), the head's two backward gemms and the
+    /// body's backward. Returns the loss values and every parameter's gradient; errors
+    /// unless `can_tape()`.
+    ///
+    /// The loss and arguments are `distill_loss_with`'s, with the teacher as the fused
+    /// head takes it (`HeadTeacher`: none, full logits, top-k, or its hidden states and
+    /// head). `chunk_rows: None` computes the whole (N, V) logits at once; `Some(c)` is
+    /// the fused head: c rows at a time, so that neither the student's nor a `Hidden`
+    /// teacher's (N, V) logits ever exist, and the head's weight gradient accumulates
+    /// chunk by chunk (gemm with beta = 1) into one (V, d) buffer.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads_one_pass(
         &self,
         ids: &Tensor,
         targets: &Tensor,
         mask: &Tensor,
-        teacher: Option<crate::loss::TeacherTargets<'_>>,
+        teacher: crate::loss::fused_head::HeadTeacher<'_>,
         alpha: f64,
         temperature: f64,
         denom: f64,
         divergence: crate::loss::Divergence,
+        chunk_rows: Option<usize>,
     ) -> Result<(crate::loss::fused::LossValues, BTreeMap<String, Tensor>)> {
+        use crate::loss::fused_head::HeadTeacher;
         let (hidden, tape) = self.forward_taped_slices(ids)?; // (N, d)
         let (n, d, v) = (tape.b * tape.t, self.cfg.hidden_size, self.cfg.vocab_size);
         let head = self.head_name();
         let targets: Vec<u32> = targets.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
         let mask: Vec<f32> = mask.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        use crate::loss::fused::SliceTeacher;
-        use crate::loss::TeacherTargets;
-        match teacher {
-            Some(TeacherTargets::Logits(t)) if t.dims() != [n, v] => {
-                return Err(Error::Invalid(format!(
-                    "teacher logits have shape {:?}, expected [{n}, {v}]",
-                    t.dims()
-                )));
-            }
-            Some(TeacherTargets::TopK(top)) => crate::loss::topk::check_top_k_dims(n, v, top)?,
-            _ => {}
+        if targets.len() != n || mask.len() != n {
+            return Err(Error::Invalid(format!(
+                "{} targets and {} mask entries for {n} tokens",
+                targets.len(),
+                mask.len()
+            )));
         }
-        let (values, dh, dw_head) = {
-            let w = Weights::of(self)?;
-            let wh = w.get(head)?; // (V, d)
-            let logits = linear_fwd(&hidden, wh, (n, v, d))?; // (N, V)
-            let loss = |t: Option<SliceTeacher<'_>>| {
-                crate::loss::fused::loss_and_grad_slices(
-                    &logits,
-                    t,
-                    Some(&targets),
-                    &mask,
-                    v,
-                    alpha,
-                    temperature,
-                    denom,
-                    divergence,
-                )
-            };
-            let (values, dlogits) = match teacher {
-                // Read in place: no copy of the (N, V) teacher logits.
-                Some(TeacherTargets::Logits(t)) => {
-                    with_cpu_f32(&t.to_dtype(candle_core::DType::F32)?, "one-pass loss", |t| {
-                        loss(Some(SliceTeacher::Logits(t)))
-                    })??
-                }
-                Some(TeacherTargets::TopK(top)) => {
-                    let indices: Vec<u32> = top
-                        .indices
-                        .flatten_all()?
-                        .to_dtype(candle_core::DType::U32)?
-                        .to_vec1()?;
-                    let log_probs: Vec<f32> = top
-                        .log_probs
-                        .flatten_all()?
-                        .to_dtype(candle_core::DType::F32)?
-                        .to_vec1()?;
-                    let k = top.k();
-                    loss(Some(SliceTeacher::TopK {
-                        indices: &indices,
-                        log_probs: &log_probs,
-                        k,
-                    }))?
-                }
-                None => loss(None)?,
-            };
-            drop(logits);
-            let dh = linear_bwd_input(&dlogits, wh, (n, v, d))?; // (N, d)
-            let dw_head = linear_bwd_weight(&dlogits, &hidden, (n, v, d))?; // (V, d)
-            (values, dh, dw_head)
+        let chunk = match chunk_rows {
+            None => n.max(1),
+            Some(0) => return Err(Error::Invalid("the fused head's chunk_rows must be at least 1".into())),
+            Some(c) => c,
         };
+        let f32_of = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        let w = Weights::of(self)?;
+        let wh = w.get(head)?; // (V, d)
+        let head_loss = HeadLoss {
+            hidden: &hidden,
+            wh,
+            targets: &targets,
+            mask: &mask,
+            dims: (n, d, v),
+            chunk,
+            settings: (alpha, temperature, denom, divergence),
+        };
+        let (values, dh, dw_head) = match teacher {
+            HeadTeacher::None => head_loss.run(Rows::None)?,
+            HeadTeacher::Logits(t) => {
+                if t.elem_count() != n * v || t.dims().last() != Some(&v) {
+                    return Err(Error::Invalid(format!(
+                        "teacher logits have shape {:?}, expected [{n}, {v}]",
+                        t.dims()
+                    )));
+                }
+                // Read in place: no copy of the (N, V) teacher logits.
+                with_cpu_f32(&f32_of(t)?, "one-pass loss", |t| head_loss.run(Rows::Logits(t)))??
+            }
+            HeadTeacher::TopK(top) => {
+                crate::loss::topk::check_top_k_dims(n, v, top)?;
+                let indices: Vec<u32> = top
+                    .indices
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::U32)?
+                    .to_vec1()?;
+                let log_probs: Vec<f32> = f32_of(&top.log_probs.flatten_all()?)?.to_vec1()?;
+                head_loss.run(Rows::TopK {
+                    indices: &indices,
+                    log_probs: &log_probs,
+                    k: top.k(),
+                })?
+            }
+            HeadTeacher::Hidden { hidden: th, weight: tw } => {
+                let dt = tw.dim(1)?;
+                if tw.dims() != [v, dt] || th.elem_count() != n * dt {
+                    return Err(Error::Invalid(format!(
+                        "teacher hidden states {:?} and head {:?} must be ({n}, Ht) and ({v}, Ht)",
+                        th.dims(),
+                        tw.dims()
+                    )));
+                }
+                let (th, tw) = (f32_of(th)?, f32_of(tw)?);
+                with_cpu_f32(&th, "one-pass loss", |th| {
+                    with_cpu_f32(&tw, "one-pass loss", |tw| {
+                        head_loss.run(Rows::Hidden {
+                            hidden: th,
+                            weight: tw,
+                            dt,
+                        })
+                    })
+                })???
+            }
+        };
+        drop(w);
         let mut grads = tape.backward(self, &Tensor::from_vec(dh, (n, d), self.device())?)?;
         let dw_head = Tensor::from_vec(dw_head, (v, d), self.device())?;
         let g = match grads.remove(head) {
@@ -345,6 +364,96 @@ impl Llama {
         };
         grads.insert(head.to_string(), g);
         Ok((values, grads))
+    }
+}
+
+/// The teacher of `HeadLoss::run`, as row-major f32 slices of all N rows.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    None,
+    /// (N, V).
+    Logits(&'a [f32]),
+    /// (N, k) each.
+    TopK {
+        indices: &'a [u32],
+        log_probs: &'a [f32],
+        k: usize,
+    },
+    /// Hidden states (N, dt) and head weight (V, dt): logits chunk by chunk.
+    Hidden {
+        hidden: &'a [f32],
+        weight: &'a [f32],
+        dt: usize,
+    },
+}
+
+/// The head and the loss over the final hidden states, chunk by chunk.
+struct HeadLoss<'a> {
+    hidden: &'a [f32], // (N, d)
+    wh: &'a [f32],     // (V, d)
+    targets: &'a [u32],
+    mask: &'a [f32],
+    dims: (usize, usize, usize), // (N, d, V)
+    chunk: usize,
+    settings: (f64, f64, f64, crate::loss::Divergence), // alpha, T, denom, divergence
+}
+
+impl HeadLoss<'_> {
+    /// The summed loss values, the hidden states' gradient (N, d) and the head weight's
+    /// (V, d). With one chunk of all N rows this is exactly the unchunked computation.
+    fn run(&self, teacher: Rows<'_>) -> candle_core::Result<(crate::loss::fused::LossValues, Vec<f32>, Vec<f32>)> {
+        use crate::loss::fused::{loss_and_grad_slices, LossValues, SliceTeacher};
+        let (n, d, v) = self.dims;
+        let (alpha, temperature, denom, divergence) = self.settings;
+        let mut dh = vec![0f32; n * d];
+        let mut dw = vec![0f32; v * d];
+        let (mut total, mut ce, mut kd) = (0f64, 0f64, 0f64);
+        for start in (0..n).step_by(self.chunk) {
+            let rows = start..(start + self.chunk).min(n);
+            let c = rows.len();
+            let logits = linear_fwd(&self.hidden[start * d..rows.end * d], self.wh, (c, v, d))?; // (C, V)
+            let teacher_logits; // (C, V), a Hidden teacher's chunk
+            let t = match teacher {
+                Rows::None => None,
+                Rows::Logits(t) => Some(SliceTeacher::Logits(&t[start * v..rows.end * v])),
+                Rows::TopK { indices, log_probs, k } => Some(SliceTeacher::TopK {
+                    indices: &indices[start * k..rows.end * k],
+                    log_probs: &log_probs[start * k..rows.end * k],
+                    k,
+                }),
+                Rows::Hidden { hidden, weight, dt } => {
+                    teacher_logits = linear_fwd(&hidden[start * dt..rows.end * dt], weight, (c, v, dt))?;
+                    Some(SliceTeacher::Logits(&teacher_logits))
+                }
+            };
+            let (vals, dlogits) = loss_and_grad_slices(
+                &logits,
+                t,
+                Some(&self.targets[rows.clone()]),
+                &self.mask[rows.clone()],
+                v,
+                alpha,
+                temperature,
+                denom,
+                divergence,
+            )?;
+            drop(logits);
+            total += f64::from(vals.total);
+            ce += f64::from(vals.ce);
+            kd += f64::from(vals.kd);
+            // dh rows = dlogits @ W; dW (+)= dlogits^T @ h rows (linear_bwd_input and
+            // linear_bwd_weight, the latter accumulating after the first chunk).
+            let dh_rows = &mut dh[start * d..rows.end * d];
+            gemm_f32((c, d, v), dh_rows, (d, 1), &dlogits, (v, 1), self.wh, (d, 1), false)?;
+            let h_rows = &self.hidden[start * d..rows.end * d];
+            gemm_f32((v, d, c), &mut dw, (d, 1), &dlogits, (1, v), h_rows, (d, 1), start > 0)?;
+        }
+        let values = LossValues {
+            total: total as f32,
+            ce: ce as f32,
+            kd: kd as f32,
+        };
+        Ok((values, dh, dw))
     }
 }
 
@@ -580,9 +689,11 @@ mod tests {
 
     /// The graph-free micro-batch against the same loss on candle's graph (`Forward`
     /// and `distill_loss_with`): loss terms and every gradient, with a full-logit
-    /// teacher, a top-k teacher and none, masked rows, tied and untied heads.
+    /// teacher, a top-k teacher, a teacher's hidden states and head, and none; whole
+    /// logits and the fused head's chunks; masked rows, tied and untied heads.
     #[test]
     fn the_one_pass_micro_batch_matches_the_graph() -> Result<()> {
+        use crate::loss::fused_head::HeadTeacher;
         use crate::loss::{distill_loss_with, TeacherTargets};
         for (tied, bias, kv) in [(false, false, 4), (true, true, 2)] {
             let m = Llama::init(cfg(tied, bias, kv), 0.2, 5, &Device::Cpu)?;
@@ -591,38 +702,49 @@ mod tests {
             let mask = Tensor::from_vec(mask_v, 39, &Device::Cpu)?;
             let teacher = (Tensor::randn(0f32, 3.0, (39, 61), &Device::Cpu)?).contiguous()?;
             let top = crate::loss::top_k_of_logits(&teacher, 7, 2.0)?;
-            for (tl, d) in [
-                (None, Divergence::ForwardKl),
-                (Some(TeacherTargets::Logits(&teacher)), Divergence::ForwardKl),
-                (Some(TeacherTargets::Logits(&teacher)), Divergence::Tvd),
-                (Some(TeacherTargets::TopK(&top)), Divergence::ForwardKl),
-                (
-                    Some(TeacherTargets::TopK(&top)),
-                    Divergence::SkewReverseKl { skew: 0.1 },
-                ),
+            // A teacher given as hidden states (width 24) and its own head.
+            let th = Tensor::randn(0f32, 1.0, (39, 24), &Device::Cpu)?;
+            let tw = Tensor::randn(0f32, 0.5, (61, 24), &Device::Cpu)?;
+            let th_logits = th.matmul(&tw.t()?)?; // (39, 61), what the graph is given
+            let hidden = HeadTeacher::Hidden {
+                hidden: &th,
+                weight: &tw,
+            };
+            for (ht, d) in [
+                (HeadTeacher::None, Divergence::ForwardKl),
+                (HeadTeacher::Logits(&teacher), Divergence::ForwardKl),
+                (HeadTeacher::Logits(&teacher), Divergence::Tvd),
+                (HeadTeacher::TopK(&top), Divergence::ForwardKl),
+                (HeadTeacher::TopK(&top), Divergence::SkewReverseKl { skew: 0.1 }),
+                (hidden, Divergence::Jsd { beta: 0.3 }),
             ] {
-                let (vals, got) = m.loss_and_grads_one_pass(&x, &y, &mask, tl, 0.4, 2.0, 31.0, d)?;
+                let (kind, tl) = match ht {
+                    HeadTeacher::None => ("none", None),
+                    HeadTeacher::Logits(l) => ("logits", Some(TeacherTargets::Logits(l))),
+                    HeadTeacher::TopK(t) => ("top-7", Some(TeacherTargets::TopK(t))),
+                    HeadTeacher::Hidden { .. } => ("hidden", Some(TeacherTargets::Logits(&th_logits))),
+                };
                 let fwd = Forward::run(&m, &x, false)?;
                 let parts = distill_loss_with(&fwd.out, tl, &y, &mask, 0.4, 2.0, 31.0, d)?;
                 let total = parts.total.to_scalar::<f32>()?;
-                let kind = match tl {
-                    None => "none",
-                    Some(TeacherTargets::Logits(_)) => "logits",
-                    Some(TeacherTargets::TopK(_)) => "top-7",
-                };
-                let what = format!("tied={tied} teacher={kind} {d}");
-                assert!(
-                    (vals.total - total).abs() <= 1e-5 * total.abs(),
-                    "{what}: {} vs {total}",
-                    vals.total
-                );
-                assert!((vals.ce - parts.ce).abs() <= 1e-5 * parts.ce.abs(), "{what}");
-                assert!((vals.kd - parts.kd).abs() <= 1e-5 * parts.kd.abs().max(1e-6), "{what}");
                 let want = fwd.grads(&m, &parts.total)?;
-                assert_eq!(got.len(), want.len());
-                for (name, g) in &got {
-                    let e = rel(g, &want[name])?;
-                    assert!(e < 1e-5, "{what} {name}: {e}");
+                // The whole logits at once, and the fused head's chunks of 7 rows (the
+                // last one of 4).
+                for chunk in [None, Some(7)] {
+                    let (vals, got) = m.loss_and_grads_one_pass(&x, &y, &mask, ht, 0.4, 2.0, 31.0, d, chunk)?;
+                    let what = format!("tied={tied} teacher={kind} {d} chunk={chunk:?}");
+                    assert!(
+                        (vals.total - total).abs() <= 1e-5 * total.abs(),
+                        "{what}: {} vs {total}",
+                        vals.total
+                    );
+                    assert!((vals.ce - parts.ce).abs() <= 1e-5 * parts.ce.abs(), "{what}");
+                    assert!((vals.kd - parts.kd).abs() <= 1e-5 * parts.kd.abs().max(1e-6), "{what}");
+                    assert_eq!(got.len(), want.len());
+                    for (name, g) in &got {
+                        let e = rel(g, &want[name])?;
+                        assert!(e < 1e-5, "{what} {name}: {e}");
+                    }
                 }
             }
         }
