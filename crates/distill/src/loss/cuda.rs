@@ -223,7 +223,20 @@ struct Call<'a> {
     v: usize,
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
+    /// The call over the rows of the student logits `s1` (layout `l1`): it, and the
+    /// shape of the rows.
+    fn over(op: &'static str, s1: &'a CudaStorage, l1: &Layout) -> (Self, Shape) {
+        let (rows_shape, v) = rows_and_vocab(l1);
+        let call = Self {
+            dev: &s1.device,
+            op,
+            rows: rows_shape.elem_count(),
+            v,
+        };
+        (call, rows_shape)
+    }
+
     /// The kernel `name` of `student`'s module, and the launch's (rows, v) as the
     /// kernels' `int` arguments.
     fn kernel(&self, student: Elem, name: &str) -> Result<(CudaFunction, i32, i32)> {
@@ -251,14 +264,8 @@ pub(super) fn divergence_rows_fwd(
     l2: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     same_shape(op, l1, l2)?;
-    let (rows_shape, v) = rows_and_vocab(l1);
-    let dev = &s1.device;
-    let call = Call {
-        dev,
-        op,
-        rows: rows_shape.elem_count(),
-        v,
-    };
+    let (call, rows_shape) = Call::over(op, s1, l1);
+    let dev = call.dev;
     let args = Args::new(divergence, temperature);
     let out = with_float_view!(op, "student logits", s1, l1, |s, sn| {
         with_float_view!(op, "teacher logits", s2, l2, |t, tn| {
@@ -307,14 +314,8 @@ pub(super) fn divergence_rows_bwd(
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     same_shape(op, l1, l2)?;
-    let (rows_shape, v) = rows_and_vocab(l1);
-    let dev = &s1.device;
-    let call = Call {
-        dev,
-        op,
-        rows: rows_shape.elem_count(),
-        v,
-    };
+    let (call, _) = Call::over(op, s1, l1);
+    let dev = call.dev;
     let grad_rows = f32_view(s3, l3, op, "the incoming gradient")?; // (N,)
     check_rows(op, "the incoming gradient", grad_rows.len(), call.rows)?;
     let args = Args::new(divergence, temperature);
@@ -362,14 +363,8 @@ pub(super) fn cross_entropy_rows_fwd(
     s2: &CudaStorage,
     l2: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let (rows_shape, v) = rows_and_vocab(l1);
-    let dev = &s1.device;
-    let call = Call {
-        dev,
-        op,
-        rows: rows_shape.elem_count(),
-        v,
-    };
+    let (call, rows_shape) = Call::over(op, s1, l1);
+    let dev = call.dev;
     let targets = u32_view(s2, l2, op, "the targets")?; // (N,)
     check_rows(op, "the targets", targets.len(), call.rows)?;
     let out = with_float_view!(op, "student logits", s1, l1, |s, sn| ce_fwd(&call, sn, &s, &targets)?);
@@ -420,14 +415,8 @@ pub(super) fn cross_entropy_rows_bwd(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let (rows_shape, v) = rows_and_vocab(l1);
-    let dev = &s1.device;
-    let call = Call {
-        dev,
-        op,
-        rows: rows_shape.elem_count(),
-        v,
-    };
+    let (call, _) = Call::over(op, s1, l1);
+    let dev = call.dev;
     let targets = u32_view(s2, l2, op, "the targets")?; // (N,)
     let grad_rows = f32_view(s3, l3, op, "the incoming gradient")?; // (N,)
     check_rows(op, "the targets", targets.len(), call.rows)?;
@@ -545,14 +534,8 @@ pub(super) fn top_k_rows_fwd(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let (rows_shape, v) = rows_and_vocab(l1);
-    let dev = &s1.device;
-    let call = Call {
-        dev,
-        op,
-        rows: rows_shape.elem_count(),
-        v,
-    };
+    let (call, rows_shape) = Call::over(op, s1, l1);
+    let dev = call.dev;
     let top = TopKArgs::new(&call, s2, l2, s3, l3)?;
     let args = Args::new(divergence, temperature);
     let out = with_float_view!(op, "student logits", s1, l1, |s, sn| top_k_fwd(
@@ -602,14 +585,8 @@ pub(super) fn top_k_rows_bwd(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let (rows_shape, v) = rows_and_vocab(l1);
-    let dev = &s1.device;
-    let call = Call {
-        dev,
-        op,
-        rows: rows_shape.elem_count(),
-        v,
-    };
+    let (call, _) = Call::over(op, s1, l1);
+    let dev = call.dev;
     check_rows(op, "the incoming gradient", grad_rows.len(), call.rows)?;
     let top = TopKArgs::new(&call, s2, l2, s3, l3)?;
     let args = Args::new(divergence, temperature);
