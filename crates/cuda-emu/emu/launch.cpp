@@ -166,11 +166,12 @@ int distill_emu_ce_bwd(int s_code, const void* student, const unsigned int* targ
 
 // distill_topk_fwd_<s>: student (rows, v), indices (rows, kk) u32, log_probs (rows, kk)
 // f32 -> out (rows,) f32, and *bad (set to 0 by the caller) = UINT_MAX - a bad teacher
-// row. Dynamic shared memory: 4 (4 kk + 3) bytes, as loss/cuda.rs gives it.
+// row. Dynamic shared memory: `shared` bytes, which the caller takes from distill's
+// cuda_top_k_shared_bytes, as loss/cuda.rs does.
 int distill_emu_topk_fwd(int s_code, const void* student, const unsigned int* indices, const float* log_probs,
                          float* out, unsigned int* bad, int rows, int v, int kk, int kind, float inv_t, float w,
-                         float ln_w, float ln_1mw, unsigned int block, char* err, std::size_t err_len) {
-    const std::size_t shared = 4 * (4 * (std::size_t)kk + 3);
+                         float ln_w, float ln_1mw, unsigned int block, std::size_t shared, char* err,
+                         std::size_t err_len) {
     return guarded(err, err_len, [&]() -> int {
         switch (s_code) {
 #define EMU_TOPK_FWD(SN, S, SC)                                                                                \
@@ -194,9 +195,8 @@ int distill_emu_topk_fwd(int s_code, const void* student, const unsigned int* in
 // student's type, and *bad as for the forward (masked rows are not checked).
 int distill_emu_topk_bwd(int s_code, const void* student, const unsigned int* indices, const float* log_probs,
                          const float* grad_rows, void* out, unsigned int* bad, int rows, int v, int kk, int kind,
-                         float inv_t, float w, float ln_w, float ln_1mw, unsigned int block, char* err,
-                         std::size_t err_len) {
-    const std::size_t shared = 4 * (4 * (std::size_t)kk + 3);
+                         float inv_t, float w, float ln_w, float ln_1mw, unsigned int block, std::size_t shared,
+                         char* err, std::size_t err_len) {
     return guarded(err, err_len, [&]() -> int {
         switch (s_code) {
 #define EMU_TOPK_BWD(SN, S, SC)                                                                                \

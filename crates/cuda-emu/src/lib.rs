@@ -148,6 +148,7 @@ mod ffi {
             ln_w: f32,
             ln_1mw: f32,
             block: c_uint,
+            shared: usize,
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
@@ -169,6 +170,7 @@ mod ffi {
             ln_w: f32,
             ln_1mw: f32,
             block: c_uint,
+            shared: usize,
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
@@ -565,7 +567,7 @@ pub fn ce_bwd<S: Elem>(
 }
 
 /// The most ids per row the top-k kernels take (`MAX_TOP_K` of loss/cuda.rs): their
-/// shared memory, 4 (4k + 3) bytes, stays under 48 KiB.
+/// shared memory, `cuda_top_k_shared_bytes(k)`, stays under 48 KiB.
 pub const MAX_TOP_K: usize = 2048;
 
 /// The checks both top-k launches share; returns (rows, v, k) as the kernels' ints.
@@ -612,7 +614,7 @@ pub fn topk_fwd<S: Elem>(
     let p = params;
     // SAFETY: student holds rows * v elements of its type, indices and log_probs rows * k,
     // out rows, bad one (all checked above); msg is msg.len() bytes. The launch gives the
-    // kernel its 4 (4k + 3) bytes of dynamic shared memory. The call returns after every
+    // kernel its `cuda_top_k_shared_bytes(k)` bytes of dynamic shared memory. The call returns after every
     // thread has finished.
     let rc = unsafe {
         ffi::distill_emu_topk_fwd(
@@ -631,6 +633,7 @@ pub fn topk_fwd<S: Elem>(
             p.ln_w,
             p.ln_1mw,
             block,
+            distill::loss::fused::cuda_top_k_shared_bytes(k),
             msg.ptr(),
             msg.len(),
         )
@@ -664,7 +667,7 @@ pub fn topk_bwd<S: Elem>(
     let p = params;
     // SAFETY: student and out hold rows * v elements of the student's type, indices and
     // log_probs rows * k, grad_rows rows, bad one (all checked above); msg is msg.len()
-    // bytes. The launch gives the kernel its 4 (4k + 3) bytes of dynamic shared memory.
+    // bytes. The launch gives the kernel its `cuda_top_k_shared_bytes(k)` bytes of dynamic shared memory.
     // The call returns after every thread has finished.
     let rc = unsafe {
         ffi::distill_emu_topk_bwd(
@@ -684,6 +687,7 @@ pub fn topk_bwd<S: Elem>(
             p.ln_w,
             p.ln_1mw,
             block,
+            distill::loss::fused::cuda_top_k_shared_bytes(k),
             msg.ptr(),
             msg.len(),
         )

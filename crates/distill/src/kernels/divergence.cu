@@ -489,14 +489,27 @@ static __device__ void ce_bwd(const typename S::raw* student, const unsigned int
 // between the two coarsened distributions with the row functions above at T = 1.
 //
 // One block per row, as above. The row's categories live in dynamic shared memory,
-// 4 (4k + 3) bytes (loss/cuda.rs sizes it): the k ids sorted (for the membership test of
-// the tail pass), then the student's and the teacher's k + 1 category log-probabilities,
-// then (backward) their k + 1 gradients.
+// 4 (5k + 3) bytes (loss/cuda.rs sizes it; `TopKSmem` lays it out): the k ids as given
+// (read k times each by the sort), the k ids sorted (for the membership test of the tail
+// pass), then the student's and the teacher's k + 1 category log-probabilities, then
+// (backward) their k + 1 gradients.
 // ---------------------------------------------------------------------------
 
 #ifndef DISTILL_DYNAMIC_SHARED
 #define DISTILL_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #endif
+
+// The dynamic shared memory of a top-k row, 5k + 3 words.
+struct TopKSmem {
+    unsigned int* ids;    // k, as given
+    unsigned int* sorted; // k, increasing
+    float* lq;            // k + 1, the student's category log-probabilities, tail last
+    float* lp;            // k + 1, the teacher's
+    float* d;             // k + 1, the categories' gradients (backward)
+    __device__ TopKSmem(float* smem, int kk)
+        : ids(reinterpret_cast<unsigned int*>(smem)), sorted(reinterpret_cast<unsigned int*>(smem) + kk),
+          lq(smem + 2 * kk), lp(smem + 3 * kk + 1), d(smem + 4 * kk + 2) {}
+};
 
 // Is token j among the k sorted ids? A binary search.
 static __device__ __forceinline__ bool listed(const unsigned int* sorted, int kk, unsigned int j) {
@@ -523,21 +536,25 @@ static __device__ bool topk_coarsen(const typename S::raw* s, const unsigned int
                                     int kk, float inv_t, float* smem, float* scratch, LogNorm& norm) {
     __shared__ unsigned int bad;
     __shared__ double mass;
-    unsigned int* sorted = reinterpret_cast<unsigned int*>(smem);
-    float* lq = smem + kk;
-    float* lp = lq + kk + 1;
+    const TopKSmem sm(smem, kk);
+    unsigned int* sorted = sm.sorted;
+    float* lq = sm.lq;
+    float* lp = sm.lp;
     if (threadIdx.x == 0) {
         bad = 0u;
+    }
+    for (int c = threadIdx.x; c < kk; c += blockDim.x) {
+        sm.ids[c] = idx[c];
     }
     __syncthreads();
     // Sorting by rank: id c goes to the number of ids below it. A repeated id is a
     // fault, so ranks never collide in a row that passes.
     for (int c = threadIdx.x; c < kk; c += blockDim.x) {
-        const unsigned int x = idx[c];
+        const unsigned int x = sm.ids[c];
         int rank = 0;
         bool repeated = false;
         for (int i = 0; i < kk; ++i) {
-            const unsigned int y = idx[i];
+            const unsigned int y = sm.ids[i];
             rank += y < x ? 1 : 0;
             repeated = repeated || (y == x && i != c);
         }
@@ -619,9 +636,8 @@ static __device__ void topk_fwd(const typename S::raw* student, const unsigned i
         }
         return;
     }
-    const float* lq = smem + kk;
-    const float* lp = lq + kk + 1;
-    const float total = row_divergence<F32, F32>(lq, lp, kk + 1, category_params(k), scratch);
+    const TopKSmem sm(smem, kk);
+    const float total = row_divergence<F32, F32>(sm.lq, sm.lp, kk + 1, category_params(k), scratch);
     if (threadIdx.x == 0) {
         out[row] = total;
     }
@@ -655,10 +671,11 @@ static __device__ void topk_bwd(const typename S::raw* student, const unsigned i
         }
         return;
     }
-    const unsigned int* sorted = reinterpret_cast<const unsigned int*>(smem);
-    const float* lq = smem + kk;
-    const float* lp = lq + kk + 1;
-    float* d = smem + 3 * kk + 2; // k + 1 category gradients, g included
+    const TopKSmem sm(smem, kk);
+    const unsigned int* sorted = sm.sorted;
+    const float* lq = sm.lq;
+    const float* lp = sm.lp;
+    float* d = sm.d; // k + 1 category gradients, g included
     row_divergence_grad<F32, F32, F32>(lq, lp, kk + 1, category_params(k), g, d, scratch);
     __syncthreads();
     const float lq_tail = lq[kk];

@@ -33,7 +33,7 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
 use super::family::Divergence;
-use super::fused::{check_rows, cuda_block_size, rows_and_vocab, KernelParams};
+use super::fused::{check_rows, cuda_block_size, cuda_top_k_shared_bytes, rows_and_vocab, KernelParams};
 
 /// The kernel source, the very file `scripts/check_cuda_kernels.py` checks.
 const SOURCE: &str = include_str!("../kernels/divergence.cu");
@@ -454,9 +454,9 @@ fn ce_bwd<S: DeviceRepr>(
 // Top-k teachers
 // ---------------------------------------------------------------------------
 
-/// The most ids per row the top-k kernels take: a row's categories live in shared
-/// memory, 4 (4k + 3) bytes, and 2048 keeps that under the 48 KiB every GPU gives a
-/// block without opting in.
+/// The most ids per row the top-k kernels take: a row's ids and categories live in
+/// shared memory, 4 (5k + 3) bytes, and 2048 keeps that under the 48 KiB every GPU gives
+/// a block without opting in.
 const MAX_TOP_K: usize = 2048;
 
 /// The top-k kernels' extra inputs: the teacher's ids and log-probabilities, and k.
@@ -492,7 +492,7 @@ impl<'a> TopKArgs<'a> {
 
     fn config(&self, call: &Call) -> LaunchConfig {
         LaunchConfig {
-            shared_mem_bytes: (4 * (4 * self.k + 3)) as u32,
+            shared_mem_bytes: cuda_top_k_shared_bytes(self.k) as u32, // <= 41 KB at MAX_TOP_K
             ..call.config()
         }
     }
@@ -561,7 +561,7 @@ fn top_k_fwd<S>(call: &Call, sn: Elem, s: &CudaView<S>, top: &TopKArgs, a: &Args
     b.arg(&a.kind).arg(&a.inv_t).arg(&a.w).arg(&a.ln_w).arg(&a.ln_1mw);
     // SAFETY: the arguments match distill_topk_fwd_*'s parameters in number, order and
     // type; s holds rows * v elements, indices and log_probs rows * kk, out rows, bad
-    // one; the dynamic shared memory is the 4 (4 kk + 3) bytes the kernel lays out.
+    // one; the dynamic shared memory is the 4 (5 kk + 3) bytes the kernel lays out.
     unsafe { b.launch(top.config(call)) }.w()?;
     match dev.clone_dtoh(&bad)?.first() {
         Some(&f) if f != 0 => Err(top.bad_row_error(call, f)),
@@ -628,7 +628,7 @@ fn top_k_bwd<S: DeviceRepr>(
     b.arg(&a.kind).arg(&a.inv_t).arg(&a.w).arg(&a.ln_w).arg(&a.ln_1mw);
     // SAFETY: the arguments match distill_topk_bwd_*'s parameters in number, order and
     // type; s and out hold rows * v elements, indices and log_probs rows * kk,
-    // grad_rows rows, bad one; the dynamic shared memory is the kernel's 4 (4 kk + 3) bytes.
+    // grad_rows rows, bad one; the dynamic shared memory is the kernel's 4 (5 kk + 3) bytes.
     unsafe { b.launch(top.config(call)) }.w()?;
     match dev.clone_dtoh(&bad)?.first() {
         Some(&f) if f != 0 => Err(top.bad_row_error(call, f)),

@@ -264,7 +264,7 @@ pub fn distill_loss_and_grad(
     let student = student.contiguous()?;
     let op = "distill_loss_and_grad";
     let run = |s: &[f32], t: Option<SliceTeacher<'_>>| {
-        loss_and_grad_slices(s, t, targets, &mask, v, alpha, temperature, denom, divergence)
+        loss_and_grad_slices(0, s, t, targets, &mask, v, alpha, temperature, denom, divergence)
     };
     let (values, grad) = crate::model::fused::with_cpu_f32(&student, op, |s| match teacher {
         None => run(s, None),
@@ -303,8 +303,10 @@ pub(crate) enum SliceTeacher<'a> {
 
 /// `distill_loss_and_grad` on slices: s (N, V) row-major, the teacher (full logits or top
 /// k, `loss::topk`), targets and mask (N,). Returns the loss values and the gradient (N, V).
+/// `first_row` is the batch row of the slices' first: errors name batch rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn loss_and_grad_slices(
+    first_row: usize,
     s: &[f32],
     t: Option<SliceTeacher<'_>>,
     targets: Option<&[u32]>,
@@ -340,7 +342,7 @@ pub(crate) fn loss_and_grad_slices(
     if let Some(targets) = targets {
         check_rows("distill_loss_and_grad", "the targets", targets.len(), n)?;
         for (row, &y) in targets.iter().enumerate() {
-            target_index(y, v, row)?;
+            target_index(y, v, first_row + row)?;
         }
     }
     let isa = Isa::detect();
@@ -385,8 +387,8 @@ pub(crate) fn loss_and_grad_slices(
                     }) => {
                         let r = row * kk..(row + 1) * kk;
                         let acc = targets.is_some();
-                        let kd =
-                            super::topk::loss_grad_row(&k, row, s_row, &indices[r.clone()], &log_probs[r], gk, g, acc)?;
+                        let (ids, lps) = (&indices[r.clone()], &log_probs[r]);
+                        let kd = super::topk::loss_grad_row(&k, first_row + row, s_row, ids, lps, gk, g, acc)?;
                         return Ok((m * ce, m * kd));
                     }
                     Some(SliceTeacher::Logits(t)) => &t[row * v..(row + 1) * v],
@@ -1007,6 +1009,13 @@ impl KernelParams {
 /// need a multiple of 32, at most 1024).
 pub fn cuda_block_size(v: usize) -> u32 {
     v.div_ceil(32 * 8).clamp(1, 32) as u32 * 32
+}
+
+/// The dynamic shared memory of the top-k CUDA kernels for k ids per row: 5k + 3 words
+/// (`TopKSmem` in divergence.cu: the ids as given and sorted, then the k + 1 categories'
+/// student and teacher log-probabilities and gradients).
+pub fn cuda_top_k_shared_bytes(k: usize) -> usize {
+    4 * (5 * k + 3)
 }
 
 /// Largest element, NaN ignored (NaN is caught by the sum that follows).

@@ -725,8 +725,9 @@ mod tests {
     }
 
     /// The CUDA kernels against the CPU ones, values and gradients, for every divergence,
-    /// k = 1, 64 and V, and a bad teacher row. Compiled in every `cuda` build; skipped,
-    /// with a message, where no GPU is present.
+    /// k = 1, 64 and V (V = 2001, under the kernels' 2048), a bad teacher row, and a k
+    /// above 2048 refused. Compiled in every `cuda` build; skipped, with a message, where
+    /// no GPU is present.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_top_k_kernels_match_the_cpu_kernels() -> Result<()> {
@@ -738,7 +739,7 @@ mod tests {
             }
         };
         let mut rng = ChaCha8Rng::seed_from_u64(23);
-        let (n, v) = (12, 3001);
+        let (n, v) = (12, 2001);
         let s = logits(&mut rng, n, v);
         let t = Tensor::from_vec(teacher_logits(&mut rng, n, v), (n, v), &Device::Cpu)?;
         let w: Vec<f32> = (0..n).map(|i| if i % 4 == 3 { 0.0 } else { 1.0 }).collect();
@@ -772,6 +773,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("row 1: token id 1 is listed twice"), "{e}");
+        let wide = Tensor::randn(0f32, 1.0, (2, 2100), &gpu)?;
+        let top = top_k_of_logits(&wide, 2049, 1.0)?;
+        let e = top_k_divergence_rows(&wide, &top, Divergence::ForwardKl, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 2048"), "{e}");
         Ok(())
     }
 }
