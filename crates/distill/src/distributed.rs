@@ -182,7 +182,11 @@ pub fn init(cfg: &DistributedConfig) -> Result<Box<dyn Collective>> {
             }
             Ok(Box::new(Single))
         }
-        Backend::Mpi => init_mpi(),
+        Backend::Mpi => {
+            let mpi = init_mpi()?;
+            check_mpi_matches_launcher(mpi.rank(), mpi.world(), launcher_rank())?;
+            Ok(mpi)
+        }
         Backend::Nccl => Err(Error::Distributed(
             "backend \"nccl\" starts with the CUDA device; use distributed::init_nccl".into(),
         )),
@@ -209,20 +213,25 @@ pub fn launcher_job_id() -> Option<String> {
 }
 
 /// `launcher_job_id` over any environment: `DISTILL_JOB_ID` (set by the user, the same on
-/// every rank), then Slurm's job, step and restart count (a requeued job keeps its job id
-/// and numbers its steps from 0 again), then PMIx's namespace (Open MPI 4/5), then Open
-/// MPI's job id. Characters other than letters, digits, `.` and `-` become `_`.
+/// every rank); then the ids a launcher makes for each launch, PMIx's namespace (Open MPI
+/// 4/5, Slurm's PMIx plugin) and Open MPI's job id; then Slurm's job, step and restart
+/// count (a requeued job keeps its job id and numbers its steps from 0 again). The
+/// per-launch ids come before Slurm's because several `mpirun`s in one allocation share
+/// Slurm's, and a rank `mpirun` starts on its own node may not see the step id at all.
+/// Characters other than letters, digits, `.` and `-` become `_`.
 fn job_id_from(env: impl Fn(&str) -> Option<String>) -> Option<String> {
-    let slurm = env("SLURM_JOB_ID").map(|j| {
-        let step = env("SLURM_STEP_ID").unwrap_or_default();
-        let restart = env("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into());
-        format!("{j}.{step}.{restart}")
-    });
+    let slurm = || {
+        env("SLURM_JOB_ID").map(|j| {
+            let step = env("SLURM_STEP_ID").unwrap_or_default();
+            let restart = env("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into());
+            format!("{j}.{step}.{restart}")
+        })
+    };
     let id = env("DISTILL_JOB_ID")
         .filter(|v| !v.trim().is_empty())
-        .or(slurm)
         .or_else(|| env("PMIX_NAMESPACE"))
-        .or_else(|| env("OMPI_MCA_ess_base_jobid"))?;
+        .or_else(|| env("OMPI_MCA_ess_base_jobid"))
+        .or_else(slurm)?;
     Some(
         id.chars()
             .map(|c| {
@@ -234,6 +243,22 @@ fn job_id_from(env: impl Fn(&str) -> Option<String>) -> Option<String> {
             })
             .collect(),
     )
+}
+
+/// MPI's rank and world size against the launcher's. An MPI library that cannot attach
+/// to the launcher (`srun --mpi=none`, an Open MPI without Slurm support) starts every
+/// process as a world of one: each would run the whole job alone and write the same run
+/// directory. That is an error, naming the way out.
+fn check_mpi_matches_launcher(rank: usize, world: usize, launcher: Option<(usize, usize)>) -> Result<()> {
+    match launcher {
+        Some((r, w)) if (r, w) != (rank, world) => Err(Error::Distributed(format!(
+            "MPI sees this process as rank {rank} of {world}, but the launcher started it as rank {r} of {w}: \
+             the MPI library cannot attach to this launcher. Launch with mpirun, or with srun --mpi=pmix \
+             (an MPI built with Slurm support); for NCCL, a build without `mpi` with DISTILL_JOB_ID set \
+             passes the id through a file instead"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// How rank 0 hands NCCL's unique id to the other ranks.
@@ -474,8 +499,18 @@ mod nccl_backend {
                 NcclIdExchange::Mpi => {
                     let mpi = super::init_mpi()?;
                     let (rank, world) = (mpi.rank(), mpi.world());
-                    let mine = if rank == 0 { id_bytes(&new_id()?) } else { Vec::new() };
+                    super::check_mpi_matches_launcher(rank, world, super::launcher_rank())?;
+                    // Rank 0 sends its id, or nothing when it could not make one, so that
+                    // the others learn of the failure instead of waiting in the gather.
+                    let made = if rank == 0 { Some(new_id()) } else { None };
+                    let mine = match &made {
+                        Some(Ok(id)) => id_bytes(id),
+                        _ => Vec::new(),
+                    };
                     let all = mpi.gather_bytes(&mine)?;
+                    if let Some(Err(e)) = made {
+                        return Err(e);
+                    }
                     let id = id_from_bytes(all.first().map(Vec::as_slice).unwrap_or_default())
                         .ok_or_else(|| Error::Distributed(format!("rank {rank}: rank 0 sent no NCCL id over MPI")))?;
                     (rank, world, id, Some(mpi))
@@ -574,6 +609,14 @@ mod nccl_backend {
     impl Collective for Nccl {
         fn backend(&self) -> Backend {
             Backend::Nccl
+        }
+        /// Through MPI when the id came over it (MPI_Abort ends every rank); otherwise
+        /// the launcher must end the others (`mpirun` does, `srun --kill-on-bad-exit=1`).
+        fn abort(&self, code: i32) -> ! {
+            match &self._mpi {
+                Some(mpi) => mpi.abort(code),
+                None => std::process::exit(code),
+            }
         }
         fn rank(&self) -> usize {
             self.comm.rank()
@@ -785,8 +828,17 @@ mod tests {
             job_id_from(env(&[("PMIX_NAMESPACE", "prterun-host-123@1")])).as_deref(),
             Some("prterun-host-123_1")
         );
+        // mpirun inside a Slurm allocation: its own namespace, not the allocation's id.
+        let inside = env(&[("PMIX_NAMESPACE", "prterun-host-9@1"), ("SLURM_JOB_ID", "812")]);
+        assert_eq!(job_id_from(inside).as_deref(), Some("prterun-host-9_1"));
         let both = env(&[("DISTILL_JOB_ID", "mine"), ("SLURM_JOB_ID", "812")]);
         assert_eq!(job_id_from(both).as_deref(), Some("mine"));
+
+        // MPI started alone under a launcher that made N ranks: refused.
+        assert!(check_mpi_matches_launcher(0, 2, Some((0, 2))).is_ok());
+        assert!(check_mpi_matches_launcher(0, 2, None).is_ok());
+        let e = check_mpi_matches_launcher(0, 1, Some((3, 4))).unwrap_err().to_string();
+        assert!(e.contains("rank 3 of 4") && e.contains("srun --mpi=pmix"), "{e}");
 
         let dir = std::path::Path::new("/runs");
         assert_eq!(

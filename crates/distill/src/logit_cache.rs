@@ -249,14 +249,21 @@ pub fn write_index(
     };
     let json = serde_json::to_vec_pretty(&index).map_err(|e| bad(&index_path, e.to_string()))?;
     write_file_atomic(&index_path, &json)?;
-    remove_unlisted_shards(dir, &index)?;
+    if let Err(e) = remove_unlisted_shards(dir, &index) {
+        // The cache is complete and valid: leftovers cost disk, not correctness.
+        eprintln!(
+            "warning: logit cache {}: could not delete an old shard: {e}",
+            dir.display()
+        );
+    }
     Ok(index)
 }
 
 /// Deletes the shard files in `dir` that `index` does not list: those of an earlier cache
 /// written there with more shards or by other ranks. Only names of the form
 /// `shard-*.safetensors` are touched, and only once the new index is on disk, so a crash
-/// before this leaves garbage, never a cache without its shards.
+/// before this leaves garbage, never a cache without its shards. Stops at the first
+/// failure (the caller warns and goes on).
 fn remove_unlisted_shards(dir: &Path, index: &Index) -> Result<()> {
     let listed: std::collections::HashSet<&str> = index.shards.iter().map(|s| s.file.as_str()).collect();
     for entry in std::fs::read_dir(dir).at(dir)? {

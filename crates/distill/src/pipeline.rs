@@ -325,6 +325,8 @@ fn run_on(
         dollars_per_second: crate::cost::price_per_hour(&cfg.cost, &info) * (info.count * world) as f64 / 3600.0,
         spent_before: std::cell::Cell::new(ledger.summary().total_dollars),
         world,
+        device: info.clone(),
+        price_per_device_hour: crate::cost::price_per_hour(&cfg.cost, &info),
     };
     let progress: &dyn Progress = &heartbeat;
 
@@ -417,9 +419,11 @@ fn run_on(
         let t0 = Instant::now();
         let (model, flops, calib_tokens) = pruned_student(&teacher, cfg, student_train, &dev, progress)?;
         // Every rank prunes the same way on the same calibration data (so that each holds
-        // the student with no broadcast): the devices billed did world x one rank's work,
-        // and the peak the MFU divides by is the world's.
+        // the student with no broadcast): the devices billed did world x one rank's work
+        // (tokens and FLOPs, as the training stages sum theirs over the ranks), and the
+        // peak the MFU divides by is the world's.
         let flops = flops * comm.world() as f64;
+        let calib_tokens = calib_tokens * comm.world() as u64;
         if !ledger.completed("prune") {
             ledger.record(StageCost::new(
                 "prune",
@@ -925,6 +929,13 @@ struct Beat {
     /// the killed segment at its own. (Heartbeats written before this field: 1.)
     #[serde(default = "one_rank")]
     world: usize,
+    /// The devices of each rank and their price per device-hour, likewise: a resume on
+    /// other hardware bills the killed segment at the hardware that ran it. (Heartbeats
+    /// written before these fields: the resuming run's.)
+    #[serde(default)]
+    device: Option<DeviceInfo>,
+    #[serde(default)]
+    price_per_device_hour: Option<f64>,
 }
 
 fn now_unix() -> f64 {
@@ -942,8 +953,10 @@ struct Heartbeat<'a> {
     inner: &'a dyn Progress,
     stage: std::cell::RefCell<Option<Beat>>,
     dollars_per_second: f64,
-    /// The ranks of this run.
+    /// The ranks of this run, each rank's devices and their price per device-hour.
     world: usize,
+    device: DeviceInfo,
+    price_per_device_hour: f64,
     /// Dollars of the ledger records written before the current stage.
     spent_before: std::cell::Cell<f64>,
 }
@@ -1033,6 +1046,8 @@ impl Progress for Heartbeat<'_> {
             started_unix: now,
             alive_unix: now,
             world: self.world,
+            device: Some(self.device.clone()),
+            price_per_device_hour: Some(self.price_per_device_hour),
         });
         self.beat();
         if total_steps > 0 {
@@ -1084,8 +1099,11 @@ fn record_killed_segment(
             "{}: the last run was killed {wall:.1} s into this stage; resuming",
             b.stage
         ));
-        let killed = StageCost::interrupted(&b.stage, info, &cfg.cost, wall).on_ranks(b.world, 0.0, None);
-        ledger.record_as_billed(killed)?;
+        let mut killed = StageCost::interrupted(&b.stage, b.device.as_ref().unwrap_or(info), &cfg.cost, wall);
+        if let Some(price) = b.price_per_device_hour {
+            killed.price_per_device_hour = price; // on_ranks prices the dollars with it
+        }
+        ledger.record_as_billed(killed.on_ranks(b.world, 0.0, None))?;
     }
     std::fs::remove_file(&path).at(&path)
 }
@@ -1630,15 +1648,24 @@ pub fn verdict(r: &Report) -> String {
 mod tests {
     use super::*;
 
-    /// A segment killed on 2 ranks and resumed on 1 is billed for 2.
+    /// A segment killed on 2 ranks of one GPU each, resumed on 1 rank of CPU cores, is
+    /// billed for the 2 GPUs at their price.
     #[test]
     fn a_killed_segment_is_billed_on_the_ranks_it_ran_on() -> std::result::Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
+        let gpus = DeviceInfo {
+            kind: "cuda".into(),
+            name: "NVIDIA H100".into(),
+            count: 1,
+            ..Default::default()
+        };
         let beat = Beat {
             stage: "teacher".into(),
             started_unix: 1000.0,
             alive_unix: 1360.0,
             world: 2,
+            device: Some(gpus),
+            price_per_device_hour: Some(2.0),
         };
         std::fs::write(dir.path().join(HEARTBEAT), serde_json::to_vec(&beat)?)?;
         let mut ledger = Ledger::new(dir.path()).in_memory(); // this run: 1 rank
@@ -1650,11 +1677,11 @@ mod tests {
         record_killed_segment(dir.path(), &mut ledger, &info, &Config::default(), &train::Silent)?;
         let killed = &ledger.stages[0];
         assert!(killed.interrupted);
-        assert_eq!(killed.world_size, 2);
-        assert!(
-            (killed.device_hours - 360.0 / 3600.0 * 2.0 * 2.0).abs() < 1e-12,
-            "{killed:?}"
-        );
+        // Billed at the 2 ranks of one H100 at $2 that ran it, not at this run's 1 rank
+        // of 2 CPU cores.
+        assert_eq!((killed.world_size, killed.device_count), (2, 1));
+        assert!((killed.device_hours - 360.0 / 3600.0 * 2.0).abs() < 1e-12, "{killed:?}");
+        assert!((killed.dollars - killed.device_hours * 2.0).abs() < 1e-12, "{killed:?}");
         assert!(!dir.path().join(HEARTBEAT).exists());
         // A heartbeat from before the field: one rank.
         let old = r#"{"stage":"student","started_unix":0.0,"alive_unix":36.0}"#;

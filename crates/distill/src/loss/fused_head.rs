@@ -165,7 +165,12 @@ pub fn fused_linear_distill_loss(
                 s.temperature,
                 s.denom,
                 s.divergence,
-            )?;
+            )
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "fused head loss, the chunk of rows {start}.. (its rows count from 0): {e}"
+                ))
+            })?;
             total += f64::from(vals.total);
             ce += f64::from(vals.ce);
             kd += f64::from(vals.kd);

@@ -427,6 +427,7 @@ impl HeadLoss<'_> {
                 }
             };
             let (vals, dlogits) = loss_and_grad_slices(
+                start,
                 &logits,
                 t,
                 Some(&self.targets[rows.clone()]),
