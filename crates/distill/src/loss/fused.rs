@@ -272,8 +272,7 @@ pub fn distill_loss_and_grad(
             crate::model::fused::with_cpu_f32(&t.contiguous()?, op, |t| run(s, Some(SliceTeacher::Logits(t))))?
         }
         Some(TeacherTargets::TopK(top)) => {
-            let indices: Vec<u32> = top.indices.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
-            let log_probs: Vec<f32> = top.log_probs.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            let (indices, log_probs) = top.to_host()?;
             let k = top.k();
             run(
                 s,
@@ -299,6 +298,20 @@ pub(crate) enum SliceTeacher<'a> {
         log_probs: &'a [f32],
         k: usize,
     },
+}
+
+impl<'a> SliceTeacher<'a> {
+    /// The teacher of the batch rows `rows` (for a vocabulary of `v`).
+    pub(crate) fn rows(self, rows: std::ops::Range<usize>, v: usize) -> Self {
+        match self {
+            Self::Logits(t) => Self::Logits(&t[rows.start * v..rows.end * v]),
+            Self::TopK { indices, log_probs, k } => Self::TopK {
+                indices: &indices[rows.start * k..rows.end * k],
+                log_probs: &log_probs[rows.start * k..rows.end * k],
+                k,
+            },
+        }
+    }
 }
 
 /// `distill_loss_and_grad` on slices: s (N, V) row-major, the teacher (full logits or top

@@ -59,6 +59,14 @@ impl TopK {
     pub fn k(&self) -> usize {
         self.indices.dims().last().copied().unwrap_or(0)
     }
+
+    /// The ids (u32) and log-probabilities (f32), row-major, copied to host vectors.
+    pub(crate) fn to_host(&self) -> candle_core::Result<(Vec<u32>, Vec<f32>)> {
+        Ok((
+            self.indices.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?,
+            self.log_probs.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+        ))
+    }
 }
 
 /// The `k` most likely tokens of each row of `logits` (N, V) at temperature T, with their

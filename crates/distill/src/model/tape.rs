@@ -33,6 +33,7 @@ use super::fused::{
 };
 use super::llama::Llama;
 use crate::error::{Error, Result};
+use crate::loss::fused::SliceTeacher;
 
 /// What one layer's backward reads, all row-major with N = B*T rows.
 struct LayerActs {
@@ -309,7 +310,7 @@ impl Llama {
             settings: (alpha, temperature, denom, divergence),
         };
         let (values, dh, dw_head) = match teacher {
-            HeadTeacher::None => head_loss.run(Rows::None)?,
+            HeadTeacher::None => head_loss.run(Rows::Given(None))?,
             HeadTeacher::Logits(t) => {
                 if t.elem_count() != n * v || t.dims().last() != Some(&v) {
                     return Err(Error::Invalid(format!(
@@ -318,21 +319,18 @@ impl Llama {
                     )));
                 }
                 // Read in place: no copy of the (N, V) teacher logits.
-                with_cpu_f32(&f32_of(t)?, "one-pass loss", |t| head_loss.run(Rows::Logits(t)))??
+                with_cpu_f32(&f32_of(t)?, "one-pass loss", |t| {
+                    head_loss.run(Rows::Given(Some(SliceTeacher::Logits(t))))
+                })??
             }
             HeadTeacher::TopK(top) => {
                 crate::loss::topk::check_top_k_dims(n, v, top)?;
-                let indices: Vec<u32> = top
-                    .indices
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::U32)?
-                    .to_vec1()?;
-                let log_probs: Vec<f32> = f32_of(&top.log_probs.flatten_all()?)?.to_vec1()?;
-                head_loss.run(Rows::TopK {
+                let (indices, log_probs) = top.to_host()?;
+                head_loss.run(Rows::Given(Some(SliceTeacher::TopK {
                     indices: &indices,
                     log_probs: &log_probs,
                     k: top.k(),
-                })?
+                })))?
             }
             HeadTeacher::Hidden { hidden: th, weight: tw } => {
                 let dt = tw.dim(1)?;
@@ -367,18 +365,11 @@ impl Llama {
     }
 }
 
-/// The teacher of `HeadLoss::run`, as row-major f32 slices of all N rows.
+/// The teacher of `HeadLoss::run`, as row-major slices of all N rows.
 #[derive(Clone, Copy)]
 enum Rows<'a> {
-    None,
-    /// (N, V).
-    Logits(&'a [f32]),
-    /// (N, k) each.
-    TopK {
-        indices: &'a [u32],
-        log_probs: &'a [f32],
-        k: usize,
-    },
+    /// Full logits, top k, or none: what the loss takes, sliced per chunk.
+    Given(Option<SliceTeacher<'a>>),
     /// Hidden states (N, dt) and head weight (V, dt): logits chunk by chunk.
     Hidden {
         hidden: &'a [f32],
@@ -402,7 +393,7 @@ impl HeadLoss<'_> {
     /// The summed loss values, the hidden states' gradient (N, d) and the head weight's
     /// (V, d). With one chunk of all N rows this is exactly the unchunked computation.
     fn run(&self, teacher: Rows<'_>) -> candle_core::Result<(crate::loss::fused::LossValues, Vec<f32>, Vec<f32>)> {
-        use crate::loss::fused::{loss_and_grad_slices, LossValues, SliceTeacher};
+        use crate::loss::fused::{loss_and_grad_slices, LossValues};
         let (n, d, v) = self.dims;
         let (alpha, temperature, denom, divergence) = self.settings;
         let mut dh = vec![0f32; n * d];
@@ -414,13 +405,7 @@ impl HeadLoss<'_> {
             let logits = linear_fwd(&self.hidden[start * d..rows.end * d], self.wh, (c, v, d))?; // (C, V)
             let teacher_logits; // (C, V), a Hidden teacher's chunk
             let t = match teacher {
-                Rows::None => None,
-                Rows::Logits(t) => Some(SliceTeacher::Logits(&t[start * v..rows.end * v])),
-                Rows::TopK { indices, log_probs, k } => Some(SliceTeacher::TopK {
-                    indices: &indices[start * k..rows.end * k],
-                    log_probs: &log_probs[start * k..rows.end * k],
-                    k,
-                }),
+                Rows::Given(t) => t.map(|t| t.rows(rows.clone(), v)),
                 Rows::Hidden { hidden, weight, dt } => {
                     teacher_logits = linear_fwd(&hidden[start * dt..rows.end * dt], weight, (c, v, dt))?;
                     Some(SliceTeacher::Logits(&teacher_logits))
