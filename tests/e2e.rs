@@ -458,7 +458,7 @@ fn a_student_pruned_from_the_teacher_trains_beside_a_random_one() {
         })
         .collect();
     assert!(params.iter().all(|p| *p == params[0]), "one architecture: {params:?}");
-    let (model, _) = distill::checkpoint::load(&run_dir.join("student-pruned"), &distill::candle::Device::Cpu).unwrap();
+    let (model, _) = distill::train::checkpoint::load(&run_dir.join("student-pruned"), &distill::candle::Device::Cpu).unwrap();
     assert_eq!((model.cfg.hidden_size, model.cfg.num_hidden_layers), (32, 1));
 
     let bad = tmp.path().join("bad.toml");
@@ -915,8 +915,8 @@ fn check_checkpoints_on_disk(run_dir: &Path) -> usize {
         }
     }
     for d in dirs {
-        distill::checkpoint::verify(&d).unwrap_or_else(|e| panic!("damaged checkpoint on disk: {e}"));
-        distill::checkpoint::load(&d, &distill::candle::Device::Cpu)
+        distill::train::checkpoint::verify(&d).unwrap_or_else(|e| panic!("damaged checkpoint on disk: {e}"));
+        distill::train::checkpoint::load(&d, &distill::candle::Device::Cpu)
             .unwrap_or_else(|e| panic!("checkpoint does not load: {e}"));
     }
     temps
@@ -976,7 +976,7 @@ fn crashes_inside_checkpoint_writes_and_a_full_disk_lose_nothing() {
         check_checkpoints_on_disk(&run_dir) >= 1,
         "the interrupted write left no temporary folder"
     );
-    distill::checkpoint::verify(&step3).unwrap();
+    distill::train::checkpoint::verify(&step3).unwrap();
 
     // The disk fills up: resuming from step 3, the teacher's optimizer state (about 1 MB)
     // no longer fits (the limit is in KiB), so the step-6 checkpoint fails to write.
@@ -995,7 +995,7 @@ fn crashes_inside_checkpoint_writes_and_a_full_disk_lose_nothing() {
         0,
         "a failed write left its temporary folder"
     );
-    distill::checkpoint::verify(&step3).unwrap();
+    distill::train::checkpoint::verify(&step3).unwrap();
     assert!(!run_dir.join("checkpoints/teacher/step-000006").exists());
 
     // More crashes inside writes of later files, each in a resumed process, then an

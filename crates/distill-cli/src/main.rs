@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use distill::distributed::Backend;
-use distill::pipeline::{self, RunOptions};
+use distill::run::{self, RunOptions};
 use distill::train::{Progress, StepLog};
 use distill::Config;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -289,14 +289,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn run_pipeline(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
-    let report = pipeline::run(cfg, opts, &Bars::default())?;
+    let report = run::run(cfg, opts, &Bars::default())?;
     // In a data-parallel job, rank 0 speaks for all ranks.
     if distill::distributed::launcher_rank().is_some_and(|(rank, _)| rank > 0)
         && cfg.distributed.backend != Backend::None
     {
         return Ok(());
     }
-    println!("\n{}", pipeline::render(&report));
+    println!("\n{}", run::render(&report));
     println!("run directory: {}", report.run_dir.display());
     Ok(())
 }
@@ -331,7 +331,7 @@ fn resume(run_dir: &std::path::Path, device: Option<String>) -> anyhow::Result<(
 }
 
 fn cost(a: CostArgs) -> anyhow::Result<()> {
-    use distill::projection::{self, Precision, ProjectionInput, Throughput, Work, WorkKind};
+    use distill::cost::projection::{self, Precision, ProjectionInput, Throughput, Work, WorkKind};
     let prices = distill::config::CostConfig::default();
     let price = a.price.unwrap_or_else(|| projection::device_price(&a.device, &prices));
     let precision: Precision = a.precision.parse()?;
@@ -385,7 +385,7 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
 }
 
 fn peak(size: usize, repeats: usize) -> anyhow::Result<()> {
-    let m = distill::peak::measure_cpu_peak(size, repeats)?;
+    let m = distill::cost::peak::measure_cpu_peak(size, repeats)?;
     println!(
         "f32 GEMM {size}x{size}, {} threads on {}: best {:.1} GFLOP/s, median {:.1} GFLOP/s",
         m.threads,
@@ -397,8 +397,8 @@ fn peak(size: usize, repeats: usize) -> anyhow::Result<()> {
 }
 
 fn report(run_dir: &std::path::Path) -> anyhow::Result<()> {
-    let r = pipeline::rerender(run_dir)?;
-    println!("{}", pipeline::render(&r));
+    let r = run::rerender(run_dir)?;
+    println!("{}", run::render(&r));
     println!("wrote {}", run_dir.join("report.md").display());
     Ok(())
 }
@@ -410,7 +410,7 @@ fn open_device(name: &str) -> anyhow::Result<distill::candle::Device> {
 fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::Result<()> {
     let dev = open_device(device)?;
     let cfg = config.map(|p| Config::load(&p)).transpose()?;
-    let r = pipeline::eval_checkpoint(&checkpoint, cfg.as_ref(), &dev)?;
+    let r = run::eval_checkpoint(&checkpoint, cfg.as_ref(), &dev)?;
     println!("checkpoint: {}", r.checkpoint.display());
     println!("params: {}", r.params);
     println!("held-out loss: {:.4}", r.eval_loss);
@@ -422,8 +422,8 @@ fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::R
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    use distill::generate::{generate_rows, row_rng, Sampling};
-    use distill::traces::{self, Keep, Shard, TraceSettings};
+    use distill::model::generate::{generate_rows, row_rng, Sampling};
+    use distill::teacher::traces::{self, Keep, Shard, TraceSettings};
     if a.samples == 0 || a.batch_size == 0 {
         anyhow::bail!("--samples and --batch-size must be at least 1");
     }
@@ -436,7 +436,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} already exists; pass --force to replace it", out.display());
     }
     let dev = open_device(&a.device)?;
-    let (model, tok) = distill::checkpoint::load(&a.checkpoint, &dev)?;
+    let (model, tok) = distill::train::checkpoint::load(&a.checkpoint, &dev)?;
     let sampling = Sampling {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -463,7 +463,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         max_completion_tokens: a.max_completion_tokens,
         batch_rows: a.batch_size,
     };
-    let id = distill::checkpoint::content_id(&a.checkpoint)?;
+    let id = distill::train::checkpoint::content_id(&a.checkpoint)?;
     let bars = Bars::default();
     let mut started = false;
     let mut on_batch = |done: usize, total: usize| {
@@ -507,10 +507,10 @@ fn merge(
     if out.exists() && !force {
         anyhow::bail!("{} already exists; pass --force to replace it", out.display());
     }
-    let prompts = input.map(distill::traces::read_prompts).transpose()?;
-    let records = distill::traces::merge(shards, prompts.as_deref())?;
-    distill::traces::write(out, &records)?;
-    let acc = distill::traces::Acceptance::of(&records);
+    let prompts = input.map(distill::teacher::traces::read_prompts).transpose()?;
+    let records = distill::teacher::traces::merge(shards, prompts.as_deref())?;
+    distill::teacher::traces::write(out, &records)?;
+    let acc = distill::teacher::traces::Acceptance::of(&records);
     eprintln!(
         "{}: {} records from {} shards, {} kept (acceptance {:.1}%)",
         out.display(),

@@ -429,7 +429,7 @@ pub struct TracesConfig {
     /// Most tokens per sample; a sample that has not ended by then is rejected. Default 96.
     pub max_new_tokens: usize,
     /// "first": keep the first correct sample of each prompt (default); "all": every correct one.
-    pub keep: crate::traces::Keep,
+    pub keep: crate::teacher::traces::Keep,
     /// Reject correct samples longer than this many tokens. Default: no limit.
     pub max_completion_tokens: Option<usize>,
     /// Samples decoded together. Default 64.
@@ -448,7 +448,7 @@ impl Default for TracesConfig {
             temperature: 0.7,
             top_p: 0.95,
             max_new_tokens: 96,
-            keep: crate::traces::Keep::First,
+            keep: crate::teacher::traces::Keep::First,
             max_completion_tokens: None,
             batch_size: 64,
             logit_kd: true,
@@ -527,12 +527,12 @@ pub fn parse_dtype(s: &str) -> Result<Option<candle_core::DType>> {
 
 impl Config {
     /// `[run] kernels`, checked.
-    pub fn kernels(&self) -> Result<crate::model::fused::Kernels> {
-        crate::model::fused::Kernels::parse(&self.run.kernels).ok_or_else(|| {
+    pub fn kernels(&self) -> Result<crate::kernels::ops::Kernels> {
+        crate::kernels::ops::Kernels::parse(&self.run.kernels).ok_or_else(|| {
             Error::Invalid(format!(
                 "kernels {:?}: use {}",
                 self.run.kernels,
-                crate::model::fused::Kernels::NAMES
+                crate::kernels::ops::Kernels::NAMES
             ))
         })
     }
@@ -621,9 +621,9 @@ impl Config {
             &r.dtype,
         );
         v.check(
-            crate::model::fused::Kernels::parse(&r.kernels).is_some(),
+            crate::kernels::ops::Kernels::parse(&r.kernels).is_some(),
             "run.kernels",
-            &format!("must be {}", crate::model::fused::Kernels::NAMES),
+            &format!("must be {}", crate::kernels::ops::Kernels::NAMES),
             &r.kernels,
         );
         v.check(
@@ -689,7 +689,7 @@ impl Config {
         }
         let tc = &self.teacher;
         if let Some(id) = &tc.hub {
-            if let Err(e) = crate::hub::check_repo_id(id) {
+            if let Err(e) = crate::prepare::hub::check_repo_id(id) {
                 v.check(false, "teacher.hub", &e.to_string(), id);
             }
             v.check(
@@ -700,7 +700,7 @@ impl Config {
             );
         }
         if let Some(rev) = &tc.revision {
-            if let Err(e) = crate::hub::check_revision(rev) {
+            if let Err(e) = crate::prepare::hub::check_revision(rev) {
                 v.check(false, "teacher.revision", &e.to_string(), rev);
             }
             v.check(tc.hub.is_some(), "teacher.revision", "needs teacher.hub", rev);

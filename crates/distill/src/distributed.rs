@@ -559,7 +559,7 @@ mod nccl_backend {
     fn file_id(rank: usize, id_file: &std::path::Path) -> Result<Id> {
         if rank == 0 {
             let id = new_id()?;
-            crate::checkpoint::write_file_atomic(id_file, &id_bytes(&id))?;
+            crate::fsio::write_file_atomic(id_file, &id_bytes(&id))?;
             return Ok(id);
         }
         let t0 = std::time::Instant::now();

@@ -2,28 +2,21 @@
 //! ledger. The pipeline reads top to bottom in `pipeline.rs`:
 //! data -> tokenizer -> model -> loss -> train -> checkpoint -> cost -> report.
 
-pub mod charts;
-pub mod checkpoint;
 pub mod config;
 pub mod cost;
-pub mod data;
 pub mod device;
 pub mod distributed;
 pub mod error;
-pub mod generate;
-pub mod hub;
-pub mod logit_cache;
+pub mod evaluate;
+pub mod fsio;
+pub mod kernels;
 pub mod loss;
 pub mod model;
-pub mod optim;
-pub mod peak;
-pub mod pipeline;
-pub mod projection;
-pub mod prune;
+pub mod prepare;
+pub mod run;
+pub mod teacher;
 #[cfg(test)]
 mod test_util;
-pub mod tokenizer;
-pub mod traces;
 pub mod train;
 
 pub use config::Config;

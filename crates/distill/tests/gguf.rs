@@ -18,7 +18,7 @@ use candle_transformers::models::quantized_llama::ModelWeights;
 use distill::config::ModelSpec;
 use distill::model::gguf::{llama_cpp_permute, llama_cpp_unpermute, load_gguf};
 use distill::model::{Llama, ModelConfig};
-use distill::tokenizer::Tokenizer;
+use distill::prepare::tokenizer::Tokenizer;
 
 type R = distill::Result<()>;
 
@@ -649,11 +649,11 @@ fn a_gguf_file_is_a_teacher_checkpoint() -> R {
     let dir = tempfile::tempdir().unwrap();
     let original = tiny_model(&tok, true);
     let path = write_file(dir.path(), "teacher.gguf", &gguf_bytes(&original, &tok, &PLAIN));
-    let (m, t) = distill::checkpoint::load(&path, &Device::Cpu)?;
+    let (m, t) = distill::train::checkpoint::load(&path, &Device::Cpu)?;
     let ids = prompt_ids(&tok);
     assert!(max_abs_diff(&m.forward(&ids)?, &original.forward(&ids)?) <= 1e-5);
     assert_eq!(t.vocab_size(), tok.vocab_size());
-    let id = distill::checkpoint::content_id(&path)?;
+    let id = distill::train::checkpoint::content_id(&path)?;
     assert!(id.starts_with("sha256:") && id.len() == 23, "{id}");
     Ok(())
 }

@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
-use distill::checkpoint::{self, SaveExtras, TrainerState};
+use distill::train::checkpoint::{self, SaveExtras, TrainerState};
 use distill::config::{ModelSpec, TrainSpec};
 use distill::model::{KvCache, Llama, ModelConfig};
-use distill::optim::AdamW;
-use distill::tokenizer::Tokenizer;
+use distill::train::optim::AdamW;
+use distill::prepare::tokenizer::Tokenizer;
 
 type R = distill::Result<()>;
 
@@ -315,7 +315,7 @@ fn damaged_checkpoints_are_clear_errors_not_panics() -> R {
 
 #[test]
 fn cached_generation_gives_the_same_tokens_as_uncached() -> R {
-    use distill::generate::{generate_rows, generate_rows_uncached, row_rng, Sampling};
+    use distill::model::generate::{generate_rows, generate_rows_uncached, row_rng, Sampling};
     // A wide init gives peaked, varied logits, so the tokens are not all one id.
     let m = Llama::init(cfg(false, true, 2), 0.5, 3, &Device::Cpu)?;
     let prompts: Vec<Vec<u32>> = (0..3)
@@ -351,7 +351,7 @@ fn cached_generation_gives_the_same_tokens_as_uncached() -> R {
 
 #[test]
 fn top_p_keeps_only_the_nucleus() {
-    use distill::generate::{row_rng, sample};
+    use distill::model::generate::{row_rng, sample};
     // Probabilities about 0.64, 0.24, 0.09, 0.03: top_p = 0.7 keeps the first two.
     let logits = [3.0f32, 2.0, 1.0, 0.0];
     let mut rng = row_rng(1, 0);

@@ -266,10 +266,10 @@ pub fn distill_loss_and_grad(
     let run = |s: &[f32], t: Option<SliceTeacher<'_>>| {
         loss_and_grad_slices(0, s, t, targets, &mask, v, alpha, temperature, denom, divergence)
     };
-    let (values, grad) = crate::model::fused::with_cpu_f32(&student, op, |s| match teacher {
+    let (values, grad) = crate::kernels::ops::with_cpu_f32(&student, op, |s| match teacher {
         None => run(s, None),
         Some(TeacherTargets::Logits(t)) => {
-            crate::model::fused::with_cpu_f32(&t.contiguous()?, op, |t| run(s, Some(SliceTeacher::Logits(t))))?
+            crate::kernels::ops::with_cpu_f32(&t.contiguous()?, op, |t| run(s, Some(SliceTeacher::Logits(t))))?
         }
         Some(TeacherTargets::TopK(top)) => {
             let (indices, log_probs) = top.to_host()?;

@@ -476,7 +476,7 @@ impl InplaceOp3 for AddMatmul {
         );
         // The operands from their layouts' start; gemm_f32 checks that the strides stay
         // inside them.
-        crate::model::fused::gemm_f32(
+        crate::kernels::ops::gemm_f32(
             (m, n, k),
             &mut dst[d0..],
             (d_st[0], d_st[1]),

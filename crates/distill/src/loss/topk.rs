@@ -1,5 +1,5 @@
 //! Distillation from a teacher given as its top-k tokens per position, as the offline
-//! logit cache stores it (`crate::logit_cache`), or as an online teacher truncated to k.
+//! logit cache stores it (`crate::teacher::logit_cache`), or as an online teacher truncated to k.
 //!
 //! The teacher side of a row is `indices` (k distinct token ids) and `log_probs`, the
 //! teacher's log-probabilities `log softmax(t / T)` of those tokens at the distillation

@@ -31,7 +31,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 use crate::error::{Error, IoContext, Result};
 use crate::model::{Llama, ModelConfig};
-use crate::tokenizer::Tokenizer;
+use crate::prepare::tokenizer::Tokenizer;
 
 /// Magic (4 bytes) + version (u32) + tensor count (u64) + metadata count (u64).
 const HEADER_BYTES: u64 = 24;

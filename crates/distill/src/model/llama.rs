@@ -22,8 +22,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::attention::causal_attention;
-use super::fused::{self, Kernels};
+use crate::kernels::attention::causal_attention;
+use crate::kernels::ops::{self as fused, Kernels};
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 

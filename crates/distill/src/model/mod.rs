@@ -1,7 +1,8 @@
-//! Models: a trainable Llama-family decoder with Hugging Face tensor names.
+//! The model: a trainable Llama-family decoder with Hugging Face tensor names
+//! (`llama`), its hand-written training backward (`tape`), GGUF import (`gguf`) and
+//! sampling with a KV cache (`generate`).
 
-pub mod attention;
-pub mod fused;
+pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod tape;

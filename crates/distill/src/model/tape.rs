@@ -26,8 +26,8 @@ use std::ops::Deref;
 use candle_core::{CpuStorage, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::attention::{backward_slices, forward_slices, AttnShape};
-use super::fused::{
+use crate::kernels::attention::{backward_slices, forward_slices, AttnShape};
+use crate::kernels::ops::{
     gemm_f32, linear_bwd_input, linear_bwd_weight, linear_fwd, rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd,
     swiglu_fwd, with_cpu_f32,
 };
@@ -550,7 +550,7 @@ mod tests {
     use super::*;
     use crate::loss::fused_head::{fused_linear_distill_loss, HeadTeacher};
     use crate::loss::Divergence;
-    use crate::model::fused::Kernels;
+    use crate::kernels::ops::Kernels;
     use crate::model::ModelConfig;
     use crate::train::Forward;
     use candle_core::Device;

@@ -18,16 +18,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use crate::fsio::{check_safetensors_header, sha256_hex, sync_dir, write_file};
 use crate::model::{Llama, ModelConfig};
-use crate::optim::AdamW;
-use crate::tokenizer::Tokenizer;
+use crate::train::optim::AdamW;
+use crate::prepare::tokenizer::Tokenizer;
 
 /// Where a training stage stood when the checkpoint was written.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -162,74 +162,7 @@ fn pretty(v: &serde_json::Value) -> Result<Vec<u8>> {
     Ok(s)
 }
 
-/// Writes and fsyncs one file.
-pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).at(path)?;
-    crash_point(path, bytes, &mut f);
-    f.write_all(bytes).at(path)?;
-    f.sync_all().at(path)
-}
-
-/// Fault injection for the crash tests (`tests/e2e.rs`, `scripts/kill-test.sh`): with
-/// `DISTILL_CRASH_IN_WRITE=NAME:N`, the N-th write of a file named NAME in this process
-/// writes half its bytes, syncs them, and aborts, as a kill or power loss in the middle
-/// of a checkpoint write would. A timed SIGKILL lands inside a write only by luck (the
-/// writes take milliseconds); this lands there every time. Unset, it costs one lookup.
-fn crash_point(path: &Path, bytes: &[u8], f: &mut File) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::OnceLock;
-    static SPEC: OnceLock<Option<(String, usize)>> = OnceLock::new();
-    static SEEN: AtomicUsize = AtomicUsize::new(0);
-    let spec = SPEC.get_or_init(|| {
-        let v = std::env::var("DISTILL_CRASH_IN_WRITE").ok()?;
-        let (name, n) = v.rsplit_once(':')?;
-        Some((name.to_string(), n.parse().ok()?))
-    });
-    let Some((name, n)) = spec else { return };
-    // The file itself, or the temporary sibling `write_file_atomic` writes it through.
-    let named = path.file_name().is_some_and(|f| {
-        let f = f.to_string_lossy();
-        f == name.as_str() || f.starts_with(&format!(".{name}.tmp-"))
-    });
-    if named && SEEN.fetch_add(1, Ordering::SeqCst) + 1 == *n {
-        let _ = f.write_all(&bytes[..bytes.len() / 2]);
-        let _ = f.sync_all();
-        eprintln!("DISTILL_CRASH_IN_WRITE: aborting half-way through {}", path.display());
-        std::process::abort();
-    }
-}
-
-/// Writes a file atomically: a temporary sibling, fsync, rename, then fsync
-/// the folder. A crash leaves either the old file or the new one, never half;
-/// a failed write (a full disk) removes its temporary file and leaves the old one.
-pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map_or("out".into(), |n| n.to_string_lossy().to_string());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    if let Err(e) = write_file(&tmp, bytes) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).at(path)?;
-    sync_dir(
-        path.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new(".")),
-    );
-    Ok(())
-}
-
 const CHECKSUMMED: [&str; 2] = ["model.safetensors", "optimizer.safetensors"];
-
-pub(crate) fn sha256_hex(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let bytes = std::fs::read(path).at(path)?;
-    Ok(sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
 
 /// SHA-256 of the weights and optimizer files present in `dir`.
 fn checksums(dir: &Path) -> Result<BTreeMap<String, String>> {
@@ -274,8 +207,8 @@ pub fn content_id(dir: &Path) -> Result<String> {
     // A GGUF teacher is one file; a sharded folder is identified by its index.
     let p = if dir.is_file() {
         dir.to_path_buf()
-    } else if !dir.join("model.safetensors").is_file() && dir.join(crate::hub::SHARD_INDEX).is_file() {
-        dir.join(crate::hub::SHARD_INDEX)
+    } else if !dir.join("model.safetensors").is_file() && dir.join(crate::prepare::hub::SHARD_INDEX).is_file() {
+        dir.join(crate::prepare::hub::SHARD_INDEX)
     } else {
         dir.join("model.safetensors")
     };
@@ -285,13 +218,6 @@ pub fn content_id(dir: &Path) -> Result<String> {
         "sha256:{}",
         digest.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()
     ))
-}
-
-fn sync_dir(dir: &Path) {
-    // Directory fsync makes the renames durable; not all platforms allow it.
-    if let Ok(f) = File::open(dir) {
-        let _ = f.sync_all();
-    }
 }
 
 fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
@@ -321,35 +247,6 @@ fn write_safetensors_meta(
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| err(path, format!("cannot serialise: {e}")))?;
     write_file(path, &bytes)
-}
-
-/// The largest safetensors JSON header accepted (the format's own limit).
-const MAX_HEADER: u64 = 100_000_000;
-
-/// Checks the 8-byte header length against the file size and a sane bound
-/// before the file is read, so a damaged or hostile length never drives an
-/// allocation.
-pub(crate) fn check_safetensors_header(path: &Path) -> Result<()> {
-    use std::io::Read;
-    let mut f = File::open(path).at(path)?;
-    let len = f.metadata().at(path)?.len();
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|_| {
-        err(
-            path,
-            format!("not a valid safetensors file: only {len} bytes (truncated?)"),
-        )
-    })?;
-    let header = u64::from_le_bytes(n);
-    if header > MAX_HEADER || header > len - 8 {
-        return Err(err(
-            path,
-            format!(
-                "not a valid safetensors file: its header claims {header} bytes but the file has {len} (truncated or corrupt?)"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 fn read_safetensors(path: &Path, device: &Device) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
@@ -395,7 +292,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
         ));
     }
     let cfg_path = require(dir, "config.json")?;
-    let index = dir.join(crate::hub::SHARD_INDEX);
+    let index = dir.join(crate::prepare::hub::SHARD_INDEX);
     let weights = if !dir.join("model.safetensors").is_file() && index.is_file() {
         index.clone()
     } else {
@@ -420,7 +317,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
     let tensors = if weights == index {
         // Sharded (Hugging Face's layout for large models): the index lists the shards.
         let mut all = BTreeMap::new();
-        for shard in crate::hub::shard_files(&index)? {
+        for shard in crate::prepare::hub::shard_files(&index)? {
             let p = dir.join(&shard);
             if !p.is_file() {
                 return Err(err(&index, format!("lists {shard}, which is not in {}", dir.display())));

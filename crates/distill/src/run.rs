@@ -18,17 +18,17 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::checkpoint::{self, SaveExtras};
+use crate::train::checkpoint::{self, SaveExtras};
 use crate::config::{Config, StudentInit};
-use crate::cost::{Ledger, StageCost};
-use crate::data::{self, batch, Example};
+use crate::cost::ledger::{Ledger, StageCost};
+use crate::prepare::data::{self, batch, Example};
 use crate::device::{self, DeviceInfo};
 use crate::distributed::{self, Backend, Collective};
 use crate::error::{Error, IoContext, Result};
-use crate::generate::{self, Accuracy};
-use crate::logit_cache::{self, LogitCache};
+use crate::model::generate::{self, Accuracy};
+use crate::teacher::logit_cache::{self, LogitCache};
 use crate::model::{llama::fnv1a, Llama, ModelConfig};
-use crate::tokenizer::Tokenizer;
+use crate::prepare::tokenizer::Tokenizer;
 use crate::train::{self, LossImpl, Progress, StageInput, Teacher, TeacherSource};
 
 /// Options from the command line that override the config.
@@ -75,16 +75,16 @@ pub struct Report {
     pub traces: Option<TracesReport>,
     /// The offline logit cache's index, when a student distilled from one.
     #[serde(default)]
-    pub logit_cache: Option<crate::logit_cache::Index>,
+    pub logit_cache: Option<crate::teacher::logit_cache::Index>,
     pub models: Vec<ModelReport>,
-    pub cost: crate::cost::CostSummary,
+    pub cost: crate::cost::ledger::CostSummary,
     pub cost_table: String,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TracesReport {
     pub path: PathBuf,
-    pub acceptance: crate::traces::Acceptance,
+    pub acceptance: crate::teacher::traces::Acceptance,
 }
 
 /// Derived seeds, so that each use of the master seed is independent.
@@ -195,7 +195,7 @@ fn run_on(
             if !comm.is_root() {
                 comm.barrier()?;
             }
-            let dir = crate::hub::resolve(id, rev)?;
+            let dir = crate::prepare::hub::resolve(id, rev)?;
             if comm.is_root() {
                 comm.barrier()?;
             }
@@ -308,7 +308,7 @@ fn run_on(
             std::fs::remove_dir_all(&run_dir).at(&run_dir)?;
         }
         std::fs::create_dir_all(&run_dir).at(&run_dir)?;
-        checkpoint::write_file_atomic(&run_dir.join("config.toml"), resolved.as_bytes())?;
+        crate::fsio::write_file_atomic(&run_dir.join("config.toml"), resolved.as_bytes())?;
         let tok_tmp = run_dir.join(".tokenizer.json.tmp");
         tok.save(&tok_tmp)?;
         std::fs::rename(&tok_tmp, &saved_tok).at(&saved_tok)?;
@@ -322,11 +322,11 @@ fn run_on(
         write: root,
         inner: progress,
         stage: Default::default(),
-        dollars_per_second: crate::cost::price_per_hour(&cfg.cost, &info) * (info.count * world) as f64 / 3600.0,
+        dollars_per_second: crate::cost::ledger::price_per_hour(&cfg.cost, &info) * (info.count * world) as f64 / 3600.0,
         spent_before: std::cell::Cell::new(ledger.summary().total_dollars),
         world,
         device: info.clone(),
-        price_per_device_hour: crate::cost::price_per_hour(&cfg.cost, &info),
+        price_per_device_hour: crate::cost::ledger::price_per_hour(&cfg.cost, &info),
     };
     let progress: &dyn Progress = &heartbeat;
 
@@ -352,7 +352,7 @@ fn run_on(
         ))?;
     }
 
-    let save_to = |dir: &Path, m: &Llama, opt: &crate::optim::AdamW, state: &checkpoint::TrainerState| {
+    let save_to = |dir: &Path, m: &Llama, opt: &crate::train::optim::AdamW, state: &checkpoint::TrainerState| {
         let extras = SaveExtras {
             tokenizer: &tok,
             resolved_config: &resolved,
@@ -455,8 +455,8 @@ fn run_on(
         let student_examples = &splits.train[n_ex - k..];
         let path = run_dir.join("traces.jsonl");
         let (records, acc) = if ledger.completed("traces") && path.is_file() {
-            let records = crate::traces::read(&path)?;
-            let acc = crate::traces::Acceptance::of(&records);
+            let records = crate::teacher::traces::read(&path)?;
+            let acc = crate::teacher::traces::Acceptance::of(&records);
             progress.message(&format!("traces: complete, read from {}", path.display()));
             (records, acc)
         } else {
@@ -472,7 +472,7 @@ fn run_on(
                 comm,
             )?;
             if root {
-                crate::traces::write(&path, &records)?;
+                crate::teacher::traces::write(&path, &records)?;
             }
             ledger.record(StageCost::new(
                 "traces",
@@ -649,7 +649,7 @@ fn run_on(
 /// The teacher layers a pruned student keeps (`[student] prune_layers`, or spread
 /// evenly with the first and last included) and its width target (`[student.model]`),
 /// checked against the teacher's architecture: an error names the keys to change.
-fn prune_plan(teacher: &ModelConfig, cfg: &Config) -> Result<(Vec<usize>, crate::prune::WidthTarget)> {
+fn prune_plan(teacher: &ModelConfig, cfg: &Config) -> Result<(Vec<usize>, crate::teacher::prune::WidthTarget)> {
     let spec = &cfg.student.model;
     let (l, n) = (teacher.num_hidden_layers, spec.num_layers);
     let layers: Vec<usize> = match &cfg.student.prune_layers {
@@ -662,7 +662,7 @@ fn prune_plan(teacher: &ModelConfig, cfg: &Config) -> Result<(Vec<usize>, crate:
         None if n == 1 => vec![0],
         None => (0..n).map(|i| (i * (l - 1) + (n - 1) / 2) / (n - 1)).collect(),
     };
-    let target = crate::prune::WidthTarget {
+    let target = crate::teacher::prune::WidthTarget {
         hidden_size: spec.hidden_size,
         intermediate_size: spec.intermediate_size,
         num_attention_heads: spec.num_heads,
@@ -674,8 +674,8 @@ fn prune_plan(teacher: &ModelConfig, cfg: &Config) -> Result<(Vec<usize>, crate:
             cfg.student.init
         ))
     };
-    crate::prune::check_keep_layers(l, &layers).map_err(explain)?;
-    crate::prune::check_width_target(teacher, target).map_err(explain)?;
+    crate::teacher::prune::check_keep_layers(l, &layers).map_err(explain)?;
+    crate::teacher::prune::check_width_target(teacher, target).map_err(explain)?;
     Ok((layers, target))
 }
 
@@ -692,7 +692,7 @@ fn pruned_student(
     progress: &dyn Progress,
 ) -> Result<(Llama, f64, u64)> {
     let (layers, target) = prune_plan(&teacher.cfg, cfg)?;
-    let depth = crate::prune::depth_prune(teacher, &layers)?;
+    let depth = crate::teacher::prune::depth_prune(teacher, &layers)?;
     let calib: Vec<candle_core::Tensor> = train
         .iter()
         .take(cfg.student.calibration_examples)
@@ -703,8 +703,8 @@ fn pruned_student(
         .iter()
         .map(|t| depth.cfg.forward_flops_per_token(t.elem_count()) * t.elem_count() as f64)
         .sum();
-    let importance = crate::prune::estimate_importance(&depth, &calib)?;
-    let student = crate::prune::width_prune(&depth, &importance, target)?;
+    let importance = crate::teacher::prune::estimate_importance(&depth, &calib)?;
+    let student = crate::teacher::prune::width_prune(&depth, &importance, target)?;
     progress.message(&format!(
         "prune: teacher layers {layers:?}, then width to hidden {} / {} heads ({} kv) / MLP {} by activations on {} examples: {} -> {} parameters",
         student.cfg.hidden_size,
@@ -764,13 +764,13 @@ struct StageEnv<'a> {
     pad: u32,
     loss_impl: LossImpl,
     resume: bool,
-    save: &'a dyn Fn(&Path, &Llama, &crate::optim::AdamW, &checkpoint::TrainerState) -> Result<()>,
+    save: &'a dyn Fn(&Path, &Llama, &crate::train::optim::AdamW, &checkpoint::TrainerState) -> Result<()>,
     /// The ranks of this job; rank 0 alone writes checkpoints.
     comm: &'a dyn Collective,
     /// Compute dtype of the trained models (f32 master weights).
     dtype: candle_core::DType,
     /// Fused CPU kernels or plain ops (`[run] kernels`).
-    kernels: crate::model::fused::Kernels,
+    kernels: crate::kernels::ops::Kernels,
 }
 
 /// What one training stage learns from.
@@ -868,7 +868,7 @@ fn train_stage(
     progress.truncate_metrics(name, from_step)?;
     let t0 = Instant::now();
     let keep = env.cfg.run.keep_checkpoints;
-    let mut save = |m: &Llama, o: &crate::optim::AdamW, s: &checkpoint::TrainerState| {
+    let mut save = |m: &Llama, o: &crate::train::optim::AdamW, s: &checkpoint::TrainerState| {
         if !env.comm.is_root() {
             return Ok(());
         }
@@ -1017,7 +1017,7 @@ impl Heartbeat<'_> {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        checkpoint::write_file_atomic(&path, kept.as_bytes())
+        crate::fsio::write_file_atomic(&path, kept.as_bytes())
     }
 
     fn append_metrics(&self, stage: &str, log: &train::StepLog) {
@@ -1122,7 +1122,7 @@ fn run_peak(
         return Ok(Some(p * count));
     }
     if info.kind == "cpu" {
-        let m = crate::peak::measure_cpu_peak(1024, 5)?;
+        let m = crate::cost::peak::measure_cpu_peak(1024, 5)?;
         progress.message(&format!(
             "peak: {:.1} GFLOP/s (f32 GEMM probe, {} threads); MFU in the ledger is measured against it",
             m.flops_per_second / 1e9,
@@ -1132,10 +1132,10 @@ fn run_peak(
     }
     // Against the peak of the precision the matmuls run in.
     let precision = match dtype {
-        candle_core::DType::F32 => crate::projection::Precision::Fp32,
-        _ => crate::projection::Precision::Bf16,
+        candle_core::DType::F32 => crate::cost::projection::Precision::Fp32,
+        _ => crate::cost::projection::Precision::Bf16,
     };
-    Ok(crate::projection::peak_flops(&info.name, precision).map(|p| p * count))
+    Ok(crate::cost::projection::peak_flops(&info.name, precision).map(|p| p * count))
 }
 
 /// Samples `[traces]` solutions from the teacher for every student prompt and
@@ -1253,12 +1253,12 @@ fn write_traces(
     seed: u64,
     progress: &dyn Progress,
     comm: &dyn Collective,
-) -> Result<(Vec<crate::traces::TraceRecord>, crate::traces::Acceptance)> {
+) -> Result<(Vec<crate::teacher::traces::TraceRecord>, crate::teacher::traces::Acceptance)> {
     let tc = &cfg.traces;
-    let prompts: Vec<crate::traces::Prompt> = examples
+    let prompts: Vec<crate::teacher::traces::Prompt> = examples
         .iter()
         .enumerate()
-        .map(|(i, e)| crate::traces::Prompt {
+        .map(|(i, e)| crate::teacher::traces::Prompt {
             id: i as u64,
             prompt: e.prompt.clone(),
             answer: e.answer,
@@ -1271,7 +1271,7 @@ fn write_traces(
                 .into(),
         ));
     }
-    let settings = crate::traces::TraceSettings {
+    let settings = crate::teacher::traces::TraceSettings {
         samples: tc.samples,
         sampling: generate::Sampling {
             max_new_tokens: tc.max_new_tokens,
@@ -1288,21 +1288,21 @@ fn write_traces(
     progress.stage_start("traces", total);
     let per_batch = (tc.batch_size / tc.samples).max(1);
     let mut on_batch = |done: usize, _of: usize| progress.advance((done * per_batch).min(total), "prompts sampled");
-    let shard = crate::traces::Shard {
+    let shard = crate::teacher::traces::Shard {
         index: comm.rank(),
         count: comm.world(),
     };
-    let out = crate::traces::generate(teacher, tok, &id, &prompts, &settings, shard, &mut on_batch);
+    let out = crate::teacher::traces::generate(teacher, tok, &id, &prompts, &settings, shard, &mut on_batch);
     progress.stage_end();
     if comm.world() == 1 {
         return out;
     }
     let (mine, acc) = out?;
     let mut records = Vec::new();
-    for bytes in comm.gather_bytes(crate::traces::to_jsonl(&mine)?.as_bytes())? {
+    for bytes in comm.gather_bytes(crate::teacher::traces::to_jsonl(&mine)?.as_bytes())? {
         for line in String::from_utf8_lossy(&bytes).lines() {
             records.push(
-                serde_json::from_str::<crate::traces::TraceRecord>(line)
+                serde_json::from_str::<crate::teacher::traces::TraceRecord>(line)
                     .map_err(|e| Error::Distributed(format!("a rank sent a bad trace record: {e}")))?,
             );
         }
@@ -1310,7 +1310,7 @@ fn write_traces(
     records.sort_by_key(|r| (r.id, r.sample));
     let mut flops = [acc.flops];
     comm.sum_f64(&mut flops)?;
-    let mut acc = crate::traces::Acceptance::of(&records);
+    let mut acc = crate::teacher::traces::Acceptance::of(&records);
     acc.flops = flops[0];
     Ok((records, acc))
 }
@@ -1430,9 +1430,9 @@ pub fn eval_checkpoint(dir: &Path, config: Option<&Config>, device: &Device) -> 
 
 fn write_report(run_dir: &Path, r: &Report) -> Result<()> {
     let json = serde_json::to_vec_pretty(r).map_err(|e| Error::Invalid(e.to_string()))?;
-    checkpoint::write_file_atomic(&run_dir.join("report.json"), &json)?;
+    crate::fsio::write_file_atomic(&run_dir.join("report.json"), &json)?;
     write_charts(run_dir, r)?;
-    checkpoint::write_file_atomic(&run_dir.join("report.md"), render(r).as_bytes())
+    crate::fsio::write_file_atomic(&run_dir.join("report.md"), render(r).as_bytes())
 }
 
 /// `distill report RUN_DIR`: renders report.md and the charts again from the
@@ -1445,7 +1445,7 @@ pub fn rerender(run_dir: &Path) -> Result<Report> {
         msg: format!("not a distill report ({e}); it is written when a run finishes"),
     })?;
     write_charts(run_dir, &r)?;
-    checkpoint::write_file_atomic(&run_dir.join("report.md"), render(&r).as_bytes())?;
+    crate::fsio::write_file_atomic(&run_dir.join("report.md"), render(&r).as_bytes())?;
     Ok(r)
 }
 
@@ -1473,8 +1473,8 @@ fn loss_series(run_dir: &Path, r: &Report) -> Vec<(String, Vec<(usize, f64)>)> {
 fn write_charts(run_dir: &Path, r: &Report) -> Result<()> {
     let series = loss_series(run_dir, r);
     if !series.is_empty() {
-        let svg = crate::charts::loss_curves_svg(&series)?;
-        checkpoint::write_file_atomic(&run_dir.join("loss.svg"), svg.as_bytes())?;
+        let svg = crate::evaluate::charts::loss_curves_svg(&series)?;
+        crate::fsio::write_file_atomic(&run_dir.join("loss.svg"), svg.as_bytes())?;
     }
     let bars: Vec<(String, f64)> = r
         .cost
@@ -1490,8 +1490,8 @@ fn write_charts(run_dir: &Path, r: &Report) -> Result<()> {
         })
         .collect();
     if !bars.is_empty() {
-        let svg = crate::charts::cost_bars_svg(&bars)?;
-        checkpoint::write_file_atomic(&run_dir.join("cost.svg"), svg.as_bytes())?;
+        let svg = crate::evaluate::charts::cost_bars_svg(&bars)?;
+        crate::fsio::write_file_atomic(&run_dir.join("cost.svg"), svg.as_bytes())?;
     }
     Ok(())
 }

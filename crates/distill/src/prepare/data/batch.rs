@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::Example;
 use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
+use crate::prepare::tokenizer::Tokenizer;
 
 /// `[bos] prompt completion [eos]`, truncated to `seq_len + 1` ids.
 #[derive(Debug, Clone, PartialEq, Eq)]

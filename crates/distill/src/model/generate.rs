@@ -11,10 +11,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::data::{arithmetic, Example};
+use crate::prepare::data::{arithmetic, Example};
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
-use crate::tokenizer::Tokenizer;
+use crate::prepare::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Sampling {

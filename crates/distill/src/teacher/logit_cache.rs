@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{check_safetensors_header, sha256_hex, write_file_atomic};
-use crate::data::batch::{make_batch, Encoded};
+use crate::fsio::{check_safetensors_header, sha256_hex, write_file_atomic};
+use crate::prepare::data::batch::{make_batch, Encoded};
 use crate::error::{Error, IoContext, Result};
 use crate::loss::topk::{top_k_of_logits, TopK};
 use crate::model::Llama;

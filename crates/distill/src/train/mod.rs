@@ -3,25 +3,28 @@
 //! checkpoint. One function serves the teacher, the distilled student and the
 //! baseline; only the presence of a teacher differs.
 
+pub mod checkpoint;
+pub mod optim;
+
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{Tensor, Var};
 
-use crate::checkpoint::TrainerState;
+use crate::train::checkpoint::TrainerState;
 use crate::config::{NonFinitePolicy, TrainSpec};
 
 /// With `on_nonfinite = "skip"`, a stage still stops after this many skipped steps in a row.
 pub const MAX_SKIPS_IN_A_ROW: usize = 10;
-use crate::data::batch::{make_batch, Batch, Encoded, Order};
+use crate::prepare::data::batch::{make_batch, Batch, Encoded, Order};
 use crate::distributed::{shard_range, Collective, CommTimer};
 use crate::error::{Error, Result};
-use crate::logit_cache::LogitCache;
+use crate::teacher::logit_cache::LogitCache;
 use crate::loss::fused_head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
 use crate::loss::{distill_loss, distill_loss_with, top_k_of_logits, Divergence, LossParts, TeacherTargets, TopK};
 use crate::model::tape::Tape;
 use crate::model::Llama;
-use crate::optim::{clip_grad_norm, lr_at, AdamW};
+use crate::train::optim::{clip_grad_norm, lr_at, AdamW};
 
 /// One logged optimiser step (a line of `metrics/<stage>.jsonl`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -287,7 +290,7 @@ pub fn train(
     let mut stats = StageStats::default();
     let mut start = 0;
     if let Some(dir) = input.resume_from {
-        let state = crate::checkpoint::load_training_state(dir, &mut opt, &device)?;
+        let state = crate::train::checkpoint::load_training_state(dir, &mut opt, &device)?;
         let same = state.stage == input.name
             && state.total_steps == spec.steps
             && state.seed == input.seed

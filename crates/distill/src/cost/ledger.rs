@@ -221,7 +221,7 @@ impl Ledger {
                 body += &serde_json::to_string(c).map_err(|e| Error::Invalid(e.to_string()))?;
                 body.push('\n');
             }
-            crate::checkpoint::write_file_atomic(&path, body.as_bytes())?;
+            crate::fsio::write_file_atomic(&path, body.as_bytes())?;
         }
         Ok(ledger)
     }
@@ -266,7 +266,7 @@ impl Ledger {
         f.sync_all().at(&path)?;
         self.stages.push(cost);
         let summary = serde_json::to_vec_pretty(&self.summary()).map_err(|e| Error::Invalid(e.to_string()))?;
-        crate::checkpoint::write_file_atomic(&self.dir.join("cost.json"), &summary)
+        crate::fsio::write_file_atomic(&self.dir.join("cost.json"), &summary)
     }
 
     pub fn summary(&self) -> CostSummary {

@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::error::{Error, Result};
 // The plain building blocks of `Llama`'s forward, so that `probe_forward` computes
 // exactly what `Llama::forward` does with `Kernels::Plain`.
-use crate::model::fused::rms_norm_plain as rms_norm;
+use crate::kernels::ops::rms_norm_plain as rms_norm;
 use crate::model::llama::{linear, repeat_kv, rope, softmax_last};
 use crate::model::{Llama, ModelConfig};
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CostConfig;
-use crate::cost::CostSummary;
+use crate::cost::ledger::CostSummary;
 use crate::device::DeviceInfo;
 use crate::error::{Error, IoContext, Result};
 
@@ -145,7 +145,7 @@ pub fn device_price(device: &str, prices: &CostConfig) -> f64 {
     } else {
         "cuda"
     };
-    crate::cost::price_per_hour(
+    crate::cost::ledger::price_per_hour(
         prices,
         &DeviceInfo {
             kind: kind.into(),
@@ -507,7 +507,7 @@ pub fn render_table(rows: &[Projection]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cost::StageCost;
+    use crate::cost::ledger::StageCost;
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
@@ -786,7 +786,7 @@ mod tests {
     #[test]
     fn reads_the_cost_summary_of_a_run() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
-        let mut ledger = crate::cost::Ledger::new(dir.path());
+        let mut ledger = crate::cost::ledger::Ledger::new(dir.path());
         ledger.record(stage("teacher", 3e12, 0.0))?;
         let s = read_cost_summary(dir.path())?;
         assert_eq!(s.stages.len(), 1);

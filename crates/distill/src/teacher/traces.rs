@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::write_file_atomic;
-use crate::data::{arithmetic, read_jsonl_records};
+use crate::fsio::write_file_atomic;
+use crate::prepare::data::{arithmetic, read_jsonl_records};
 use crate::error::{Error, Result};
-use crate::generate::{generate_rows, row_rng, Sampling};
+use crate::model::generate::{generate_rows, row_rng, Sampling};
 use crate::model::Llama;
-use crate::tokenizer::Tokenizer;
+use crate::prepare::tokenizer::Tokenizer;
 
 /// Which verified samples of a prompt are kept.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,0 +1,6 @@
+//! CPU kernels, a leaf of the crate: the transformer's fused ops, each beside its plain
+//! candle twin (`ops`), and causal attention (`attention`). The loss kernels live with
+//! their losses (`loss`); the CUDA source of the divergence kernels is `divergence.cu`.
+
+pub mod attention;
+pub mod ops;
