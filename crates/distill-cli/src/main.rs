@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use distill::distributed::Backend;
+use distill::config::Backend;
 use distill::run::{self, RunOptions};
 use distill::train::{Progress, StepLog};
 use distill::Config;
@@ -261,7 +261,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("no config given; run `distill --config configs/small.toml` (see `distill --help`)")?;
     let mut cfg = Config::load(&path)?;
     if let Some(d) = args.device {
-        distill::device::parse_device_name(&d)?;
+        distill::config::parse_device_name(&d)?;
         cfg.run.device = d;
     }
     if let Some(d) = args.dtype {
@@ -318,7 +318,7 @@ fn resume(run_dir: &std::path::Path, device: Option<String>) -> anyhow::Result<(
     cfg.run.name = name;
     cfg.run.out_dir = run_dir.parent().map(PathBuf::from).unwrap_or_default();
     if let Some(d) = device {
-        distill::device::parse_device_name(&d)?;
+        distill::config::parse_device_name(&d)?;
         cfg.run.device = d;
     }
     run_pipeline(
@@ -404,7 +404,7 @@ fn report(run_dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn open_device(name: &str) -> anyhow::Result<distill::candle::Device> {
-    Ok(distill::device::open(distill::device::parse_device_name(name)?)?)
+    Ok(distill::device::open(distill::config::parse_device_name(name)?)?)
 }
 
 fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::Result<()> {
@@ -423,7 +423,8 @@ fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::R
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     use distill::model::generate::{generate_rows, row_rng, Sampling};
-    use distill::teacher::traces::{self, Keep, Shard, TraceSettings};
+    use distill::config::Keep;
+    use distill::teacher::traces::{self, Shard, TraceSettings};
     if a.samples == 0 || a.batch_size == 0 {
         anyhow::bail!("--samples and --batch-size must be at least 1");
     }

@@ -48,7 +48,7 @@ use distill::config::{ModelSpec, TrainSpec};
 use distill::prepare::data::batch::{make_batch, Encoded};
 use distill::loss::fused_head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
 use distill::loss::{distill_loss_with, Divergence};
-use distill::kernels::ops::Kernels;
+use distill::config::Kernels;
 use distill::model::{Llama, ModelConfig};
 use distill::train::optim::{clip_grad_norm, lr_at, AdamW};
 use distill::cost::peak::measure_cpu_peak;

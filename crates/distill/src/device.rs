@@ -4,26 +4,8 @@
 
 use candle_core::Device;
 
+use crate::config::DeviceName;
 use crate::error::{Error, Result};
-
-/// A parsed `--device` value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceName {
-    Cpu,
-    Cuda(usize),
-}
-
-pub fn parse_device_name(s: &str) -> Result<DeviceName> {
-    match s.trim() {
-        "cpu" => Ok(DeviceName::Cpu),
-        "cuda" => Ok(DeviceName::Cuda(0)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceName::Cuda)
-            .ok_or_else(|| Error::Device(format!("unknown device {other:?}; use \"cpu\", \"cuda\" or \"cuda:N\""))),
-    }
-}
 
 /// Opens the device, never substituting another one.
 pub fn open(name: DeviceName) -> Result<Device> {
@@ -166,16 +148,6 @@ pub fn cpu_model_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_device_names() -> Result<()> {
-        assert_eq!(parse_device_name("cpu")?, DeviceName::Cpu);
-        assert_eq!(parse_device_name("cuda")?, DeviceName::Cuda(0));
-        assert_eq!(parse_device_name("cuda:3")?, DeviceName::Cuda(3));
-        assert!(parse_device_name("gpu").is_err());
-        assert!(parse_device_name("cuda:x").is_err());
-        Ok(())
-    }
 
     #[test]
     fn cpu_inventory_has_ram_and_no_gpus() {

@@ -27,40 +27,10 @@
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 
+
+use crate::config::{Backend, DistributedConfig};
 use crate::error::{Error, Result};
-
-/// `[distributed] backend`.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// One process.
-    #[default]
-    None,
-    /// MPI between processes (CPU tensors); needs a build with `--features mpi`.
-    Mpi,
-    /// NCCL between GPUs; needs a build with `--features cuda`.
-    Nccl,
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Backend::None => "none",
-            Backend::Mpi => "mpi",
-            Backend::Nccl => "nccl",
-        })
-    }
-}
-
-/// `[distributed]` in the config.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct DistributedConfig {
-    /// "none" (default), "mpi" or "nccl".
-    pub backend: Backend,
-}
 
 /// The operations data parallelism needs. Every method is collective: all ranks
 /// call it, in the same order.

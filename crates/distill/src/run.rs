@@ -23,7 +23,8 @@ use crate::config::{Config, StudentInit};
 use crate::cost::ledger::{Ledger, StageCost};
 use crate::prepare::data::{self, batch, Example};
 use crate::device::{self, DeviceInfo};
-use crate::distributed::{self, Backend, Collective};
+use crate::config::Backend;
+use crate::distributed::{self, Collective};
 use crate::error::{Error, IoContext, Result};
 use crate::model::generate::{self, Accuracy};
 use crate::teacher::logit_cache::{self, LogitCache};
@@ -98,12 +99,12 @@ fn sub_seed(seed: u64, what: &str) -> u64 {
 /// multi-rank job fails, it prints its error and ends the whole job (MPI_Abort), since
 /// the other ranks would wait for it forever.
 pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<Report> {
-    let mut name = device::parse_device_name(&cfg.run.device)?;
+    let mut name = crate::config::parse_device_name(&cfg.run.device)?;
     if cfg.distributed.backend != Backend::None && distributed::launcher_world_size().is_some_and(|n| n > 1) {
         // One GPU per rank (NCCL, or MPI with CUDA tensors): the rank's index on its host
         // picks it; a single process keeps the GPU it was given.
-        if let device::DeviceName::Cuda(_) = name {
-            name = device::DeviceName::Cuda(distributed::rank_device_ordinal());
+        if let crate::config::DeviceName::Cuda(_) = name {
+            name = crate::config::DeviceName::Cuda(distributed::rank_device_ordinal());
         }
     }
     let dev = device::open(name)?;
@@ -581,7 +582,7 @@ fn run_on(
             },
             ce_weight: cfg.distill.ce_weight,
             temperature: cfg.distill.temperature,
-            divergence: cfg.distill.divergence(),
+            divergence: crate::loss::Divergence::of(&cfg.distill),
             top_k: (cfg.distill.top_k > 0).then_some(cfg.distill.top_k),
         };
         let init = || match (&pruned, starts_pruned(name)) {
@@ -770,7 +771,7 @@ struct StageEnv<'a> {
     /// Compute dtype of the trained models (f32 master weights).
     dtype: candle_core::DType,
     /// Fused CPU kernels or plain ops (`[run] kernels`).
-    kernels: crate::kernels::ops::Kernels,
+    kernels: crate::config::Kernels,
 }
 
 /// What one training stage learns from.

@@ -21,41 +21,10 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+
 
 use crate::error::{Error, Result};
 use crate::loss::fused::{contiguous_slice, exp_f32, f32_slice};
-
-/// Which implementation of RMSNorm, rope, attention and SwiGLU a model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kernels {
-    /// The fused kernels of this module and `model::attention`, where the device is
-    /// the CPU and the compute dtype f32; the plain ops elsewhere.
-    #[default]
-    Fused,
-    /// Plain candle ops everywhere: the reference the fused kernels are checked against.
-    Plain,
-}
-
-impl Kernels {
-    pub const NAMES: &'static str = "\"fused\" or \"plain\"";
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "fused" => Some(Self::Fused),
-            "plain" => Some(Self::Plain),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fused => "fused",
-            Self::Plain => "plain",
-        }
-    }
-}
 
 /// Elements per rayon task: enough to amortise scheduling, few enough to balance two
 /// to sixteen threads on the model's activations.
@@ -856,8 +825,6 @@ mod tests {
         let x4 = randn(&[1, 3, 2, 8], 1.0, 0)?;
         assert!(rope(&x4, &randn(&[3, 3], 1.0, 1)?, &randn(&[3, 4], 1.0, 1)?).is_err());
         assert!(rope(&x, &randn(&[3, 4], 1.0, 1)?, &randn(&[3, 4], 1.0, 1)?).is_err());
-        assert_eq!(Kernels::parse("fused"), Some(Kernels::Fused));
-        assert_eq!(Kernels::parse("fast"), None);
         Ok(())
     }
 }

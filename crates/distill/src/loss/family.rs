@@ -24,6 +24,7 @@ use std::fmt;
 
 use candle_core::{DType, Tensor, D};
 
+use crate::config::{DistillConfig, LossKind};
 use crate::error::{Error, Result};
 
 /// Which divergence between the teacher distribution `p` and the student
@@ -75,6 +76,18 @@ impl Default for Divergence {
 }
 
 impl Divergence {
+    /// The divergence `[distill]` names, with its parameter.
+    pub fn of(d: &DistillConfig) -> Self {
+        match d.loss {
+            LossKind::ForwardKl => Self::ForwardKl,
+            LossKind::ReverseKl => Self::ReverseKl,
+            LossKind::Jsd => Self::Jsd { beta: d.beta },
+            LossKind::SkewForwardKl => Self::SkewForwardKl { skew: d.skew },
+            LossKind::SkewReverseKl => Self::SkewReverseKl { skew: d.skew },
+            LossKind::Tvd => Self::Tvd,
+        }
+    }
+
     /// Checks the parameter ranges; the message names the divergence, the key, the
     /// allowed range and what the end points mean.
     pub fn validate(&self) -> Result<()> {

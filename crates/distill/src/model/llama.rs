@@ -23,7 +23,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::attention::causal_attention;
-use crate::kernels::ops::{self as fused, Kernels};
+use crate::config::Kernels;
+use crate::kernels::ops as fused;
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 

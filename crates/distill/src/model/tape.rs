@@ -550,7 +550,7 @@ mod tests {
     use super::*;
     use crate::loss::fused_head::{fused_linear_distill_loss, HeadTeacher};
     use crate::loss::Divergence;
-    use crate::kernels::ops::Kernels;
+    use crate::config::Kernels;
     use crate::model::ModelConfig;
     use crate::train::Forward;
     use candle_core::Device;

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::{Cache, Repo, RepoType};
 
+use crate::config::{check_repo_id, check_revision};
 use crate::error::{Error, Result};
 
 /// The files a model directory needs besides its weights.
@@ -24,41 +25,6 @@ pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 
 fn invalid(msg: String) -> Error {
     Error::Invalid(msg)
-}
-
-/// `ORG/NAME`: each part starts with a letter or digit and holds letters, digits, `-`,
-/// `_` and `.` (no `..`), at most 96 characters, as the Hub allows.
-pub fn check_repo_id(id: &str) -> Result<()> {
-    let part_ok = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 96
-            && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            && !p.contains("..")
-    };
-    match id.split_once('/') {
-        Some((org, name)) if part_ok(org) && part_ok(name) => Ok(()),
-        _ => Err(invalid(format!(
-            "hub model id {id:?} must look like ORG/NAME (letters, digits, - _ . in each part), \
-             e.g. HuggingFaceTB/SmolLM2-135M-Instruct; for a folder on disk use `checkpoint` instead"
-        ))),
-    }
-}
-
-/// A branch, tag or commit: letters, digits, `-_./`, no `..` component, not absolute.
-pub fn check_revision(rev: &str) -> Result<()> {
-    let ok = !rev.is_empty()
-        && rev.len() <= 256
-        && !rev.starts_with('/')
-        && rev.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-        && rev.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "hub revision {rev:?} must be a branch, tag or commit hash (letters, digits, - _ . /, no ..)"
-        )))
-    }
 }
 
 fn is_commit(s: &str) -> bool {

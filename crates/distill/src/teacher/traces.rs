@@ -20,20 +20,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsio::write_file_atomic;
 use crate::prepare::data::{arithmetic, read_jsonl_records};
+use crate::config::Keep;
 use crate::error::{Error, Result};
 use crate::model::generate::{generate_rows, row_rng, Sampling};
 use crate::model::Llama;
 use crate::prepare::tokenizer::Tokenizer;
-
-/// Which verified samples of a prompt are kept.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Keep {
-    /// The first correct sample of each prompt.
-    First,
-    /// Every correct sample (a prompt may then appear several times).
-    All,
-}
 
 /// Settings of one trace-generation job.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,0 +1,445 @@
+//! Range checks of a parsed config, section by section. Every violation is collected,
+//! so that one run reports them all, each naming its key.
+
+use std::path::Path;
+
+use super::*;
+
+impl Config {
+    pub(super) fn validate(&self, path: &Path) -> Result<()> {
+        let mut v = Validator { path, errors: vec![] };
+        let r = &self.run;
+        v.check(
+            is_plain_name(&r.name),
+            "run.name",
+            "must be a plain folder name (no slashes, not . or ..)",
+            &r.name,
+        );
+        v.check(
+            r.keep_checkpoints >= 1,
+            "run.keep_checkpoints",
+            "must be >= 1",
+            r.keep_checkpoints,
+        );
+        v.check(
+            parse_dtype(&r.dtype).is_ok(),
+            "run.dtype",
+            "must be \"auto\", \"f32\", \"bf16\" or \"f16\"",
+            &r.dtype,
+        );
+        v.check(
+            Kernels::parse(&r.kernels).is_some(),
+            "run.kernels",
+            &format!("must be {}", Kernels::NAMES),
+            &r.kernels,
+        );
+        v.check(
+            parse_device_name(&r.device).is_ok(),
+            "run.device",
+            "must be \"cpu\", \"cuda\" or \"cuda:N\"",
+            &r.device,
+        );
+
+        let d = &self.data;
+        match d.source {
+            DataSource::Arithmetic => {
+                v.check(
+                    d.train_examples > 0,
+                    "data.train_examples",
+                    "must be > 0",
+                    d.train_examples,
+                );
+                v.check(
+                    d.eval_examples > 0,
+                    "data.eval_examples",
+                    "must be > 0",
+                    d.eval_examples,
+                );
+                v.check(d.min_steps >= 1, "data.min_steps", "must be >= 1", d.min_steps);
+                v.check(
+                    d.max_steps >= d.min_steps,
+                    "data.max_steps",
+                    "must be >= data.min_steps",
+                    d.max_steps,
+                );
+                v.check(d.max_steps <= 12, "data.max_steps", "must be <= 12", d.max_steps);
+                v.check(
+                    (2..=100_000).contains(&d.max_operand),
+                    "data.max_operand",
+                    "must be in 2..=100000",
+                    d.max_operand,
+                );
+            }
+            DataSource::Jsonl | DataSource::Text => {
+                v.check(
+                    d.path.is_some(),
+                    "data.path",
+                    "is required when data.source is \"jsonl\" or \"text\"",
+                    "(missing)",
+                );
+            }
+        }
+        v.check(
+            d.eval_fraction > 0.0 && d.eval_fraction < 1.0,
+            "data.eval_fraction",
+            "must be in (0, 1)",
+            d.eval_fraction,
+        );
+        v.check(d.seq_len >= 8, "data.seq_len", "must be >= 8", d.seq_len);
+        if self.tokenizer.path.is_none() {
+            v.check(
+                (300..=65_536).contains(&self.tokenizer.vocab_size),
+                "tokenizer.vocab_size",
+                "must be in 300..=65536 (byte-level BPE needs 256 bytes plus merges)",
+                self.tokenizer.vocab_size,
+            );
+        }
+        let tc = &self.teacher;
+        if let Some(id) = &tc.hub {
+            if let Err(e) = check_repo_id(id) {
+                v.check(false, "teacher.hub", &e.to_string(), id);
+            }
+            v.check(
+                tc.checkpoint.is_none(),
+                "teacher.hub",
+                "and teacher.checkpoint both name a teacher; keep one",
+                id,
+            );
+        }
+        if let Some(rev) = &tc.revision {
+            if let Err(e) = check_revision(rev) {
+                v.check(false, "teacher.revision", &e.to_string(), rev);
+            }
+            v.check(tc.hub.is_some(), "teacher.revision", "needs teacher.hub", rev);
+        }
+        if self.teacher.checkpoint.is_none() && self.teacher.hub.is_none() {
+            v.model(&self.teacher.model, "teacher.model", d.seq_len);
+            v.train(&self.teacher.train, "teacher.train");
+        }
+        if let Some(n) = self.teacher.train_examples {
+            v.check(n > 0, "teacher.train_examples", "must be > 0", n);
+        }
+        if let Some(n) = self.student.train_examples {
+            v.check(n > 0, "student.train_examples", "must be > 0", n);
+        }
+        let st = &self.student;
+        if st.init != StudentInit::Random {
+            v.check(
+                st.calibration_examples > 0,
+                "student.calibration_examples",
+                "must be > 0",
+                st.calibration_examples,
+            );
+        }
+        if let Some(layers) = &st.prune_layers {
+            v.check(
+                layers.len() == st.model.num_layers,
+                "student.prune_layers",
+                &format!(
+                    "lists {} layers, but student.model.num_layers is {}; list one teacher layer per student layer",
+                    layers.len(),
+                    st.model.num_layers
+                ),
+                format!("{layers:?}"),
+            );
+            v.check(
+                st.init != StudentInit::Random,
+                "student.prune_layers",
+                "needs student.init = \"pruned\" or \"both\"",
+                format!("{layers:?}"),
+            );
+        }
+        v.model(&self.student.model, "student.model", d.seq_len);
+        v.train(&self.student.train, "student.train");
+        v.check(
+            (0.0..=1.0).contains(&self.distill.ce_weight),
+            "distill.ce_weight",
+            "must be in [0, 1]",
+            self.distill.ce_weight,
+        );
+        v.check(
+            self.distill.temperature > 0.0 && self.distill.temperature.is_finite(),
+            "distill.temperature",
+            "must be > 0",
+            self.distill.temperature,
+        );
+        let dc = &self.distill;
+        v.check(
+            (0.0..=1.0).contains(&dc.beta),
+            "distill.beta",
+            "must be in [0, 1]",
+            dc.beta,
+        );
+        v.check(
+            (0.0..1.0).contains(&dc.skew),
+            "distill.skew",
+            "must be in [0, 1)",
+            dc.skew,
+        );
+        v.check(
+            dc.fused || dc.loss == LossKind::ForwardKl,
+            "distill.fused",
+            "can be false only with loss = \"forward_kl\" (the plain reference composition implements no other divergence)",
+            dc.fused,
+        );
+        v.check(
+            dc.fused || !dc.fused_head,
+            "distill.fused",
+            "must be true with fused_head (the fused head runs the fused kernels chunk by chunk)",
+            dc.fused,
+        );
+        v.check(
+            dc.fused || dc.top_k == 0,
+            "distill.fused",
+            "must be true with top_k (the plain reference composition takes full teacher logits only)",
+            dc.fused,
+        );
+        v.check(
+            dc.top_k <= 1 << 20,
+            "distill.top_k",
+            "must be 0 (the full distribution) or a number of tokens below the vocabulary size",
+            dc.top_k,
+        );
+        v.check(
+            !dc.logit_cache || dc.top_k >= 1,
+            "distill.logit_cache",
+            "needs distill.top_k >= 1: the cache stores the teacher's top-k tokens (8 to 64 is usual)",
+            dc.logit_cache,
+        );
+        v.check(
+            !dc.logit_cache || !self.traces.enabled || self.traces.logit_kd,
+            "distill.logit_cache",
+            "has no student to serve: with [traces] enabled, only traces.logit_kd = true trains from teacher logits",
+            dc.logit_cache,
+        );
+        let t = &self.traces;
+        if t.enabled {
+            v.check(
+                (1..=1024).contains(&t.samples),
+                "traces.samples",
+                "must be in 1..=1024",
+                t.samples,
+            );
+            v.check(
+                t.temperature >= 0.0 && t.temperature.is_finite(),
+                "traces.temperature",
+                "must be >= 0 (0 decodes greedily)",
+                t.temperature,
+            );
+            v.check(
+                t.top_p > 0.0 && t.top_p <= 1.0,
+                "traces.top_p",
+                "must be in (0, 1]",
+                t.top_p,
+            );
+            v.check(
+                t.max_new_tokens > 0,
+                "traces.max_new_tokens",
+                "must be > 0",
+                t.max_new_tokens,
+            );
+            v.check(t.batch_size > 0, "traces.batch_size", "must be > 0", t.batch_size);
+            if let Some(m) = t.max_completion_tokens {
+                v.check(m > 0, "traces.max_completion_tokens", "must be > 0", m);
+            }
+            v.check(
+                d.source != DataSource::Text,
+                "traces.enabled",
+                "needs a task with a verifier (data.source = \"arithmetic\", or \"jsonl\" whose completions end in `#### N`); plain text has none",
+                t.enabled,
+            );
+        }
+        v.check(
+            self.eval.max_new_tokens > 0,
+            "eval.max_new_tokens",
+            "must be > 0",
+            self.eval.max_new_tokens,
+        );
+        v.check(
+            self.eval.batch_size > 0,
+            "eval.batch_size",
+            "must be > 0",
+            self.eval.batch_size,
+        );
+        let c = &self.cost;
+        v.check(
+            c.cpu_core_hour >= 0.0 && c.cpu_core_hour.is_finite(),
+            "cost.cpu_core_hour",
+            "must be >= 0",
+            c.cpu_core_hour,
+        );
+        v.check(
+            c.default_gpu_hour >= 0.0 && c.default_gpu_hour.is_finite(),
+            "cost.default_gpu_hour",
+            "must be >= 0",
+            c.default_gpu_hour,
+        );
+        if let Some(p) = c.peak_flops_per_device {
+            v.check(
+                p > 0.0 && p.is_finite(),
+                "cost.peak_flops_per_device",
+                "must be > 0 (FLOP/s of one GPU or one CPU core)",
+                p,
+            );
+        }
+        for (k, p) in &c.gpu_hour {
+            v.check(
+                *p >= 0.0 && p.is_finite(),
+                &format!("cost.gpu_hour.{k}"),
+                "must be >= 0",
+                p,
+            );
+        }
+        v.finish()
+    }
+}
+/// Collects every range error so that one run of the validator reports them all.
+struct Validator<'a> {
+    path: &'a Path,
+    errors: Vec<String>,
+}
+
+impl Validator<'_> {
+    fn check(&mut self, ok: bool, key: &str, rule: &str, got: impl std::fmt::Debug) {
+        if !ok {
+            self.errors.push(format!("key `{key}` {rule}, got {got:?}"));
+        }
+    }
+
+    fn model(&mut self, m: &ModelSpec, prefix: &str, seq_len: usize) {
+        let k = |s: &str| format!("{prefix}.{s}");
+        self.check(m.hidden_size > 0, &k("hidden_size"), "must be > 0", m.hidden_size);
+        self.check(
+            m.intermediate_size > 0,
+            &k("intermediate_size"),
+            "must be > 0",
+            m.intermediate_size,
+        );
+        self.check(m.num_layers > 0, &k("num_layers"), "must be > 0", m.num_layers);
+        self.check(m.num_heads > 0, &k("num_heads"), "must be > 0", m.num_heads);
+        if m.num_heads > 0 {
+            self.check(
+                m.hidden_size % m.num_heads == 0,
+                &k("num_heads"),
+                "must divide hidden_size",
+                m.num_heads,
+            );
+            let head_dim = m.hidden_size / m.num_heads.max(1);
+            self.check(
+                head_dim % 2 == 0,
+                &k("num_heads"),
+                "must leave an even head size (hidden_size / num_heads) for rotary embeddings",
+                m.num_heads,
+            );
+            let kv = m.num_kv_heads.unwrap_or(m.num_heads);
+            self.check(
+                kv > 0 && m.num_heads % kv.max(1) == 0,
+                &k("num_kv_heads"),
+                "must be > 0 and divide num_heads",
+                kv,
+            );
+        }
+        self.check(m.rope_theta > 0.0, &k("rope_theta"), "must be > 0", m.rope_theta);
+        self.check(m.rms_norm_eps > 0.0, &k("rms_norm_eps"), "must be > 0", m.rms_norm_eps);
+        self.check(
+            m.init_std > 0.0 && m.init_std < 1.0,
+            &k("init_std"),
+            "must be in (0, 1)",
+            m.init_std,
+        );
+        self.check(
+            m.max_position_embeddings >= seq_len,
+            &k("max_position_embeddings"),
+            "must be >= data.seq_len",
+            m.max_position_embeddings,
+        );
+    }
+
+    fn train(&mut self, t: &TrainSpec, prefix: &str) {
+        let k = |s: &str| format!("{prefix}.{s}");
+        self.check(t.steps > 0, &k("steps"), "must be > 0", t.steps);
+        self.check(t.batch_size > 0, &k("batch_size"), "must be > 0", t.batch_size);
+        self.check(t.grad_accum > 0, &k("grad_accum"), "must be > 0", t.grad_accum);
+        self.check(t.lr > 0.0 && t.lr < 1.0, &k("lr"), "must be in (0, 1)", t.lr);
+        let min_lr = t.min_lr();
+        self.check(
+            (0.0..=t.lr).contains(&min_lr),
+            &k("min_lr"),
+            "must be in [0, lr]",
+            min_lr,
+        );
+        self.check(
+            t.warmup_steps() <= t.steps,
+            &k("warmup_steps"),
+            "must be <= steps",
+            t.warmup_steps(),
+        );
+        self.check(
+            (0.0..1.0).contains(&t.weight_decay),
+            &k("weight_decay"),
+            "must be in [0, 1)",
+            t.weight_decay,
+        );
+        self.check((0.0..1.0).contains(&t.beta1), &k("beta1"), "must be in [0, 1)", t.beta1);
+        self.check((0.0..1.0).contains(&t.beta2), &k("beta2"), "must be in [0, 1)", t.beta2);
+        self.check(t.eps > 0.0, &k("eps"), "must be > 0", t.eps);
+        self.check(
+            t.grad_clip >= 0.0 && t.grad_clip.is_finite(),
+            &k("grad_clip"),
+            "must be >= 0",
+            t.grad_clip,
+        );
+    }
+
+    fn finish(self) -> Result<()> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config {
+                path: self.path.to_path_buf(),
+                msg: self.errors.join("; "),
+            })
+        }
+    }
+}
+
+/// A single path component that stays inside its parent: not empty, no separator,
+/// not `.` or `..`, no NUL.
+pub(super) fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\', '\0']) && name != "." && name != ".."
+}
+
+/// `ORG/NAME`: each part starts with a letter or digit and holds letters, digits, `-`,
+/// `_` and `.` (no `..`), at most 96 characters, as the Hub allows.
+pub fn check_repo_id(id: &str) -> Result<()> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 96
+            && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !p.contains("..")
+    };
+    match id.split_once('/') {
+        Some((org, name)) if part_ok(org) && part_ok(name) => Ok(()),
+        _ => Err(Error::Invalid(format!(
+            "hub model id {id:?} must look like ORG/NAME (letters, digits, - _ . in each part), \
+             e.g. HuggingFaceTB/SmolLM2-135M-Instruct; for a folder on disk use `checkpoint` instead"
+        ))),
+    }
+}
+
+/// A branch, tag or commit: letters, digits, `-_./`, no `..` component, not absolute.
+pub fn check_revision(rev: &str) -> Result<()> {
+    let ok = !rev.is_empty()
+        && rev.len() <= 256
+        && !rev.starts_with('/')
+        && rev.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        && rev.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "hub revision {rev:?} must be a branch, tag or commit hash (letters, digits, - _ . /, no ..)"
+        )))
+    }
+}
