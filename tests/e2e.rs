@@ -458,7 +458,8 @@ fn a_student_pruned_from_the_teacher_trains_beside_a_random_one() {
         })
         .collect();
     assert!(params.iter().all(|p| *p == params[0]), "one architecture: {params:?}");
-    let (model, _) = distill::train::checkpoint::load(&run_dir.join("student-pruned"), &distill::candle::Device::Cpu).unwrap();
+    let (model, _) =
+        distill::train::checkpoint::load(&run_dir.join("student-pruned"), &distill::candle::Device::Cpu).unwrap();
     assert_eq!((model.cfg.hidden_size, model.cfg.num_hidden_layers), (32, 1));
 
     let bad = tmp.path().join("bad.toml");

@@ -333,7 +333,7 @@ fn check_written<E: Elem>(kernel: &str, out: &[E]) -> Result<()> {
 /// The divergence kernels' per-call constants (the `Params` struct of divergence.cu) and
 /// the block size for rows of `v` logits: `distill`'s own, the ones `loss::cuda` launches
 /// with, so that the emulator cannot drift from the real launcher.
-pub use distill::loss::fused::{cuda_block_size as launch_block, KernelParams as Params};
+pub use distill::loss::rows::{cuda_block_size as launch_block, KernelParams as Params};
 
 /// rows and v as the kernels' `int`s, and rows * v.
 fn check_sizes(kernel: &str, rows: usize, v: usize) -> Result<(c_int, c_int, usize)> {
@@ -633,7 +633,7 @@ pub fn topk_fwd<S: Elem>(
             p.ln_w,
             p.ln_1mw,
             block,
-            distill::loss::fused::cuda_top_k_shared_bytes(k),
+            distill::loss::rows::cuda_top_k_shared_bytes(k),
             msg.ptr(),
             msg.len(),
         )
@@ -687,7 +687,7 @@ pub fn topk_bwd<S: Elem>(
             p.ln_w,
             p.ln_1mw,
             block,
-            distill::loss::fused::cuda_top_k_shared_bytes(k),
+            distill::loss::rows::cuda_top_k_shared_bytes(k),
             msg.ptr(),
             msg.len(),
         )

@@ -422,8 +422,8 @@ fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::R
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    use distill::model::generate::{generate_rows, row_rng, Sampling};
     use distill::config::Keep;
+    use distill::model::generate::{generate_rows, row_rng, Sampling};
     use distill::teacher::traces::{self, Shard, TraceSettings};
     if a.samples == 0 || a.batch_size == 0 {
         anyhow::bail!("--samples and --batch-size must be at least 1");

@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use distill::candle::backprop::GradStore;
 use distill::candle::{Device, Tensor, Var};
-use distill::loss::fused::distill_loss_and_grad;
+use distill::loss::full::distill_loss_and_grad;
 use distill::loss::{
     divergence_rows, divergence_rows_reference, top_k_divergence_rows, top_k_of_logits, Divergence, TeacherTargets,
 };

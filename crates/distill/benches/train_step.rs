@@ -44,14 +44,14 @@
 use std::time::Instant;
 
 use distill::candle::Device;
-use distill::config::{ModelSpec, TrainSpec};
-use distill::prepare::data::batch::{make_batch, Encoded};
-use distill::loss::fused_head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
-use distill::loss::{distill_loss_with, Divergence};
 use distill::config::Kernels;
-use distill::model::{Llama, ModelConfig};
-use distill::train::optim::{clip_grad_norm, lr_at, AdamW};
+use distill::config::{ModelSpec, TrainSpec};
 use distill::cost::peak::measure_cpu_peak;
+use distill::loss::head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
+use distill::loss::{distill_loss_with, Divergence};
+use distill::model::{Llama, ModelConfig};
+use distill::prepare::data::batch::{make_batch, Encoded};
+use distill::train::optim::{clip_grad_norm, lr_at, AdamW};
 use distill::train::Forward;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

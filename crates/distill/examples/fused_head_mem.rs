@@ -20,9 +20,7 @@ use std::time::Instant;
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 use distill::candle::{DType, Device, Tensor, Var};
-use distill::loss::fused_head::{
-    default_chunk_rows, fused_linear_distill_loss, plain_linear_distill_loss, HeadTeacher,
-};
+use distill::loss::head::{default_chunk_rows, fused_linear_distill_loss, plain_linear_distill_loss, HeadTeacher};
 use distill::loss::{Divergence, LossParts};
 
 #[path = "common/counting_alloc.rs"]

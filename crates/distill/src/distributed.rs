@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
-
 use crate::config::{Backend, DistributedConfig};
 use crate::error::{Error, Result};
 

@@ -124,4 +124,3 @@ pub fn check_safetensors_header(path: &Path) -> Result<()> {
     }
     Ok(())
 }
-

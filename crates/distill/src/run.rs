@@ -18,18 +18,18 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::train::checkpoint::{self, SaveExtras};
+use crate::config::Backend;
 use crate::config::{Config, StudentInit};
 use crate::cost::ledger::{Ledger, StageCost};
-use crate::prepare::data::{self, batch, Example};
 use crate::device::{self, DeviceInfo};
-use crate::config::Backend;
 use crate::distributed::{self, Collective};
 use crate::error::{Error, IoContext, Result};
 use crate::model::generate::{self, Accuracy};
-use crate::teacher::logit_cache::{self, LogitCache};
 use crate::model::{llama::fnv1a, Llama, ModelConfig};
+use crate::prepare::data::{self, batch, Example};
 use crate::prepare::tokenizer::Tokenizer;
+use crate::teacher::logit_cache::{self, LogitCache};
+use crate::train::checkpoint::{self, SaveExtras};
 use crate::train::{self, LossImpl, Progress, StageInput, Teacher, TeacherSource};
 
 /// Options from the command line that override the config.
@@ -323,7 +323,8 @@ fn run_on(
         write: root,
         inner: progress,
         stage: Default::default(),
-        dollars_per_second: crate::cost::ledger::price_per_hour(&cfg.cost, &info) * (info.count * world) as f64 / 3600.0,
+        dollars_per_second: crate::cost::ledger::price_per_hour(&cfg.cost, &info) * (info.count * world) as f64
+            / 3600.0,
         spent_before: std::cell::Cell::new(ledger.summary().total_dollars),
         world,
         device: info.clone(),
@@ -1254,7 +1255,10 @@ fn write_traces(
     seed: u64,
     progress: &dyn Progress,
     comm: &dyn Collective,
-) -> Result<(Vec<crate::teacher::traces::TraceRecord>, crate::teacher::traces::Acceptance)> {
+) -> Result<(
+    Vec<crate::teacher::traces::TraceRecord>,
+    crate::teacher::traces::Acceptance,
+)> {
     let tc = &cfg.traces;
     let prompts: Vec<crate::teacher::traces::Prompt> = examples
         .iter()

@@ -9,11 +9,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use candle_core::Device;
-use distill::train::checkpoint::{self, SaveExtras, TrainerState};
 use distill::config::{ModelSpec, TrainSpec};
 use distill::model::{Llama, ModelConfig};
-use distill::train::optim::AdamW;
 use distill::prepare::tokenizer::Tokenizer;
+use distill::train::checkpoint::{self, SaveExtras, TrainerState};
+use distill::train::optim::AdamW;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -159,12 +159,18 @@ fn damaged_data_and_trace_files_are_errors_naming_the_line_never_panics() {
     for i in 0..mutations() {
         std::fs::write(&path, mutate(jsonl.as_bytes(), &mut rng)).unwrap();
         for (what, r) in [
-            ("data", catch_unwind(|| distill::prepare::data::read_jsonl(&path).map(|_| ()))),
+            (
+                "data",
+                catch_unwind(|| distill::prepare::data::read_jsonl(&path).map(|_| ())),
+            ),
             (
                 "prompts",
                 catch_unwind(|| distill::teacher::traces::read_prompts(&path).map(|_| ())),
             ),
-            ("traces", catch_unwind(|| distill::teacher::traces::read(&path).map(|_| ()))),
+            (
+                "traces",
+                catch_unwind(|| distill::teacher::traces::read(&path).map(|_| ())),
+            ),
         ] {
             match r.unwrap_or_else(|_| panic!("panic reading a damaged {what} file (mutation {i})")) {
                 Ok(()) => {}

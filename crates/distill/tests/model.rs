@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
-use distill::train::checkpoint::{self, SaveExtras, TrainerState};
 use distill::config::{ModelSpec, TrainSpec};
 use distill::model::{KvCache, Llama, ModelConfig};
-use distill::train::optim::AdamW;
 use distill::prepare::tokenizer::Tokenizer;
+use distill::train::checkpoint::{self, SaveExtras, TrainerState};
+use distill::train::optim::AdamW;
 
 type R = distill::Result<()>;
 

@@ -16,8 +16,8 @@ mod sections;
 mod validate;
 
 pub use sections::*;
-pub use validate::{check_repo_id, check_revision};
 use validate::is_plain_name;
+pub use validate::{check_repo_id, check_revision};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -34,7 +34,6 @@ pub struct Config {
     /// Data parallelism across processes: `backend = "none" | "mpi" | "nccl"`.
     pub distributed: DistributedConfig,
 }
-
 
 /// A `[run] dtype` / `--dtype` value: None for "auto".
 pub fn parse_dtype(s: &str) -> Result<Option<candle_core::DType>> {
@@ -53,13 +52,8 @@ pub fn parse_dtype(s: &str) -> Result<Option<candle_core::DType>> {
 impl Config {
     /// `[run] kernels`, checked.
     pub fn kernels(&self) -> Result<Kernels> {
-        Kernels::parse(&self.run.kernels).ok_or_else(|| {
-            Error::Invalid(format!(
-                "kernels {:?}: use {}",
-                self.run.kernels,
-                Kernels::NAMES
-            ))
-        })
+        Kernels::parse(&self.run.kernels)
+            .ok_or_else(|| Error::Invalid(format!("kernels {:?}: use {}", self.run.kernels, Kernels::NAMES)))
     }
 
     /// The compute dtype on `device`: `[run] dtype`, with "auto" meaning bf16 on CUDA
@@ -123,7 +117,6 @@ impl Config {
     pub fn run_dir(&self) -> PathBuf {
         self.run.out_dir.join(&self.run.name)
     }
-
 }
 
 #[cfg(test)]
@@ -169,7 +162,10 @@ mod tests {
     #[test]
     fn loss_family_is_selected_and_checked() -> Result<()> {
         let c = parse("[distill]\nloss = \"jsd\"\nbeta = 0.25\n")?;
-        assert_eq!(crate::loss::Divergence::of(&c.distill), crate::loss::Divergence::Jsd { beta: 0.25 });
+        assert_eq!(
+            crate::loss::Divergence::of(&c.distill),
+            crate::loss::Divergence::Jsd { beta: 0.25 }
+        );
         let err = parse("[distill]\nloss = \"skew_reverse_kl\"\nskew = 1.0\n")
             .unwrap_err()
             .to_string();
@@ -262,4 +258,3 @@ mod tests {
         Ok(())
     }
 }
-

@@ -88,7 +88,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Met
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::loss::fused::{exp_f32, f32_slice, Isa};
+use crate::kernels::cpu::{exp_f32, f32_slice, Isa};
 
 /// Query rows per tile: the scores of a tile are (TILE_ROWS, <= T) floats of scratch.
 /// 64 rows keep the products large enough for `gemm`'s kernels while the masked

@@ -18,13 +18,11 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-
 use crate::error::{Error, Result};
-use crate::loss::fused::{contiguous_slice, exp_f32, f32_slice};
+use crate::kernels::cpu::{exp_f32, f32_slice, with_cpu_f32};
 
 /// Elements per rayon task: enough to amortise scheduling, few enough to balance two
 /// to sixteen threads on the model's activations.
@@ -37,18 +35,6 @@ fn task_rows(d: usize) -> usize {
 
 fn op_err(op: &'static str, msg: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: {msg}")).bt()
-}
-
-/// Runs `f` on the f32 contents of a CPU tensor, made contiguous first (a no-op when
-/// it already is).
-pub(crate) fn with_cpu_f32<R>(t: &Tensor, op: &'static str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(data)) => Ok(f(contiguous_slice(data, layout, op)?)),
-        Storage::Cpu(other) => Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op).bt()),
-        _ => Err(op_err(op, "the fused kernels run on the CPU only")),
-    }
 }
 
 /// The library's check before a fused op: CPU and f32, with the way out named.

@@ -33,7 +33,8 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
 use super::family::Divergence;
-use super::fused::{check_rows, cuda_block_size, cuda_top_k_shared_bytes, rows_and_vocab, KernelParams};
+use super::ops::{check_rows, rows_and_vocab};
+use super::rows::{cuda_block_size, cuda_top_k_shared_bytes, KernelParams};
 
 /// The kernel source, the very file `scripts/check_cuda_kernels.py` checks.
 const SOURCE: &str = include_str!("../kernels/divergence.cu");

@@ -41,11 +41,11 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType
 use rayon::prelude::*;
 
 use super::family::{check_temperature, Divergence};
-use super::fused::{
-    backward_row, check_kernel_device, check_rows, exp_f32, f32_slice, float_input, forward_row, ld, min_rows,
-    rows_and_vocab, u32_slice, with_float_slice, Kernel, LogNorm, OnlineLse, BLOCK,
-};
+use super::full::{check_kernel_device, float_input};
+use super::ops::{check_rows, rows_and_vocab};
+use super::rows::{backward_row, forward_row, min_rows, Kernel};
 use crate::error::{Error, Result};
+use crate::kernels::cpu::{exp_f32, f32_slice, ld, u32_slice, with_float_slice, LogNorm, OnlineLse, BLOCK};
 
 /// A teacher given as its top k tokens per row: `indices` (N, k) u32 and `log_probs`
 /// (N, k) f32, the tempered log-probabilities `log softmax(t / T)` of those tokens.
@@ -223,7 +223,7 @@ impl CustomOp3 for TopKRows {
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (s1, l1, s2, l2, s3, l3);
-            Err(super::fused::no_kernel(self.name(), "CUDA"))
+            Err(super::ops::no_kernel(self.name(), "CUDA"))
         }
     }
 
@@ -304,7 +304,7 @@ impl CustomOp3 for TopKRowsGrad {
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (s1, l1, s2, l2, s3, l3);
-            Err(super::fused::no_kernel(self.name(), "CUDA"))
+            Err(super::ops::no_kernel(self.name(), "CUDA"))
         }
     }
 }

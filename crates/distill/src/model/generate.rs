@@ -11,9 +11,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::prepare::data::{arithmetic, Example};
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
+use crate::prepare::data::{arithmetic, Example};
 use crate::prepare::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

@@ -22,11 +22,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::attention::causal_attention;
 use crate::config::Kernels;
-use crate::kernels::ops as fused;
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
+use crate::kernels::attention::causal_attention;
+use crate::kernels::ops as fused;
 
 /// The architecture, in the fields Hugging Face's `config.json` uses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

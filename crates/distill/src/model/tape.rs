@@ -26,14 +26,15 @@ use std::ops::Deref;
 use candle_core::{CpuStorage, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::kernels::attention::{backward_slices, forward_slices, AttnShape};
-use crate::kernels::ops::{
-    gemm_f32, linear_bwd_input, linear_bwd_weight, linear_fwd, rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd,
-    swiglu_fwd, with_cpu_f32,
-};
 use super::llama::Llama;
 use crate::error::{Error, Result};
-use crate::loss::fused::SliceTeacher;
+use crate::kernels::attention::{backward_slices, forward_slices, AttnShape};
+use crate::kernels::cpu::with_cpu_f32;
+use crate::kernels::ops::{
+    gemm_f32, linear_bwd_input, linear_bwd_weight, linear_fwd, rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd,
+    swiglu_fwd,
+};
+use crate::loss::full::SliceTeacher;
 
 /// What one layer's backward reads, all row-major with N = B*T rows.
 struct LayerActs {
@@ -272,14 +273,14 @@ impl Llama {
         ids: &Tensor,
         targets: &Tensor,
         mask: &Tensor,
-        teacher: crate::loss::fused_head::HeadTeacher<'_>,
+        teacher: crate::loss::head::HeadTeacher<'_>,
         alpha: f64,
         temperature: f64,
         denom: f64,
         divergence: crate::loss::Divergence,
         chunk_rows: Option<usize>,
-    ) -> Result<(crate::loss::fused::LossValues, BTreeMap<String, Tensor>)> {
-        use crate::loss::fused_head::HeadTeacher;
+    ) -> Result<(crate::loss::full::LossValues, BTreeMap<String, Tensor>)> {
+        use crate::loss::head::HeadTeacher;
         let (hidden, tape) = self.forward_taped_slices(ids)?; // (N, d)
         let (n, d, v) = (tape.b * tape.t, self.cfg.hidden_size, self.cfg.vocab_size);
         let head = self.head_name();
@@ -392,8 +393,8 @@ struct HeadLoss<'a> {
 impl HeadLoss<'_> {
     /// The summed loss values, the hidden states' gradient (N, d) and the head weight's
     /// (V, d). With one chunk of all N rows this is exactly the unchunked computation.
-    fn run(&self, teacher: Rows<'_>) -> candle_core::Result<(crate::loss::fused::LossValues, Vec<f32>, Vec<f32>)> {
-        use crate::loss::fused::{loss_and_grad_slices, LossValues};
+    fn run(&self, teacher: Rows<'_>) -> candle_core::Result<(crate::loss::full::LossValues, Vec<f32>, Vec<f32>)> {
+        use crate::loss::full::{loss_and_grad_slices, LossValues};
         let (n, d, v) = self.dims;
         let (alpha, temperature, denom, divergence) = self.settings;
         let mut dh = vec![0f32; n * d];
@@ -548,9 +549,9 @@ impl Tape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loss::fused_head::{fused_linear_distill_loss, HeadTeacher};
-    use crate::loss::Divergence;
     use crate::config::Kernels;
+    use crate::loss::head::{fused_linear_distill_loss, HeadTeacher};
+    use crate::loss::Divergence;
     use crate::model::ModelConfig;
     use crate::train::Forward;
     use candle_core::Device;
@@ -679,7 +680,7 @@ mod tests {
     /// logits and the fused head's chunks; masked rows, tied and untied heads.
     #[test]
     fn the_one_pass_micro_batch_matches_the_graph() -> Result<()> {
-        use crate::loss::fused_head::HeadTeacher;
+        use crate::loss::head::HeadTeacher;
         use crate::loss::{distill_loss_with, TeacherTargets};
         for (tied, bias, kv) in [(false, false, 4), (true, true, 2)] {
             let m = Llama::init(cfg(tied, bias, kv), 0.2, 5, &Device::Cpu)?;

@@ -28,11 +28,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::fsio::{check_safetensors_header, sha256_hex, write_file_atomic};
-use crate::prepare::data::batch::{make_batch, Encoded};
 use crate::error::{Error, IoContext, Result};
+use crate::fsio::{check_safetensors_header, sha256_hex, write_file_atomic};
 use crate::loss::topk::{top_k_of_logits, TopK};
 use crate::model::Llama;
+use crate::prepare::data::batch::{make_batch, Encoded};
 
 const FORMAT: &str = "distill-logit-cache";
 const VERSION: u32 = 1;

@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fsio::write_file_atomic;
-use crate::prepare::data::{arithmetic, read_jsonl_records};
 use crate::config::Keep;
 use crate::error::{Error, Result};
+use crate::fsio::write_file_atomic;
 use crate::model::generate::{generate_rows, row_rng, Sampling};
 use crate::model::Llama;
+use crate::prepare::data::{arithmetic, read_jsonl_records};
 use crate::prepare::tokenizer::Tokenizer;
 
 /// Settings of one trace-generation job.

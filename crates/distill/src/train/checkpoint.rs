@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{check_safetensors_header, sha256_hex, sync_dir, write_file};
 use crate::model::{Llama, ModelConfig};
-use crate::train::optim::AdamW;
 use crate::prepare::tokenizer::Tokenizer;
+use crate::train::optim::AdamW;
 
 /// Where a training stage stood when the checkpoint was written.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -11,19 +11,19 @@ use std::time::Instant;
 
 use candle_core::{Tensor, Var};
 
-use crate::train::checkpoint::TrainerState;
 use crate::config::{NonFinitePolicy, TrainSpec};
+use crate::train::checkpoint::TrainerState;
 
 /// With `on_nonfinite = "skip"`, a stage still stops after this many skipped steps in a row.
 pub const MAX_SKIPS_IN_A_ROW: usize = 10;
-use crate::prepare::data::batch::{make_batch, Batch, Encoded, Order};
 use crate::distributed::{shard_range, Collective, CommTimer};
 use crate::error::{Error, Result};
-use crate::teacher::logit_cache::LogitCache;
-use crate::loss::fused_head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
+use crate::loss::head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
 use crate::loss::{distill_loss, distill_loss_with, top_k_of_logits, Divergence, LossParts, TeacherTargets, TopK};
 use crate::model::tape::Tape;
 use crate::model::Llama;
+use crate::prepare::data::batch::{make_batch, Batch, Encoded, Order};
+use crate::teacher::logit_cache::LogitCache;
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW};
 
 /// One logged optimiser step (a line of `metrics/<stage>.jsonl`).

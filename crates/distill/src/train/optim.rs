@@ -133,7 +133,7 @@ fn adamw_cpu(
         return Ok(None);
     }
     const OP: &str = "adamw";
-    use crate::kernels::ops::with_cpu_f32;
+    use crate::kernels::cpu::with_cpu_f32;
     let (p1, m1, v1) = with_cpu_f32(p, OP, |p| {
         with_cpu_f32(g, OP, |g| {
             with_cpu_f32(m, OP, |m| {
@@ -167,7 +167,7 @@ fn adamw_cpu(
 
 /// The sum of squares of an f32 CPU tensor in f64, from fixed-size chunks added in order.
 fn sum_sq_cpu(t: &Tensor) -> Result<f64> {
-    let partial: Vec<f64> = crate::kernels::ops::with_cpu_f32(t, "grad-norm", |x| {
+    let partial: Vec<f64> = crate::kernels::cpu::with_cpu_f32(t, "grad-norm", |x| {
         x.par_chunks(CHUNK)
             .map(|c| {
                 // Eight f32 lanes per chunk (vectorised), widened to f64 per chunk.

@@ -50,7 +50,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, InplaceOp3, Layout, MetalStorage, Shape, Tensor, Var};
 
 use super::family::Divergence;
-use super::fused::{distill_loss_and_grad, distill_loss_with, TeacherTargets};
+use super::full::{distill_loss_and_grad, distill_loss_with, TeacherTargets};
 use super::reference::LossParts;
 use super::topk::TopK;
 use crate::error::{Error, Result};
