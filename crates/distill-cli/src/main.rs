@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use distill::config::Backend;
+use distill::progress::{Progress, StepLog};
 use distill::run::{self, RunOptions};
-use distill::train::{Progress, StepLog};
 use distill::Config;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -296,7 +296,7 @@ fn run_pipeline(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    println!("\n{}", run::render(&report));
+    println!("\n{}", distill::evaluate::report::render(&report));
     println!("run directory: {}", report.run_dir.display());
     Ok(())
 }
@@ -397,8 +397,8 @@ fn peak(size: usize, repeats: usize) -> anyhow::Result<()> {
 }
 
 fn report(run_dir: &std::path::Path) -> anyhow::Result<()> {
-    let r = run::rerender(run_dir)?;
-    println!("{}", run::render(&r));
+    let r = distill::evaluate::report::rerender(run_dir)?;
+    println!("{}", distill::evaluate::report::render(&r));
     println!("wrote {}", run_dir.join("report.md").display());
     Ok(())
 }
@@ -410,7 +410,7 @@ fn open_device(name: &str) -> anyhow::Result<distill::candle::Device> {
 fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::Result<()> {
     let dev = open_device(device)?;
     let cfg = config.map(|p| Config::load(&p)).transpose()?;
-    let r = run::eval_checkpoint(&checkpoint, cfg.as_ref(), &dev)?;
+    let r = distill::evaluate::eval_checkpoint(&checkpoint, cfg.as_ref(), &dev)?;
     println!("checkpoint: {}", r.checkpoint.display());
     println!("params: {}", r.params);
     println!("held-out loss: {:.4}", r.eval_loss);

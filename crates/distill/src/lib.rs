@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod loss;
 pub mod model;
 pub mod prepare;
+pub mod progress;
 pub mod run;
 pub mod teacher;
 #[cfg(test)]

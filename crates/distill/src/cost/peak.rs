@@ -8,7 +8,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
+use crate::device::DeviceInfo;
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeakMeasurement {
@@ -85,6 +88,36 @@ pub fn measure_cpu_peak(size: usize, repeats: usize) -> Result<PeakMeasurement> 
         flops_per_second: flops / best,
         median_flops_per_second: flops / median,
     })
+}
+
+/// Peak FLOP/s of all the run's devices, for the ledger's MFU column: the
+/// config's per-device figure, else the datasheet f32 peak of a known GPU, else
+/// (CPU) a short GEMM probe on this machine.
+pub fn for_run(
+    cfg: &Config,
+    info: &DeviceInfo,
+    dtype: candle_core::DType,
+    progress: &dyn Progress,
+) -> Result<Option<f64>> {
+    let count = info.count as f64;
+    if let Some(p) = cfg.cost.peak_flops_per_device {
+        return Ok(Some(p * count));
+    }
+    if info.kind == "cpu" {
+        let m = crate::cost::peak::measure_cpu_peak(1024, 5)?;
+        progress.message(&format!(
+            "peak: {:.1} GFLOP/s (f32 GEMM probe, {} threads); MFU in the ledger is measured against it",
+            m.flops_per_second / 1e9,
+            m.threads
+        ));
+        return Ok(Some(m.flops_per_second));
+    }
+    // Against the peak of the precision the matmuls run in.
+    let precision = match dtype {
+        candle_core::DType::F32 => crate::cost::projection::Precision::Fp32,
+        _ => crate::cost::projection::Precision::Bf16,
+    };
+    Ok(crate::cost::projection::peak_flops(&info.name, precision).map(|p| p * count))
 }
 
 #[cfg(test)]

@@ -20,7 +20,10 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::prepare::data::batch;
+use crate::progress::Progress;
 // The plain building blocks of `Llama`'s forward, so that `probe_forward` computes
 // exactly what `Llama::forward` does with `Kernels::Plain`.
 use crate::kernels::ops::rms_norm_plain as rms_norm;
@@ -551,6 +554,78 @@ fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     order.truncate(k);
     order.sort_unstable();
     order
+}
+
+/// The teacher layers a pruned student keeps (`[student] prune_layers`, or spread
+/// evenly with the first and last included) and its width target (`[student.model]`),
+/// checked against the teacher's architecture: an error names the keys to change.
+pub fn prune_plan(teacher: &ModelConfig, cfg: &Config) -> Result<(Vec<usize>, WidthTarget)> {
+    let spec = &cfg.student.model;
+    let (l, n) = (teacher.num_hidden_layers, spec.num_layers);
+    let layers: Vec<usize> = match &cfg.student.prune_layers {
+        Some(v) => v.clone(),
+        None if n > l => {
+            return Err(Error::Invalid(format!(
+                "student.model.num_layers = {n} exceeds the teacher's {l} layers; a pruned student keeps some of them"
+            )))
+        }
+        None if n == 1 => vec![0],
+        None => (0..n).map(|i| (i * (l - 1) + (n - 1) / 2) / (n - 1)).collect(),
+    };
+    let target = WidthTarget {
+        hidden_size: spec.hidden_size,
+        intermediate_size: spec.intermediate_size,
+        num_attention_heads: spec.num_heads,
+    };
+    let explain = |e: Error| {
+        Error::Invalid(format!(
+            "[student] init = {:?} cannot cut [student.model] from this teacher: {e}; change [student.model] \
+             or [student] prune_layers, or use init = \"random\"",
+            cfg.student.init
+        ))
+    };
+    crate::teacher::prune::check_keep_layers(l, &layers).map_err(explain)?;
+    crate::teacher::prune::check_width_target(teacher, target).map_err(explain)?;
+    Ok((layers, target))
+}
+
+/// The student cut from the teacher: its layers `student.prune_layers` (default: spread
+/// evenly), then, scored by their activations on the first `student.calibration_examples`
+/// training examples, its most important heads, MLP neurons and embedding channels, down
+/// to `[student.model]`'s sizes (`prune`). Returns the model, the calibration FLOPs and
+/// tokens.
+pub fn pruned_student(
+    teacher: &Llama,
+    cfg: &Config,
+    train: &[batch::Encoded],
+    dev: &Device,
+    progress: &dyn Progress,
+) -> Result<(Llama, f64, u64)> {
+    let (layers, target) = prune_plan(&teacher.cfg, cfg)?;
+    let depth = crate::teacher::prune::depth_prune(teacher, &layers)?;
+    let calib: Vec<candle_core::Tensor> = train
+        .iter()
+        .take(cfg.student.calibration_examples)
+        .map(|e| candle_core::Tensor::from_vec(e.ids.clone(), (1, e.ids.len()), dev))
+        .collect::<candle_core::Result<_>>()?;
+    let tokens: u64 = calib.iter().map(|t| t.elem_count() as u64).sum();
+    let flops: f64 = calib
+        .iter()
+        .map(|t| depth.cfg.forward_flops_per_token(t.elem_count()) * t.elem_count() as f64)
+        .sum();
+    let importance = crate::teacher::prune::estimate_importance(&depth, &calib)?;
+    let student = crate::teacher::prune::width_prune(&depth, &importance, target)?;
+    progress.message(&format!(
+        "prune: teacher layers {layers:?}, then width to hidden {} / {} heads ({} kv) / MLP {} by activations on {} examples: {} -> {} parameters",
+        student.cfg.hidden_size,
+        student.cfg.num_attention_heads,
+        student.cfg.num_key_value_heads,
+        student.cfg.intermediate_size,
+        calib.len(),
+        teacher.cfg.num_params(),
+        student.cfg.num_params()
+    ));
+    Ok((student, flops, tokens))
 }
 
 #[cfg(test)]

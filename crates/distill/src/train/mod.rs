@@ -23,38 +23,9 @@ use crate::loss::{distill_loss, distill_loss_with, top_k_of_logits, Divergence, 
 use crate::model::tape::Tape;
 use crate::model::Llama;
 use crate::prepare::data::batch::{make_batch, Batch, Encoded, Order};
+use crate::progress::{Progress, StepLog};
 use crate::teacher::logit_cache::LogitCache;
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW};
-
-/// One logged optimiser step (a line of `metrics/<stage>.jsonl`).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StepLog {
-    pub step: usize,
-    pub total_steps: usize,
-    pub loss: f32,
-    pub ce: f32,
-    pub kd: f32,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub tokens_per_second: f64,
-    pub eval_loss: Option<f32>,
-    /// What the whole run has cost so far, in dollars; filled in by the pipeline.
-    pub dollars: f64,
-}
-
-/// Receives progress; the CLI draws bars, tests stay silent.
-pub trait Progress {
-    fn stage_start(&self, _stage: &str, _total_steps: usize) {}
-    fn step(&self, _log: &StepLog) {}
-    /// Progress of a stage that is not a training loop (e.g. generation).
-    fn advance(&self, _done: usize, _msg: &str) {}
-    fn message(&self, _msg: &str) {}
-    fn stage_end(&self) {}
-}
-
-/// Prints nothing.
-pub struct Silent;
-impl Progress for Silent {}
 
 /// The teacher side of logit distillation.
 pub struct Teacher<'a> {
@@ -634,6 +605,7 @@ mod tests {
     use super::*;
     use crate::config::ModelSpec;
     use crate::model::ModelConfig;
+    use crate::progress::Silent;
     use candle_core::Device;
 
     fn data() -> Vec<Encoded> {

@@ -1,0 +1,201 @@
+//! The stages that run the trained teacher over the students' data: verified traces
+//! (rejection sampling, the R1 recipe) and the offline logit cache.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::stage::StageEnv;
+use super::sub_seed;
+use crate::config::Config;
+use crate::cost::heartbeat::Heartbeat;
+use crate::cost::ledger::{Ledger, StageCost};
+use crate::distributed;
+use crate::distributed::Collective;
+use crate::error::{Error, Result};
+use crate::model::generate;
+use crate::model::Llama;
+use crate::prepare::data::{batch, Example};
+use crate::prepare::tokenizer::Tokenizer;
+use crate::progress::Progress;
+use crate::teacher::logit_cache::{self, LogitCache};
+use crate::train::checkpoint;
+
+/// Samples `[traces]` solutions from the teacher for every student prompt and
+/// verifies them.
+/// The `teacher-logits` stage: the teacher's top-k log-probabilities over `data`, written
+/// to `<run>/logit-cache` once; a resumed run whose ledger has the stage reuses it.
+pub(crate) fn teacher_logit_cache(
+    env: &StageEnv,
+    teacher: &Llama,
+    teacher_dir: &Path,
+    data: &[batch::Encoded],
+    vocab: usize,
+    ledger: &mut Ledger,
+    progress: &Heartbeat,
+) -> Result<LogitCache> {
+    const STAGE: &str = "teacher-logits";
+    let cfg = env.cfg;
+    let dir = env.run_dir.join("logit-cache");
+    let expect = logit_cache::Expect {
+        data_fingerprint: logit_cache::fingerprint(data),
+        k: cfg.distill.top_k,
+        temperature: cfg.distill.temperature,
+        vocab_size: vocab,
+    };
+    if ledger.completed(STAGE) {
+        match LogitCache::open(&dir, data, &expect) {
+            Ok(c) => {
+                progress.message(&format!("{STAGE}: complete, read from {}", dir.display()));
+                return Ok(c);
+            }
+            Err(e) => progress.message(&format!(
+                "warning: {STAGE}: the cache is unusable ({e}); writing it again"
+            )),
+        }
+    }
+    let t0 = Instant::now();
+    let comm = env.comm;
+    let range = distributed::shard_range(data.len(), comm.rank(), comm.world());
+    progress.stage_start(STAGE, range.len());
+    let id = checkpoint::content_id(teacher_dir)?;
+    let batch = cfg.student.train.batch_size;
+    // Each rank runs the teacher over its slice of the examples and writes its own
+    // shards; rank 0 then writes the index over all of them, in example order.
+    if comm.is_root() {
+        logit_cache::prepare(&dir, data)?;
+    }
+    comm.barrier()?;
+    let tag = if comm.world() > 1 {
+        format!("r{:04}-", comm.rank())
+    } else {
+        String::new()
+    };
+    let part = logit_cache::write_part(&dir, teacher, data, range, &tag, &expect, batch, &|done, _| {
+        progress.advance(done, "examples through the teacher")
+    })?;
+    let comm_t0 = Instant::now();
+    let json = serde_json::to_vec(&part).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut shards = Vec::new();
+    for bytes in comm.gather_bytes(&json)? {
+        let p: logit_cache::Part = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Distributed(format!("a rank sent a bad logit-cache part: {e}")))?;
+        shards.extend(p.shards);
+    }
+    let mut flops = [part.flops];
+    comm.sum_f64(&mut flops)?;
+    let flops = flops[0];
+    let index = if comm.is_root() {
+        let index = logit_cache::write_index(&dir, &id, data, &expect, shards)?;
+        comm.barrier()?;
+        index
+    } else {
+        comm.barrier()?;
+        logit_cache::read_index(&dir)?
+    };
+    let comm_seconds = if comm.world() > 1 {
+        comm_t0.elapsed().as_secs_f64()
+    } else {
+        0.0
+    };
+    progress.stage_end();
+    ledger.record(
+        StageCost::new(
+            STAGE,
+            env.info,
+            &cfg.cost,
+            t0.elapsed().as_secs_f64(),
+            data.iter().map(|e| e.ids.len() as u64 - 1).sum(),
+            flops,
+            0.0,
+        )
+        .on_ranks(comm.world(), comm_seconds, None),
+    )?;
+    progress.clear_after(ledger);
+    progress.message(&format!(
+        "{STAGE}: {} positions, top-{} at T = {}, {:.0} bytes per token ({:.2} MB) -> {}",
+        index.rows,
+        index.k,
+        index.temperature,
+        index.bytes_per_token,
+        index.bytes as f64 / 1e6,
+        dir.display()
+    ));
+    LogitCache::open(&dir, data, &expect)
+}
+
+/// With several ranks, each samples its shard of the prompts (`--shard rank/world`) and
+/// every rank gets all the records, merged in (prompt, sample) order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_traces(
+    teacher: &Llama,
+    teacher_dir: &Path,
+    tok: &Tokenizer,
+    examples: &[Example],
+    cfg: &Config,
+    seed: u64,
+    progress: &dyn Progress,
+    comm: &dyn Collective,
+) -> Result<(
+    Vec<crate::teacher::traces::TraceRecord>,
+    crate::teacher::traces::Acceptance,
+)> {
+    let tc = &cfg.traces;
+    let prompts: Vec<crate::teacher::traces::Prompt> = examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| crate::teacher::traces::Prompt {
+            id: i as u64,
+            prompt: e.prompt.clone(),
+            answer: e.answer,
+        })
+        .collect();
+    if prompts.iter().all(|p| p.answer.is_none()) {
+        return Err(Error::Invalid(
+            "traces.enabled needs prompts with verifiable answers (`#### N` at the end of each completion); \
+             the student examples have none"
+                .into(),
+        ));
+    }
+    let settings = crate::teacher::traces::TraceSettings {
+        samples: tc.samples,
+        sampling: generate::Sampling {
+            max_new_tokens: tc.max_new_tokens,
+            temperature: tc.temperature,
+            top_p: tc.top_p,
+            seed: sub_seed(seed, "traces"),
+        },
+        keep: tc.keep,
+        max_completion_tokens: tc.max_completion_tokens,
+        batch_rows: tc.batch_size,
+    };
+    let id = checkpoint::content_id(teacher_dir)?;
+    let total = prompts.iter().filter(|p| p.answer.is_some()).count();
+    progress.stage_start("traces", total);
+    let per_batch = (tc.batch_size / tc.samples).max(1);
+    let mut on_batch = |done: usize, _of: usize| progress.advance((done * per_batch).min(total), "prompts sampled");
+    let shard = crate::teacher::traces::Shard {
+        index: comm.rank(),
+        count: comm.world(),
+    };
+    let out = crate::teacher::traces::generate(teacher, tok, &id, &prompts, &settings, shard, &mut on_batch);
+    progress.stage_end();
+    if comm.world() == 1 {
+        return out;
+    }
+    let (mine, acc) = out?;
+    let mut records = Vec::new();
+    for bytes in comm.gather_bytes(crate::teacher::traces::to_jsonl(&mine)?.as_bytes())? {
+        for line in String::from_utf8_lossy(&bytes).lines() {
+            records.push(
+                serde_json::from_str::<crate::teacher::traces::TraceRecord>(line)
+                    .map_err(|e| Error::Distributed(format!("a rank sent a bad trace record: {e}")))?,
+            );
+        }
+    }
+    records.sort_by_key(|r| (r.id, r.sample));
+    let mut flops = [acc.flops];
+    comm.sum_f64(&mut flops)?;
+    let mut acc = crate::teacher::traces::Acceptance::of(&records);
+    acc.flops = flops[0];
+    Ok((records, acc))
+}
