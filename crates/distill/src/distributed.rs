@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
-use crate::config::{Backend, DistributedConfig};
-use crate::error::{Error, Result};
+use crate::config::{Backend, DeviceName, DistributedConfig, RunConfig};
+use crate::error::{Error, IoContext, Result};
 
 /// The operations data parallelism needs. Every method is collective: all ranks
 /// call it, in the same order.
@@ -134,6 +134,38 @@ impl Collective for Single {
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Opens this process's device and joins the job's ranks (`[distributed] backend`,
+/// world size and rank from the launcher). In a multi-rank job each rank takes the GPU
+/// of its index on its host; a single process keeps the GPU it was given.
+pub fn start(run: &RunConfig, dist: &DistributedConfig) -> Result<(candle_core::Device, Box<dyn Collective>)> {
+    let mut name = crate::config::parse_device_name(&run.device)?;
+    if dist.backend != Backend::None && launcher_world_size().is_some_and(|n| n > 1) {
+        if let DeviceName::Cuda(_) = name {
+            name = DeviceName::Cuda(rank_device_ordinal());
+        }
+    }
+    let dev = crate::device::open(name)?;
+    let comm = match dist.backend {
+        Backend::Nccl => {
+            let job = launcher_job_id();
+            let exchange = nccl_id_exchange(&run.out_dir, &run.name, job.as_deref(), cfg!(feature = "mpi"))?;
+            if let NcclIdExchange::File(id_file) = &exchange {
+                if let Some(parent) = id_file.parent() {
+                    std::fs::create_dir_all(parent).at(parent)?;
+                }
+            }
+            let comm = init_nccl(&dev, &exchange)?;
+            comm.barrier()?;
+            if let (NcclIdExchange::File(id_file), true) = (&exchange, comm.is_root()) {
+                let _ = std::fs::remove_file(id_file);
+            }
+            comm
+        }
+        _ => init(dist)?,
+    };
+    Ok((dev, comm))
 }
 
 /// Starts the backend `cfg` names. With "mpi" or "nccl", the world size and the

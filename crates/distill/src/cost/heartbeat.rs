@@ -60,6 +60,33 @@ pub(crate) struct Heartbeat<'a> {
     pub(crate) spent_before: std::cell::Cell<f64>,
 }
 
+impl<'a> Heartbeat<'a> {
+    /// The heartbeat of a run on `world` ranks of `info`'s devices, forwarding to
+    /// `inner`; `write`: this process writes the files (rank 0).
+    pub(crate) fn new(
+        run_dir: &Path,
+        write: bool,
+        inner: &'a dyn Progress,
+        cfg: &crate::config::CostConfig,
+        info: &DeviceInfo,
+        world: usize,
+        ledger: &Ledger,
+    ) -> Self {
+        let price_per_device_hour = crate::cost::ledger::price_per_hour(cfg, info);
+        Heartbeat {
+            run_dir: run_dir.to_path_buf(),
+            write,
+            inner,
+            stage: Default::default(),
+            dollars_per_second: price_per_device_hour * (info.count * world) as f64 / 3600.0,
+            spent_before: std::cell::Cell::new(ledger.summary().total_dollars),
+            world,
+            device: info.clone(),
+            price_per_device_hour,
+        }
+    }
+}
+
 impl Heartbeat<'_> {
     fn beat(&self) {
         if !self.write {

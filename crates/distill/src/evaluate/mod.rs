@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::Serialize;
 
+use std::time::Instant;
+
 use crate::config::Config;
+use crate::cost::ledger::{Ledger, StageCost};
+use crate::device::DeviceInfo;
 use crate::distributed;
 use crate::distributed::Collective;
 use crate::error::{Error, Result};
@@ -17,6 +21,7 @@ use crate::model::generate::{self, Accuracy};
 use crate::model::Llama;
 use crate::prepare::data::{self, batch, Example};
 use crate::prepare::tokenizer::Tokenizer;
+use crate::progress::Progress;
 use crate::train::{self, checkpoint};
 
 /// Held-out figures of one model.
@@ -30,6 +35,46 @@ pub struct ModelReport {
     pub correct: usize,
     pub evaluated: usize,
     pub samples: Vec<generate::Sample>,
+}
+
+/// The held-out set: its examples (for the verifier) and their encodings (for the loss).
+pub struct HeldOut<'a> {
+    pub tok: &'a Tokenizer,
+    pub enc: &'a [batch::Encoded],
+    pub examples: &'a [Example],
+}
+
+/// The `eval` stage: every model's held-out figures. A resumed run that had finished is
+/// evaluated again (the figures are deterministic) but billed once.
+pub fn stage<'a>(
+    models: impl Iterator<Item = (&'a str, &'a Llama, PathBuf)>,
+    held_out: &HeldOut,
+    (cfg, info): (&Config, &DeviceInfo),
+    comm: &dyn Collective,
+    ledger: &mut Ledger,
+    progress: &dyn Progress,
+) -> Result<Vec<ModelReport>> {
+    let HeldOut {
+        tok,
+        enc: eval_enc,
+        examples: eval_examples,
+    } = *held_out;
+    let t0 = Instant::now();
+    progress.stage_start("eval", 0);
+    progress.message("evaluating on the held-out set");
+    let mut reports = Vec::new();
+    let (mut tokens, mut flops) = (0u64, 0.0);
+    for (name, model, dir) in models {
+        let (report, t, f) = evaluate(name, model, tok, &dir, eval_enc, eval_examples, cfg, comm)?;
+        tokens += t;
+        flops += f;
+        reports.push(report);
+    }
+    if !ledger.completed("eval") {
+        let secs = t0.elapsed().as_secs_f64();
+        ledger.record(StageCost::new("eval", info, &cfg.cost, secs, tokens, flops, 0.0))?;
+    }
+    Ok(reports)
 }
 
 /// Held-out loss and (for tasks with answers) greedy-decoding accuracy, the work split

@@ -7,15 +7,19 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use crate::config::Config;
+use super::prepare::Prepared;
+use super::sub_seed;
+use crate::config::{Config, StudentInit};
 use crate::cost::heartbeat::Heartbeat;
 use crate::cost::ledger::{Ledger, StageCost};
 use crate::device::DeviceInfo;
 use crate::distributed::Collective;
 use crate::error::{Error, IoContext, Result};
 use crate::model::Llama;
+use crate::model::ModelConfig;
 use crate::prepare::data::batch;
 use crate::progress::Progress;
+use crate::teacher::prune::{prune_plan, pruned_student};
 use crate::train::checkpoint;
 use crate::train::{self, LossImpl, StageInput, Teacher};
 
@@ -204,4 +208,86 @@ pub(crate) fn same_on_every_rank(comm: &dyn Collective, what: &str, id: &str) ->
         )));
     }
     Ok(())
+}
+
+/// A pruned student's targets are checked against the teacher's architecture before
+/// the teacher is trained, not after.
+pub(crate) fn check_prune_plan(env: &StageEnv, prep: &Prepared, loaded: Option<&Llama>) -> Result<()> {
+    let cfg = env.cfg;
+    if cfg.student.init == StudentInit::Random {
+        return Ok(());
+    }
+    let teacher_cfg = match loaded {
+        Some(m) => m.cfg.clone(),
+        None => ModelConfig::from_spec(&cfg.teacher.model, prep.vocab, prep.tok.bos, prep.tok.eos, prep.tok.pad),
+    };
+    prune_plan(&teacher_cfg, cfg).map(|_| ())
+}
+
+/// The `teacher` stage: the loaded teacher, or one trained on the teacher's examples.
+pub(crate) fn teacher(
+    env: &StageEnv,
+    prep: &Prepared,
+    loaded: Option<(Llama, PathBuf)>,
+    ledger: &mut Ledger,
+    heartbeat: &Heartbeat,
+) -> Result<(Llama, PathBuf)> {
+    if let Some((m, dir)) = loaded {
+        heartbeat.message(&format!("teacher: loaded from {}", dir.display()));
+        return Ok((m, dir));
+    }
+    let (cfg, tok, seed) = (env.cfg, &prep.tok, env.cfg.run.seed);
+    let mcfg = ModelConfig::from_spec(&cfg.teacher.model, prep.vocab, tok.bos, tok.eos, tok.pad);
+    let init = || {
+        Llama::init(
+            mcfg,
+            cfg.teacher.model.init_std,
+            sub_seed(seed, "teacher-init"),
+            env.dev,
+        )
+    };
+    let data = StageData {
+        name: "teacher",
+        train: prep.train_slices(cfg).0,
+        seed: sub_seed(seed, "teacher-data"),
+        teacher: None,
+        spec: &cfg.teacher.train,
+    };
+    train_stage(env, &data, init, ledger, heartbeat)
+}
+
+/// The `prune` stage: a student cut from the teacher (Minitron), before the teacher is
+/// stored in the compute dtype; None when every student starts from random weights.
+pub(crate) fn prune(
+    env: &StageEnv,
+    prep: &Prepared,
+    teacher: &Llama,
+    ledger: &mut Ledger,
+    heartbeat: &Heartbeat,
+) -> Result<Option<Llama>> {
+    let cfg = env.cfg;
+    if cfg.student.init == StudentInit::Random {
+        return Ok(None);
+    }
+    let t0 = Instant::now();
+    let (model, flops, calib_tokens) = pruned_student(teacher, cfg, prep.train_slices(cfg).1, env.dev, heartbeat)?;
+    // Every rank prunes the same way on the same calibration data (so that each holds
+    // the student with no broadcast): the devices billed did world x one rank's work
+    // (tokens and FLOPs, as the training stages sum theirs over the ranks), and the
+    // peak the MFU divides by is the world's.
+    let flops = flops * env.comm.world() as f64;
+    let calib_tokens = calib_tokens * env.comm.world() as u64;
+    if !ledger.completed("prune") {
+        let secs = t0.elapsed().as_secs_f64();
+        ledger.record(StageCost::new(
+            "prune",
+            env.info,
+            &cfg.cost,
+            secs,
+            calib_tokens,
+            flops,
+            0.0,
+        ))?;
+    }
+    Ok(Some(model))
 }

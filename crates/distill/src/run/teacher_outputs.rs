@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use super::prepare::Prepared;
 use super::stage::StageEnv;
 use super::sub_seed;
 use crate::config::Config;
@@ -12,22 +13,21 @@ use crate::cost::ledger::{Ledger, StageCost};
 use crate::distributed;
 use crate::distributed::Collective;
 use crate::error::{Error, Result};
+use crate::evaluate::report::TracesReport;
 use crate::model::generate;
 use crate::model::Llama;
 use crate::prepare::data::{batch, Example};
 use crate::prepare::tokenizer::Tokenizer;
 use crate::progress::Progress;
 use crate::teacher::logit_cache::{self, LogitCache};
+use crate::teacher::traces;
 use crate::train::checkpoint;
 
-/// Samples `[traces]` solutions from the teacher for every student prompt and
-/// verifies them.
 /// The `teacher-logits` stage: the teacher's top-k log-probabilities over `data`, written
 /// to `<run>/logit-cache` once; a resumed run whose ledger has the stage reuses it.
 pub(crate) fn teacher_logit_cache(
     env: &StageEnv,
-    teacher: &Llama,
-    teacher_dir: &Path,
+    (teacher, teacher_dir): (&Llama, &Path),
     data: &[batch::Encoded],
     vocab: usize,
     ledger: &mut Ledger,
@@ -123,27 +123,87 @@ pub(crate) fn teacher_logit_cache(
     LogitCache::open(&dir, data, &expect)
 }
 
-/// With several ranks, each samples its shard of the prompts (`--shard rank/world`) and
-/// every rank gets all the records, merged in (prompt, sample) order.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_traces(
-    teacher: &Llama,
-    teacher_dir: &Path,
+/// The `traces` stage of the R1 recipe: the teacher's verified solutions of the
+/// students' prompts (`traces.jsonl`), read back when a resumed run has them. Returns
+/// the kept traces as training examples.
+pub(crate) fn traces_stage(
+    env: &StageEnv,
+    prep: &Prepared,
+    teacher: (&Llama, &Path),
+    examples: &[Example],
+    ledger: &mut Ledger,
+    heartbeat: &Heartbeat,
+) -> Result<(Vec<Example>, TracesReport)> {
+    let path = env.run_dir.join("traces.jsonl");
+    let (records, acc) = if ledger.completed("traces") && path.is_file() {
+        let records = traces::read(&path)?;
+        let acc = traces::Acceptance::of(&records);
+        heartbeat.message(&format!("traces: complete, read from {}", path.display()));
+        (records, acc)
+    } else {
+        let t0 = Instant::now();
+        let (records, acc) = write_traces(env.cfg, teacher, &prep.tok, examples, heartbeat, env.comm)?;
+        if env.comm.is_root() {
+            traces::write(&path, &records)?;
+        }
+        ledger.record(StageCost::new(
+            "traces",
+            env.info,
+            &env.cfg.cost,
+            t0.elapsed().as_secs_f64(),
+            acc.tokens,
+            acc.flops,
+            0.0,
+        ))?;
+        heartbeat.clear_after(ledger);
+        (records, acc)
+    };
+    heartbeat.message(&format!(
+        "traces: kept {} of {} samples ({:.1}%), {} of {} prompts solved -> {}",
+        acc.kept,
+        acc.samples,
+        100.0 * acc.acceptance_rate,
+        acc.prompts_solved,
+        acc.prompts,
+        path.display()
+    ));
+    let kept: Vec<Example> = records
+        .iter()
+        .filter(|r| r.kept)
+        .map(|r| Example {
+            prompt: r.prompt.clone(),
+            completion: r.completion.clone(),
+            answer: r.answer,
+        })
+        .collect();
+    if kept.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the teacher solved none of {} prompts, so there are no traces to learn from ({}); \
+             train the teacher longer, or raise traces.samples or traces.max_new_tokens",
+            acc.prompts,
+            path.display()
+        )));
+    }
+    Ok((kept, TracesReport { path, acceptance: acc }))
+}
+
+/// Samples `[traces]` solutions from the teacher for every student prompt and
+/// verifies them. With several ranks, each samples its shard of the prompts
+/// (`--shard rank/world`) and every rank gets all the records, merged in (prompt,
+/// sample) order.
+fn write_traces(
+    cfg: &Config,
+    (teacher, teacher_dir): (&Llama, &Path),
     tok: &Tokenizer,
     examples: &[Example],
-    cfg: &Config,
-    seed: u64,
     progress: &dyn Progress,
     comm: &dyn Collective,
-) -> Result<(
-    Vec<crate::teacher::traces::TraceRecord>,
-    crate::teacher::traces::Acceptance,
-)> {
+) -> Result<(Vec<traces::TraceRecord>, traces::Acceptance)> {
     let tc = &cfg.traces;
-    let prompts: Vec<crate::teacher::traces::Prompt> = examples
+    let prompts: Vec<traces::Prompt> = examples
         .iter()
         .enumerate()
-        .map(|(i, e)| crate::teacher::traces::Prompt {
+        .map(|(i, e)| traces::Prompt {
             id: i as u64,
             prompt: e.prompt.clone(),
             answer: e.answer,
@@ -156,13 +216,13 @@ pub(crate) fn write_traces(
                 .into(),
         ));
     }
-    let settings = crate::teacher::traces::TraceSettings {
+    let settings = traces::TraceSettings {
         samples: tc.samples,
         sampling: generate::Sampling {
             max_new_tokens: tc.max_new_tokens,
             temperature: tc.temperature,
             top_p: tc.top_p,
-            seed: sub_seed(seed, "traces"),
+            seed: sub_seed(cfg.run.seed, "traces"),
         },
         keep: tc.keep,
         max_completion_tokens: tc.max_completion_tokens,
@@ -173,21 +233,21 @@ pub(crate) fn write_traces(
     progress.stage_start("traces", total);
     let per_batch = (tc.batch_size / tc.samples).max(1);
     let mut on_batch = |done: usize, _of: usize| progress.advance((done * per_batch).min(total), "prompts sampled");
-    let shard = crate::teacher::traces::Shard {
+    let shard = traces::Shard {
         index: comm.rank(),
         count: comm.world(),
     };
-    let out = crate::teacher::traces::generate(teacher, tok, &id, &prompts, &settings, shard, &mut on_batch);
+    let out = traces::generate(teacher, tok, &id, &prompts, &settings, shard, &mut on_batch);
     progress.stage_end();
     if comm.world() == 1 {
         return out;
     }
     let (mine, acc) = out?;
     let mut records = Vec::new();
-    for bytes in comm.gather_bytes(crate::teacher::traces::to_jsonl(&mine)?.as_bytes())? {
+    for bytes in comm.gather_bytes(traces::to_jsonl(&mine)?.as_bytes())? {
         for line in String::from_utf8_lossy(&bytes).lines() {
             records.push(
-                serde_json::from_str::<crate::teacher::traces::TraceRecord>(line)
+                serde_json::from_str::<traces::TraceRecord>(line)
                     .map_err(|e| Error::Distributed(format!("a rank sent a bad trace record: {e}")))?,
             );
         }
@@ -195,7 +255,7 @@ pub(crate) fn write_traces(
     records.sort_by_key(|r| (r.id, r.sample));
     let mut flops = [acc.flops];
     comm.sum_f64(&mut flops)?;
-    let mut acc = crate::teacher::traces::Acceptance::of(&records);
+    let mut acc = traces::Acceptance::of(&records);
     acc.flops = flops[0];
     Ok((records, acc))
 }

@@ -239,6 +239,17 @@ pub enum LossImpl {
     Reference,
 }
 
+impl LossImpl {
+    /// The implementation `[distill] fused` and `fused_head` choose.
+    pub fn of(d: &crate::config::DistillConfig) -> Self {
+        match (d.fused, d.fused_head) {
+            (true, true) => LossImpl::FusedHead,
+            (true, false) => LossImpl::Fused,
+            (false, _) => LossImpl::Reference,
+        }
+    }
+}
+
 /// Called with the model, optimiser and state whenever a checkpoint is due.
 pub type SaveFn<'a> = dyn FnMut(&Llama, &AdamW, &TrainerState) -> Result<()> + 'a;
 

@@ -1,0 +1,182 @@
+//! The prepare stage: the data, the teacher to load (a folder, a GGUF file or a Hub
+//! model), the tokenizer, the students' vocabulary and the tokenised splits. Everything
+//! is read and checked here, before the run directory is made.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use super::stage::same_on_every_rank;
+use crate::config::Config;
+use crate::distributed::Collective;
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::prepare::data::{self, batch::Encoded, Splits};
+use crate::prepare::tokenizer::Tokenizer;
+use crate::progress::Progress;
+use crate::teacher::logit_cache;
+use crate::train::checkpoint;
+
+/// What the stages after `prepare` start from.
+pub(crate) struct Prepared {
+    pub(crate) splits: Splits,
+    pub(crate) tok: Tokenizer,
+    /// The students' vocabulary: the teacher's when it is loaded (it may pad its
+    /// vocabulary beyond the tokenizer, as many Hugging Face models do).
+    pub(crate) vocab: usize,
+    pub(crate) train_enc: Vec<Encoded>,
+    pub(crate) eval_enc: Vec<Encoded>,
+    /// A teacher loaded from a checkpoint, and where it came from.
+    pub(crate) teacher: Option<(Llama, PathBuf)>,
+}
+
+impl Prepared {
+    /// The encoded training examples of the teacher (the first `teacher.train_examples`)
+    /// and of the students (the last `student.train_examples`).
+    pub(crate) fn train_slices(&self, cfg: &Config) -> (&[Encoded], &[Encoded]) {
+        let n = self.train_enc.len();
+        let teacher = &self.train_enc[..cfg.teacher.train_examples.unwrap_or(n).min(n)];
+        let students = &self.train_enc[n - cfg.student.train_examples.unwrap_or(n).min(n)..];
+        (teacher, students)
+    }
+}
+
+/// Reads and checks every input of the run.
+pub(crate) fn prepare(
+    cfg: &Config,
+    resume: bool,
+    dev: &Device,
+    comm: &dyn Collective,
+    progress: &dyn Progress,
+) -> Result<Prepared> {
+    let splits = data::load(&cfg.data, cfg.run.seed)?;
+    let teacher_src = teacher_source(cfg, comm, progress)?;
+    let loaded = match &teacher_src {
+        Some(dir) => Some(checkpoint::load(dir, dev)?),
+        None => None,
+    };
+    let tok = match (&cfg.tokenizer.path, &loaded) {
+        (Some(p), _) => Tokenizer::load(p)?,
+        (None, Some((_, t))) => t.clone(),
+        (None, None) => run_tokenizer(cfg, resume, &splits)?,
+    };
+    let (vocab, teacher) = match (loaded, teacher_src) {
+        (Some((teacher, teacher_tok)), Some(dir)) => {
+            let vocab = checked_teacher_vocab(cfg, &tok, &teacher, &teacher_tok, &dir)?;
+            (vocab, Some((teacher, dir)))
+        }
+        _ => (tok.vocab_size(), None),
+    };
+    let (train_enc, dropped) = batch_encode(&tok, &splits.train, cfg)?;
+    let (eval_enc, _) = batch_encode(&tok, &splits.eval, cfg)?;
+    if comm.world() > 1 {
+        // The gradient sums assume every rank holds the same data and vocabulary.
+        let id = format!(
+            "{} {} {} {} {} {}",
+            logit_cache::fingerprint(&train_enc),
+            logit_cache::fingerprint(&eval_enc),
+            vocab,
+            tok.bos,
+            tok.eos,
+            tok.pad
+        );
+        same_on_every_rank(comm, "tokenised data and vocabulary", &id)?;
+    }
+    if dropped > 0 {
+        progress.message(&format!(
+            "{dropped} training examples had no completion left after truncation to seq_len and were skipped"
+        ));
+    }
+    if train_enc.is_empty() || eval_enc.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no usable {} examples: every one is empty or its completion falls past data.seq_len = {}",
+            if train_enc.is_empty() { "training" } else { "held-out" },
+            cfg.data.seq_len
+        )));
+    }
+    Ok(Prepared {
+        splits,
+        tok,
+        vocab,
+        train_enc,
+        eval_enc,
+        teacher,
+    })
+}
+
+fn batch_encode(tok: &Tokenizer, examples: &[data::Example], cfg: &Config) -> Result<(Vec<Encoded>, usize)> {
+    data::batch::encode(tok, examples, cfg.data.seq_len)
+}
+
+/// A teacher to load: a folder or file, or a Hub model resolved to its folder in the
+/// Hub cache (rank 0 fills the cache; the others then find the files there).
+fn teacher_source(cfg: &Config, comm: &dyn Collective, progress: &dyn Progress) -> Result<Option<PathBuf>> {
+    match (&cfg.teacher.checkpoint, &cfg.teacher.hub) {
+        (Some(dir), _) => Ok(Some(dir.clone())),
+        (None, Some(id)) => {
+            let rev = cfg.teacher.revision.as_deref().unwrap_or("main");
+            if !comm.is_root() {
+                comm.barrier()?;
+            }
+            let dir = crate::prepare::hub::resolve(id, rev)?;
+            if comm.is_root() {
+                comm.barrier()?;
+            }
+            progress.message(&format!("teacher: hub model {id}@{rev} -> {}", dir.display()));
+            Ok(Some(dir))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// The tokenizer of a run without a loaded teacher or `tokenizer.path`: the one a
+/// resumed run saved, else one trained on the training split.
+fn run_tokenizer(cfg: &Config, resume: bool, splits: &Splits) -> Result<Tokenizer> {
+    let saved = cfg.run_dir().join("tokenizer.json");
+    if resume && saved.is_file() {
+        return Tokenizer::load(&saved);
+    }
+    let texts = splits
+        .train
+        .iter()
+        .flat_map(|e| [e.prompt.as_str(), e.completion.as_str()]);
+    Tokenizer::train(texts, cfg.tokenizer.vocab_size)
+}
+
+/// The students' vocabulary is the teacher's: KD compares their logits token by token.
+/// The run's tokenizer must be the teacher's, and the teacher must cover the run's
+/// sequence length.
+fn checked_teacher_vocab(
+    cfg: &Config,
+    tok: &Tokenizer,
+    teacher: &Llama,
+    teacher_tok: &Tokenizer,
+    teacher_dir: &Path,
+) -> Result<usize> {
+    let same = tok.vocab_map() == teacher_tok.vocab_map();
+    if !same || tok.vocab_size() > teacher.cfg.vocab_size {
+        return Err(Error::Config {
+            path: cfg.tokenizer.path.clone().unwrap_or_else(|| teacher_dir.to_path_buf()),
+            msg: format!(
+                "teacher/student vocabulary mismatch: the teacher {} has {} tokens (vocab_size {}), \
+                 tokenizer.path has {} tokens{}; distillation needs one vocabulary \
+                 (drop tokenizer.path to use the teacher's tokenizer)",
+                teacher_dir.display(),
+                teacher_tok.vocab_size(),
+                teacher.cfg.vocab_size,
+                tok.vocab_size(),
+                if same { "" } else { " with different token ids" },
+            ),
+        });
+    }
+    if teacher.cfg.max_position_embeddings < cfg.data.seq_len {
+        return Err(Error::Config {
+            path: teacher_dir.to_path_buf(),
+            msg: format!(
+                "the teacher's max_position_embeddings {} is shorter than data.seq_len {}; lower data.seq_len",
+                teacher.cfg.max_position_embeddings, cfg.data.seq_len
+            ),
+        });
+    }
+    Ok(teacher.cfg.vocab_size)
+}
