@@ -33,8 +33,9 @@ use std::time::Instant;
 use distill::candle::backprop::GradStore;
 use distill::candle::{Device, Tensor, Var};
 use distill::loss::full::distill_loss_and_grad;
+use distill::loss::LossSpec;
 use distill::loss::{
-    divergence_rows, divergence_rows_reference, top_k_divergence_rows, top_k_of_logits, Divergence, TeacherTargets,
+    divergence_rows, divergence_rows_reference, top_k_divergence_rows, top_k_of_logits, Divergence, Teacher,
 };
 use serde_json::json;
 
@@ -276,8 +277,9 @@ fn main() -> Res<()> {
     for (name, d) in &a.losses {
         let d = *d;
         let step = || -> Res<(f32, Tensor)> {
-            let t = Some(TeacherTargets::Logits(&teacher));
-            let (vals, grad) = distill_loss_and_grad(&plain_student, t, None, &ones, 0.0, temp, n as f64, d)?;
+            let t = Some(Teacher::Logits(&teacher));
+            let (vals, grad) =
+                distill_loss_and_grad(&plain_student, t, None, &ones, &LossSpec::new(0.0, temp, d), n as f64)?;
             Ok((vals.total, grad))
         };
         cases.push(run_case(&a, "distill-onepass", name, step)?);
@@ -299,8 +301,9 @@ fn main() -> Res<()> {
         };
         cases.push(run_case(&a, "distill-fused", &name, op)?);
         let one_pass = || -> Res<(f32, Tensor)> {
-            let t = Some(TeacherTargets::TopK(&top));
-            let (vals, grad) = distill_loss_and_grad(&plain_student, t, None, &ones, 0.0, temp, n as f64, d)?;
+            let t = Some(Teacher::TopK(&top));
+            let (vals, grad) =
+                distill_loss_and_grad(&plain_student, t, None, &ones, &LossSpec::new(0.0, temp, d), n as f64)?;
             Ok((vals.total, grad))
         };
         cases.push(run_case(&a, "distill-onepass", &name, one_pass)?);

@@ -47,12 +47,12 @@ use distill::candle::Device;
 use distill::config::Kernels;
 use distill::config::{ModelSpec, TrainSpec};
 use distill::cost::peak::measure_cpu_peak;
-use distill::loss::head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
-use distill::loss::{distill_loss_with, Divergence};
+use distill::loss::head::{default_chunk_rows, fused_linear_distill_loss};
+use distill::loss::{distill_loss_with, LossSpec};
 use distill::model::{Llama, ModelConfig};
 use distill::prepare::data::batch::{make_batch, Encoded};
 use distill::train::optim::{clip_grad_norm, lr_at, AdamW};
-use distill::train::Forward;
+use distill::train::step::{one_pass, Forward};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -120,19 +120,16 @@ fn train_step(
     let denom: usize = examples.iter().map(|e| e.loss_tokens()).sum();
     let b = make_batch(examples, 0, model.device())?;
     // As `train()` does it: on the fused CPU path the loss runs with no autograd graph
-    // (`Llama::loss_and_grads_one_pass`, in chunks for the fused head); the plain
-    // kernels go through `train::Forward` and candle's backward.
+    // (`train::step::one_pass`, in chunks for the fused head); the plain
+    // kernels go through `train::step::Forward` and candle's backward.
     let (loss, mut grads, t1) = if model.can_tape() {
         let chunk = fused_head.then(|| default_chunk_rows(model.cfg.vocab_size));
-        let (vals, grads) = model.loss_and_grads_one_pass(
-            &b.inputs,
-            &b.targets,
-            &b.mask,
-            HeadTeacher::None,
-            1.0,
-            1.0,
+        let (vals, grads) = one_pass(
+            model,
+            (&b.inputs, &b.targets, &b.mask),
+            None,
+            &LossSpec::CE_ONLY,
             denom as f64,
-            Divergence::ForwardKl,
             chunk,
         )?;
         // Forward, loss and backward are one call here: the whole of it is reported as
@@ -144,13 +141,11 @@ fn train_step(
             fused_linear_distill_loss(
                 &fwd.out, // (B*T, H)
                 &model.lm_head_weight()?,
-                HeadTeacher::None,
+                None,
                 &b.targets,
                 &b.mask,
-                1.0,
-                1.0,
+                &LossSpec::CE_ONLY,
                 denom as f64,
-                Divergence::ForwardKl,
                 None,
             )?
         } else {
@@ -159,10 +154,8 @@ fn train_step(
                 None,
                 &b.targets,
                 &b.mask,
-                1.0,
-                1.0,
+                &LossSpec::CE_ONLY,
                 denom as f64,
-                Divergence::ForwardKl,
             )?
         };
         let loss = parts.total.to_scalar::<f32>()?;

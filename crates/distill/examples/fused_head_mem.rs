@@ -20,8 +20,9 @@ use std::time::Instant;
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 use distill::candle::{DType, Device, Tensor, Var};
-use distill::loss::head::{default_chunk_rows, fused_linear_distill_loss, plain_linear_distill_loss, HeadTeacher};
+use distill::loss::head::{default_chunk_rows, fused_linear_distill_loss, plain_linear_distill_loss};
 use distill::loss::{Divergence, LossParts};
+use distill::loss::{LossSpec, Teacher};
 
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
@@ -128,11 +129,11 @@ fn main() -> Res<()> {
             None
         };
         let teacher = match &t_logits {
-            Some(l) => HeadTeacher::Logits(l),
-            None => HeadTeacher::Hidden {
+            Some(l) => Some(Teacher::Logits(l)),
+            None => Some(Teacher::Hidden {
                 hidden: &t_hidden,
                 weight: &t_weight,
-            },
+            }),
         };
         let run = |fused: bool| -> Res<(f32, Tensor, Tensor)> {
             let l: LossParts = if fused {
@@ -142,10 +143,8 @@ fn main() -> Res<()> {
                     teacher,
                     &targets,
                     &mask,
-                    alpha,
-                    temp,
+                    &LossSpec::new(alpha, temp, d),
                     denom,
-                    d,
                     chunk,
                 )?
             } else {
@@ -155,10 +154,8 @@ fn main() -> Res<()> {
                     teacher,
                     &targets,
                     &mask,
-                    alpha,
-                    temp,
+                    &LossSpec::new(alpha, temp, d),
                     denom,
-                    d,
                 )?
             };
             let grads = l.total.backward()?;

@@ -47,7 +47,8 @@ fn every_parameter_gets_a_nonzero_gradient() -> R {
         let targets = ids(2, 12, 4).flatten_all()?;
         let logits = m.forward(&x)?.flatten_to(1)?; // (B*T, V)
         let mask = Tensor::ones(24, DType::F32, &Device::Cpu)?;
-        let loss = distill::loss::distill_loss(&logits, None, &targets, &mask, 1.0, 1.0, 24.0)?;
+        let loss =
+            distill::loss::distill_loss(&logits, None, &targets, &mask, &distill::loss::LossSpec::CE_ONLY, 24.0)?;
         let grads = loss.total.backward()?;
         let mut missing = vec![];
         for (name, var) in m.params() {
@@ -78,7 +79,7 @@ fn one_training_step_lowers_the_loss() -> R {
     let mut opt = AdamW::new(&spec, m.params())?;
     let loss_of = |m: &Llama| -> distill::Result<(Tensor, f32)> {
         let logits = m.forward(&x)?.flatten_to(1)?;
-        let l = distill::loss::distill_loss(&logits, None, &targets, &mask, 1.0, 1.0, 64.0)?;
+        let l = distill::loss::distill_loss(&logits, None, &targets, &mask, &distill::loss::LossSpec::CE_ONLY, 64.0)?;
         let v = l.total.to_scalar::<f32>()?;
         Ok((l.total, v))
     };

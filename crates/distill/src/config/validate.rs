@@ -8,62 +8,79 @@ use super::*;
 impl Config {
     pub(super) fn validate(&self, path: &Path) -> Result<()> {
         let mut v = Validator { path, errors: vec![] };
-        let r = &self.run;
-        v.check(
+        v.run(&self.run);
+        v.data(&self.data);
+        v.tokenizer(self);
+        v.teacher(self);
+        v.student(self);
+        v.distill(self);
+        v.traces(self);
+        v.eval(&self.eval);
+        v.cost(&self.cost);
+        v.finish()
+    }
+}
+
+/// The checks of each section. A section whose rules depend on another takes the whole
+/// config.
+impl Validator<'_> {
+    fn run(&mut self, r: &RunConfig) {
+        self.check(
             is_plain_name(&r.name),
             "run.name",
             "must be a plain folder name (no slashes, not . or ..)",
             &r.name,
         );
-        v.check(
+        self.check(
             r.keep_checkpoints >= 1,
             "run.keep_checkpoints",
             "must be >= 1",
             r.keep_checkpoints,
         );
-        v.check(
+        self.check(
             parse_dtype(&r.dtype).is_ok(),
             "run.dtype",
             "must be \"auto\", \"f32\", \"bf16\" or \"f16\"",
             &r.dtype,
         );
-        v.check(
+        self.check(
             Kernels::parse(&r.kernels).is_some(),
             "run.kernels",
             &format!("must be {}", Kernels::NAMES),
             &r.kernels,
         );
-        v.check(
+        self.check(
             parse_device_name(&r.device).is_ok(),
             "run.device",
             "must be \"cpu\", \"cuda\" or \"cuda:N\"",
             &r.device,
         );
+    }
 
-        let d = &self.data;
+    fn data(&mut self, d: &DataConfig) {
         match d.source {
             DataSource::Arithmetic => {
-                v.check(
+                self.check(
                     d.train_examples > 0,
                     "data.train_examples",
                     "must be > 0",
                     d.train_examples,
                 );
-                v.check(
+                self.check(
                     d.eval_examples > 0,
                     "data.eval_examples",
                     "must be > 0",
                     d.eval_examples,
                 );
-                v.check(d.min_steps >= 1, "data.min_steps", "must be >= 1", d.min_steps);
-                v.check(
+                self.check(d.min_steps >= 1, "data.min_steps", "must be >= 1", d.min_steps);
+                self.check(
                     d.max_steps >= d.min_steps,
                     "data.max_steps",
                     "must be >= data.min_steps",
                     d.max_steps,
                 );
-                v.check(d.max_steps <= 12, "data.max_steps", "must be <= 12", d.max_steps);
-                v.check(
+                self.check(d.max_steps <= 12, "data.max_steps", "must be <= 12", d.max_steps);
+                self.check(
                     (2..=100_000).contains(&d.max_operand),
                     "data.max_operand",
                     "must be in 2..=100000",
@@ -71,7 +88,7 @@ impl Config {
                 );
             }
             DataSource::Jsonl | DataSource::Text => {
-                v.check(
+                self.check(
                     d.path.is_some(),
                     "data.path",
                     "is required when data.source is \"jsonl\" or \"text\"",
@@ -79,27 +96,34 @@ impl Config {
                 );
             }
         }
-        v.check(
+        self.check(
             d.eval_fraction > 0.0 && d.eval_fraction < 1.0,
             "data.eval_fraction",
             "must be in (0, 1)",
             d.eval_fraction,
         );
-        v.check(d.seq_len >= 8, "data.seq_len", "must be >= 8", d.seq_len);
-        if self.tokenizer.path.is_none() {
-            v.check(
-                (300..=65_536).contains(&self.tokenizer.vocab_size),
+        self.check(d.seq_len >= 8, "data.seq_len", "must be >= 8", d.seq_len);
+    }
+
+    fn tokenizer(&mut self, cfg: &Config) {
+        if cfg.tokenizer.path.is_none() {
+            self.check(
+                (300..=65_536).contains(&cfg.tokenizer.vocab_size),
                 "tokenizer.vocab_size",
                 "must be in 300..=65536 (byte-level BPE needs 256 bytes plus merges)",
-                self.tokenizer.vocab_size,
+                cfg.tokenizer.vocab_size,
             );
         }
-        let tc = &self.teacher;
+    }
+
+    fn teacher(&mut self, cfg: &Config) {
+        let d = &cfg.data;
+        let tc = &cfg.teacher;
         if let Some(id) = &tc.hub {
             if let Err(e) = check_repo_id(id) {
-                v.check(false, "teacher.hub", &e.to_string(), id);
+                self.check(false, "teacher.hub", &e.to_string(), id);
             }
-            v.check(
+            self.check(
                 tc.checkpoint.is_none(),
                 "teacher.hub",
                 "and teacher.checkpoint both name a teacher; keep one",
@@ -108,23 +132,27 @@ impl Config {
         }
         if let Some(rev) = &tc.revision {
             if let Err(e) = check_revision(rev) {
-                v.check(false, "teacher.revision", &e.to_string(), rev);
+                self.check(false, "teacher.revision", &e.to_string(), rev);
             }
-            v.check(tc.hub.is_some(), "teacher.revision", "needs teacher.hub", rev);
+            self.check(tc.hub.is_some(), "teacher.revision", "needs teacher.hub", rev);
         }
-        if self.teacher.checkpoint.is_none() && self.teacher.hub.is_none() {
-            v.model(&self.teacher.model, "teacher.model", d.seq_len);
-            v.train(&self.teacher.train, "teacher.train");
+        if cfg.teacher.checkpoint.is_none() && cfg.teacher.hub.is_none() {
+            self.model(&cfg.teacher.model, "teacher.model", d.seq_len);
+            self.train(&cfg.teacher.train, "teacher.train");
         }
-        if let Some(n) = self.teacher.train_examples {
-            v.check(n > 0, "teacher.train_examples", "must be > 0", n);
+        if let Some(n) = cfg.teacher.train_examples {
+            self.check(n > 0, "teacher.train_examples", "must be > 0", n);
         }
-        if let Some(n) = self.student.train_examples {
-            v.check(n > 0, "student.train_examples", "must be > 0", n);
+    }
+
+    fn student(&mut self, cfg: &Config) {
+        let d = &cfg.data;
+        if let Some(n) = cfg.student.train_examples {
+            self.check(n > 0, "student.train_examples", "must be > 0", n);
         }
-        let st = &self.student;
+        let st = &cfg.student;
         if st.init != StudentInit::Random {
-            v.check(
+            self.check(
                 st.calibration_examples > 0,
                 "student.calibration_examples",
                 "must be > 0",
@@ -132,7 +160,7 @@ impl Config {
             );
         }
         if let Some(layers) = &st.prune_layers {
-            v.check(
+            self.check(
                 layers.len() == st.model.num_layers,
                 "student.prune_layers",
                 &format!(
@@ -142,140 +170,147 @@ impl Config {
                 ),
                 format!("{layers:?}"),
             );
-            v.check(
+            self.check(
                 st.init != StudentInit::Random,
                 "student.prune_layers",
                 "needs student.init = \"pruned\" or \"both\"",
                 format!("{layers:?}"),
             );
         }
-        v.model(&self.student.model, "student.model", d.seq_len);
-        v.train(&self.student.train, "student.train");
-        v.check(
-            (0.0..=1.0).contains(&self.distill.ce_weight),
+        self.model(&cfg.student.model, "student.model", d.seq_len);
+        self.train(&cfg.student.train, "student.train");
+    }
+
+    fn distill(&mut self, cfg: &Config) {
+        self.check(
+            (0.0..=1.0).contains(&cfg.distill.ce_weight),
             "distill.ce_weight",
             "must be in [0, 1]",
-            self.distill.ce_weight,
+            cfg.distill.ce_weight,
         );
-        v.check(
-            self.distill.temperature > 0.0 && self.distill.temperature.is_finite(),
+        self.check(
+            cfg.distill.temperature > 0.0 && cfg.distill.temperature.is_finite(),
             "distill.temperature",
             "must be > 0",
-            self.distill.temperature,
+            cfg.distill.temperature,
         );
-        let dc = &self.distill;
-        v.check(
+        let dc = &cfg.distill;
+        self.check(
             (0.0..=1.0).contains(&dc.beta),
             "distill.beta",
             "must be in [0, 1]",
             dc.beta,
         );
-        v.check(
+        self.check(
             (0.0..1.0).contains(&dc.skew),
             "distill.skew",
             "must be in [0, 1)",
             dc.skew,
         );
-        v.check(
-            dc.fused || dc.loss == LossKind::ForwardKl,
-            "distill.fused",
-            "can be false only with loss = \"forward_kl\" (the plain reference composition implements no other divergence)",
-            dc.fused,
-        );
-        v.check(
+        self.check(
+        dc.fused || dc.loss == LossKind::ForwardKl,
+        "distill.fused",
+        "can be false only with loss = \"forward_kl\" (the plain reference composition implements no other divergence)",
+        dc.fused,
+    );
+        self.check(
             dc.fused || !dc.fused_head,
             "distill.fused",
             "must be true with fused_head (the fused head runs the fused kernels chunk by chunk)",
             dc.fused,
         );
-        v.check(
+        self.check(
             dc.fused || dc.top_k == 0,
             "distill.fused",
             "must be true with top_k (the plain reference composition takes full teacher logits only)",
             dc.fused,
         );
-        v.check(
+        self.check(
             dc.top_k <= 1 << 20,
             "distill.top_k",
             "must be 0 (the full distribution) or a number of tokens below the vocabulary size",
             dc.top_k,
         );
-        v.check(
+        self.check(
             !dc.logit_cache || dc.top_k >= 1,
             "distill.logit_cache",
             "needs distill.top_k >= 1: the cache stores the teacher's top-k tokens (8 to 64 is usual)",
             dc.logit_cache,
         );
-        v.check(
-            !dc.logit_cache || !self.traces.enabled || self.traces.logit_kd,
+        self.check(
+            !dc.logit_cache || !cfg.traces.enabled || cfg.traces.logit_kd,
             "distill.logit_cache",
             "has no student to serve: with [traces] enabled, only traces.logit_kd = true trains from teacher logits",
             dc.logit_cache,
         );
-        let t = &self.traces;
+    }
+
+    fn traces(&mut self, cfg: &Config) {
+        let d = &cfg.data;
+        let t = &cfg.traces;
         if t.enabled {
-            v.check(
+            self.check(
                 (1..=1024).contains(&t.samples),
                 "traces.samples",
                 "must be in 1..=1024",
                 t.samples,
             );
-            v.check(
+            self.check(
                 t.temperature >= 0.0 && t.temperature.is_finite(),
                 "traces.temperature",
                 "must be >= 0 (0 decodes greedily)",
                 t.temperature,
             );
-            v.check(
+            self.check(
                 t.top_p > 0.0 && t.top_p <= 1.0,
                 "traces.top_p",
                 "must be in (0, 1]",
                 t.top_p,
             );
-            v.check(
+            self.check(
                 t.max_new_tokens > 0,
                 "traces.max_new_tokens",
                 "must be > 0",
                 t.max_new_tokens,
             );
-            v.check(t.batch_size > 0, "traces.batch_size", "must be > 0", t.batch_size);
+            self.check(t.batch_size > 0, "traces.batch_size", "must be > 0", t.batch_size);
             if let Some(m) = t.max_completion_tokens {
-                v.check(m > 0, "traces.max_completion_tokens", "must be > 0", m);
+                self.check(m > 0, "traces.max_completion_tokens", "must be > 0", m);
             }
-            v.check(
-                d.source != DataSource::Text,
-                "traces.enabled",
-                "needs a task with a verifier (data.source = \"arithmetic\", or \"jsonl\" whose completions end in `#### N`); plain text has none",
-                t.enabled,
-            );
+            self.check(
+            d.source != DataSource::Text,
+            "traces.enabled",
+            "needs a task with a verifier (data.source = \"arithmetic\", or \"jsonl\" whose completions end in `#### N`); plain text has none",
+            t.enabled,
+        );
         }
-        v.check(
-            self.eval.max_new_tokens > 0,
+    }
+
+    fn eval(&mut self, e: &EvalConfig) {
+        self.check(
+            e.max_new_tokens > 0,
             "eval.max_new_tokens",
             "must be > 0",
-            self.eval.max_new_tokens,
+            e.max_new_tokens,
         );
-        v.check(
-            self.eval.batch_size > 0,
-            "eval.batch_size",
-            "must be > 0",
-            self.eval.batch_size,
-        );
-        let c = &self.cost;
-        v.check(
+        self.check(e.batch_size > 0, "eval.batch_size", "must be > 0", e.batch_size);
+    }
+
+    fn cost(&mut self, c: &CostConfig) {
+        self.check(
             c.cpu_core_hour >= 0.0 && c.cpu_core_hour.is_finite(),
             "cost.cpu_core_hour",
             "must be >= 0",
             c.cpu_core_hour,
         );
-        v.check(
+        self.check(
             c.default_gpu_hour >= 0.0 && c.default_gpu_hour.is_finite(),
             "cost.default_gpu_hour",
             "must be >= 0",
             c.default_gpu_hour,
         );
         if let Some(p) = c.peak_flops_per_device {
-            v.check(
+            self.check(
                 p > 0.0 && p.is_finite(),
                 "cost.peak_flops_per_device",
                 "must be > 0 (FLOP/s of one GPU or one CPU core)",
@@ -283,14 +318,13 @@ impl Config {
             );
         }
         for (k, p) in &c.gpu_hour {
-            v.check(
+            self.check(
                 *p >= 0.0 && p.is_finite(),
                 &format!("cost.gpu_hour.{k}"),
                 "must be >= 0",
                 p,
             );
         }
-        v.finish()
     }
 }
 /// Collects every range error so that one run of the validator reports them all.

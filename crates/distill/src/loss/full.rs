@@ -77,6 +77,7 @@ use super::family::{check_inputs, Divergence};
 use super::ops::*;
 use super::reference::LossParts;
 use super::rows::*;
+use super::{LossSpec, Teacher};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::*;
 
@@ -121,15 +122,6 @@ pub fn cross_entropy_rows(student: &Tensor, targets: &Tensor) -> Result<Tensor> 
     Ok(student.apply_op2(&targets, CrossEntropyRows)?) // (N,)
 }
 
-/// The teacher side of the distillation loss.
-#[derive(Clone, Copy, Debug)]
-pub enum TeacherTargets<'a> {
-    /// Full logits (N, V), tempered inside the loss.
-    Logits(&'a Tensor),
-    /// The top k tokens per row with their tempered log-probabilities (`loss::topk`).
-    TopK(&'a super::topk::TopK),
-}
-
 /// The distillation loss with fused kernels; same arguments, semantics and result as
 /// `reference::distill_loss` (for `Divergence::ForwardKl` the two agree to f32 rounding,
 /// tested), plus the divergence of the soft term:
@@ -144,13 +136,11 @@ pub fn distill_loss_fused(
     teacher: Option<&Tensor>,
     targets: &Tensor,
     mask: &Tensor,
-    alpha: f64,
-    temperature: f64,
+    spec: &LossSpec,
     denom: f64,
-    divergence: Divergence,
 ) -> Result<LossParts> {
-    let teacher = teacher.map(TeacherTargets::Logits);
-    distill_loss_with(student, teacher, targets, mask, alpha, temperature, denom, divergence)
+    let teacher = teacher.map(Teacher::Logits);
+    distill_loss_with(student, teacher, targets, mask, spec, denom)
 }
 
 /// `distill_loss_fused` for either form of teacher: full logits or top-k
@@ -158,14 +148,17 @@ pub fn distill_loss_fused(
 #[allow(clippy::too_many_arguments)]
 pub fn distill_loss_with(
     student: &Tensor,
-    teacher: Option<TeacherTargets>,
+    teacher: Option<Teacher>,
     targets: &Tensor,
     mask: &Tensor,
-    alpha: f64,
-    temperature: f64,
+    spec: &LossSpec,
     denom: f64,
-    divergence: Divergence,
 ) -> Result<LossParts> {
+    let LossSpec {
+        ce_weight: alpha,
+        temperature,
+        divergence,
+    } = *spec;
     let denom = denom.max(1.0); // an all-masked step gives 0, not NaN
     let mask = mask.to_dtype(DType::F32)?; // (N,)
     let ce_rows = cross_entropy_rows(student, targets)?; // (N,)
@@ -179,8 +172,9 @@ pub fn distill_loss_with(
     };
     let t = temperature;
     let rows = match teacher {
-        TeacherTargets::Logits(logits) => divergence_rows(student, logits, divergence, t)?, // (N,)
-        TeacherTargets::TopK(top) => super::topk::top_k_divergence_rows(student, top, divergence, t)?, // (N,)
+        Teacher::Logits(logits) => divergence_rows(student, logits, divergence, t)?, // (N,)
+        Teacher::TopK(top) => super::topk::top_k_divergence_rows(student, top, divergence, t)?, // (N,)
+        Teacher::Hidden { .. } => return Err(hidden_needs_the_head()),
     };
     let kd = ((rows * &mask)?.sum_all()? * (t * t / denom))?; // scalar
     let total = ((&ce * alpha)? + (&kd * (1.0 - alpha))?)?;
@@ -215,18 +209,21 @@ pub struct LossValues {
 #[allow(clippy::too_many_arguments)]
 pub fn distill_loss_and_grad(
     student: &Tensor,
-    teacher: Option<TeacherTargets<'_>>,
+    teacher: Option<Teacher<'_>>,
     targets: Option<&Tensor>,
     mask: &Tensor,
-    alpha: f64,
-    temperature: f64,
+    spec: &LossSpec,
     denom: f64,
-    divergence: Divergence,
 ) -> Result<(LossValues, Tensor)> {
+    let LossSpec {
+        temperature,
+        divergence,
+        ..
+    } = *spec;
     check_cpu(student, "distill_loss_and_grad")?;
     let (n, v) = student.dims2()?;
     match teacher {
-        Some(TeacherTargets::Logits(t)) => {
+        Some(Teacher::Logits(t)) => {
             check_inputs(student, t, divergence, temperature)?;
             if t.dtype() != DType::F32 {
                 return Err(Error::Invalid(
@@ -234,11 +231,12 @@ pub fn distill_loss_and_grad(
                 ));
             }
         }
-        Some(TeacherTargets::TopK(top)) => {
+        Some(Teacher::TopK(top)) => {
             divergence.validate()?;
             super::family::check_temperature(temperature)?;
             super::topk::check_top_k_shapes(student, top)?;
         }
+        Some(Teacher::Hidden { .. }) => return Err(hidden_needs_the_head()),
         None => {}
     }
     if student.dtype() != DType::F32 {
@@ -263,15 +261,13 @@ pub fn distill_loss_and_grad(
     let mask: Vec<f32> = mask.to_dtype(DType::F32)?.to_vec1()?;
     let student = student.contiguous()?;
     let op = "distill_loss_and_grad";
-    let run = |s: &[f32], t: Option<SliceTeacher<'_>>| {
-        loss_and_grad_slices(0, s, t, targets, &mask, v, alpha, temperature, denom, divergence)
-    };
+    let run = |s: &[f32], t: Option<SliceTeacher<'_>>| loss_and_grad_slices(0, s, t, targets, &mask, v, spec, denom);
     let (values, grad) = crate::kernels::cpu::with_cpu_f32(&student, op, |s| match teacher {
         None => run(s, None),
-        Some(TeacherTargets::Logits(t)) => {
+        Some(Teacher::Logits(t)) => {
             crate::kernels::cpu::with_cpu_f32(&t.contiguous()?, op, |t| run(s, Some(SliceTeacher::Logits(t))))?
         }
-        Some(TeacherTargets::TopK(top)) => {
+        Some(Teacher::TopK(top)) => {
             let (indices, log_probs) = top.to_host()?;
             let k = top.k();
             run(
@@ -283,8 +279,15 @@ pub fn distill_loss_and_grad(
                 }),
             )
         }
+        Some(Teacher::Hidden { .. }) => Err(candle_core::Error::Msg(hidden_needs_the_head().to_string())),
     })??;
     Ok((values, Tensor::from_vec(grad, (n, v), student.device())?))
+}
+
+/// A teacher given as hidden states and a head needs a loss that computes its logits:
+/// the fused head (`loss::head`) or the one-pass step.
+fn hidden_needs_the_head() -> Error {
+    Error::Invalid("teacher hidden states need the fused head (distill.fused_head = true)".into())
 }
 
 /// The teacher of `loss_and_grad_slices`, as row-major slices.
@@ -325,11 +328,14 @@ pub(crate) fn loss_and_grad_slices(
     targets: Option<&[u32]>,
     mask: &[f32],
     v: usize,
-    alpha: f64,
-    temperature: f64,
+    spec: &LossSpec,
     denom: f64,
-    divergence: Divergence,
 ) -> candle_core::Result<(LossValues, Vec<f32>)> {
+    let LossSpec {
+        ce_weight: alpha,
+        temperature,
+        divergence,
+    } = *spec;
     let n = mask.len();
     let denom = denom.max(1.0); // an all-masked step gives 0, not NaN
     check_rows("distill_loss_and_grad", "the logits", s.len(), n * v)?;
@@ -736,7 +742,14 @@ mod tests {
                 .backward()?;
             assert!(grads.get(t.as_tensor()).is_none(), "{d}: the teacher got a gradient");
             assert!(grads.get(s.as_tensor()).is_some(), "{d}: the student got no gradient");
-            let l = distill_loss_fused(s.as_tensor(), Some(t.as_tensor()), &targets, &mask, 0.3, 2.0, 3.0, d)?;
+            let l = distill_loss_fused(
+                s.as_tensor(),
+                Some(t.as_tensor()),
+                &targets,
+                &mask,
+                &LossSpec::new(0.3, 2.0, d),
+                3.0,
+            )?;
             let grads = l.total.backward()?;
             assert!(grads.get(t.as_tensor()).is_none(), "{d}: the teacher got a gradient");
         }
@@ -815,10 +828,8 @@ mod tests {
                 teacher,
                 &targets,
                 &mask,
-                0.4,
-                2.0,
+                &LossSpec::new(0.4, 2.0, Divergence::ForwardKl),
                 denom,
-                Divergence::ForwardKl,
             )?;
             let gf = f
                 .total
@@ -828,7 +839,14 @@ mod tests {
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             let s = Var::from_slice(&s0, (n, v), &dev)?;
-            let r = distill_loss(s.as_tensor(), teacher, &targets, &mask, 0.4, 2.0, denom)?;
+            let r = distill_loss(
+                s.as_tensor(),
+                teacher,
+                &targets,
+                &mask,
+                &LossSpec::forward_kl(0.4, 2.0),
+                denom,
+            )?;
             let gr = r
                 .total
                 .backward()?
@@ -879,8 +897,15 @@ mod tests {
                 {
                     let what = format!("{d} T={temp} teacher={} all_masked={all_masked}", teacher.is_some());
                     let sv = Var::from_slice(&s0, (n, v), &dev)?;
-                    let teacher_t = teacher.map(TeacherTargets::Logits);
-                    let f = distill_loss_with(sv.as_tensor(), teacher_t, &targets, &mask, 0.3, temp, denom, d)?;
+                    let teacher_t = teacher.map(Teacher::Logits);
+                    let f = distill_loss_with(
+                        sv.as_tensor(),
+                        teacher_t,
+                        &targets,
+                        &mask,
+                        &LossSpec::new(0.3, temp, d),
+                        denom,
+                    )?;
                     let want = f
                         .total
                         .backward()?
@@ -889,8 +914,14 @@ mod tests {
                         .flatten_all()?
                         .to_vec1::<f32>()?;
                     let student = Tensor::from_slice(&s0, (n, v), &dev)?;
-                    let (vals, grad) =
-                        distill_loss_and_grad(&student, teacher_t, Some(&targets), &mask, 0.3, temp, denom, d)?;
+                    let (vals, grad) = distill_loss_and_grad(
+                        &student,
+                        teacher_t,
+                        Some(&targets),
+                        &mask,
+                        &LossSpec::new(0.3, temp, d),
+                        denom,
+                    )?;
                     let got = grad.flatten_all()?.to_vec1::<f32>()?;
                     let total = f.total.to_scalar::<f32>()?;
                     assert_close(&format!("{what}: total"), &[vals.total], &[total], 1, &[], 1e-5);
@@ -913,13 +944,19 @@ mod tests {
             None,
             Some(&bad_targets),
             &mask,
-            0.5,
+            &LossSpec::new(0.5, 1.0, Divergence::ForwardKl),
             1.0,
-            1.0,
-            Divergence::ForwardKl,
         );
         assert!(err.is_err(), "a target outside the vocabulary is an error");
-        assert!(distill_loss_and_grad(&student, None, None, &mask, 0.5, 1.0, 1.0, Divergence::ForwardKl).is_err());
+        assert!(distill_loss_and_grad(
+            &student,
+            None,
+            None,
+            &mask,
+            &LossSpec::new(0.5, 1.0, Divergence::ForwardKl),
+            1.0
+        )
+        .is_err());
         // Without targets: the KD term alone, as `divergence_rows` and candle's backward give it.
         let d = Divergence::Jsd { beta: 0.3 };
         let sv = Var::from_slice(&s0, (n, v), &dev)?;
@@ -933,13 +970,11 @@ mod tests {
             .to_vec1::<f32>()?;
         let (vals, grad) = distill_loss_and_grad(
             &student,
-            Some(TeacherTargets::Logits(&t)),
+            Some(Teacher::Logits(&t)),
             None,
             &mask,
-            0.0,
-            2.0,
+            &LossSpec::new(0.0, 2.0, d),
             n as f64,
-            d,
         )?;
         assert_close(
             "kd only: total",
@@ -969,7 +1004,14 @@ mod tests {
         let targets = Tensor::new(&[1u32, 2], &dev)?;
         let mask = Tensor::new(&[0f32, 0.], &dev)?;
         for d in ALL {
-            let l = distill_loss_fused(s.as_tensor(), Some(&t), &targets, &mask, 0.5, 2.0, 0.0, d)?;
+            let l = distill_loss_fused(
+                s.as_tensor(),
+                Some(&t),
+                &targets,
+                &mask,
+                &LossSpec::new(0.5, 2.0, d),
+                0.0,
+            )?;
             assert_eq!(l.total.to_scalar::<f32>()?, 0.0, "{d}");
             assert_eq!((l.ce, l.kd), (0.0, 0.0), "{d}");
             let g = l

@@ -21,7 +21,7 @@
 //! (and a tied embedding gets the head's share added to its lookup gradient, as usual).
 //! This is the scheme of Liger-Kernel's fused linear cross-entropy, applied to the
 //! whole distillation loss. A teacher given as hidden states and its own head
-//! (`HeadTeacher::Hidden`) is projected per chunk too, so its logits are not
+//! (`Teacher::Hidden`) is projected per chunk too, so its logits are not
 //! materialised either.
 //!
 //! On the CPU, `loss_c` and `g_c` come together from one pass over the chunk's logits
@@ -49,10 +49,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, InplaceOp3, Layout, MetalStorage, Shape, Tensor, Var};
 
-use super::family::Divergence;
-use super::full::{distill_loss_and_grad, distill_loss_with, TeacherTargets};
+use super::full::{distill_loss_and_grad, distill_loss_with};
 use super::reference::LossParts;
 use super::topk::TopK;
+use super::{LossSpec, Teacher};
 use crate::error::{Error, Result};
 
 /// Bytes of one chunk's student logits that `default_chunk_rows` aims at. A chunk makes
@@ -68,21 +68,6 @@ pub fn default_chunk_rows(vocab: usize) -> usize {
     (CHUNK_LOGITS_BYTES / vocab.max(1).saturating_mul(std::mem::size_of::<f32>())).max(1)
 }
 
-/// The teacher side of a fused-head loss.
-#[derive(Clone, Copy, Debug)]
-pub enum HeadTeacher<'a> {
-    /// No teacher: the loss is the cross-entropy against the targets alone.
-    None,
-    /// Full teacher logits, (N, V) (or any shape with N * V elements and V last).
-    Logits(&'a Tensor),
-    /// The teacher's final hidden states (N, Ht) and its head weight (V, Ht): its logits
-    /// are computed chunk by chunk, like the student's. Ht may differ from the student's H.
-    Hidden { hidden: &'a Tensor, weight: &'a Tensor },
-    /// The teacher's top k tokens per row (`loss::topk`), (N, k) each: from the online
-    /// teacher or the offline logit cache.
-    TopK(&'a TopK),
-}
-
 /// `distill_loss_fused(hidden @ weight^T, teacher, ...)` without materialising the
 /// (N, V) logits; same arguments and result (values equal up to f32 summation order,
 /// tested) plus the head.
@@ -96,21 +81,14 @@ pub enum HeadTeacher<'a> {
 pub fn fused_linear_distill_loss(
     hidden: &Tensor,
     weight: &Tensor,
-    teacher: HeadTeacher,
+    teacher: Option<Teacher>,
     targets: &Tensor,
     mask: &Tensor,
-    alpha: f64,
-    temperature: f64,
+    spec: &LossSpec,
     denom: f64,
-    divergence: Divergence,
     chunk_rows: Option<usize>,
 ) -> Result<LossParts> {
-    let s = Settings {
-        alpha,
-        temperature,
-        denom,
-        divergence,
-    };
+    let s = Settings { spec: *spec, denom };
     let (n, h, v) = check_shapes(hidden, weight, teacher, targets, mask)?;
     let chunk = match chunk_rows {
         None => default_chunk_rows(v),
@@ -161,10 +139,8 @@ pub fn fused_linear_distill_loss(
                 teacher_c.as_ref().map(TeacherChunk::targets),
                 Some(&targets_c),
                 &mask_c,
-                s.alpha,
-                s.temperature,
+                &s.spec,
                 s.denom,
-                s.divergence,
             )
             .map_err(|e| {
                 Error::Invalid(format!(
@@ -233,20 +209,13 @@ pub fn fused_linear_distill_loss(
 pub fn plain_linear_distill_loss(
     hidden: &Tensor,
     weight: &Tensor,
-    teacher: HeadTeacher,
+    teacher: Option<Teacher>,
     targets: &Tensor,
     mask: &Tensor,
-    alpha: f64,
-    temperature: f64,
+    spec: &LossSpec,
     denom: f64,
-    divergence: Divergence,
 ) -> Result<LossParts> {
-    let s = Settings {
-        alpha,
-        temperature,
-        denom,
-        divergence,
-    };
+    let s = Settings { spec: *spec, denom };
     let (n, h, v) = check_shapes(hidden, weight, teacher, targets, mask)?;
     let x = hidden.reshape((n, h))?.to_dtype(DType::F32)?; // (N, H)
     let logits = x.matmul(&weight.to_dtype(DType::F32)?.t()?)?; // (N, V)
@@ -264,10 +233,8 @@ pub fn plain_linear_distill_loss(
 
 /// The loss's scalar settings, passed down unchanged to every chunk.
 struct Settings {
-    alpha: f64,
-    temperature: f64,
+    spec: LossSpec,
     denom: f64,
-    divergence: Divergence,
 }
 
 /// The one place that calls the logits-level loss (so that a change of its teacher
@@ -275,21 +242,12 @@ struct Settings {
 /// mask (C,), with the global `denom`.
 fn loss_on_logits(
     student: &Tensor,
-    teacher: Option<TeacherTargets>,
+    teacher: Option<Teacher>,
     targets: &Tensor,
     mask: &Tensor,
     s: &Settings,
 ) -> Result<LossParts> {
-    distill_loss_with(
-        student,
-        teacher,
-        targets,
-        mask,
-        s.alpha,
-        s.temperature,
-        s.denom,
-        s.divergence,
-    )
+    distill_loss_with(student, teacher, targets, mask, &s.spec, s.denom)
 }
 
 /// Checks every shape up front, so that errors name the argument rather than a matmul
@@ -297,7 +255,7 @@ fn loss_on_logits(
 fn check_shapes(
     hidden: &Tensor,
     weight: &Tensor,
-    teacher: HeadTeacher,
+    teacher: Option<Teacher>,
     targets: &Tensor,
     mask: &Tensor,
 ) -> Result<(usize, usize, usize)> {
@@ -325,8 +283,8 @@ fn check_shapes(
         }
     }
     match teacher {
-        HeadTeacher::None => {}
-        HeadTeacher::Logits(l) => {
+        None => {}
+        Some(Teacher::Logits(l)) => {
             if l.dims().last() != Some(&v) || l.elem_count() != n * v {
                 return bad(format!(
                     "teacher logits {:?} must be ({n}, {v}): one row per hidden row, vocabulary of the head",
@@ -334,7 +292,7 @@ fn check_shapes(
                 ));
             }
         }
-        HeadTeacher::TopK(top) => {
+        Some(Teacher::TopK(top)) => {
             if top.indices.dims() != [n, top.k()] || top.log_probs.dims() != [n, top.k()] || top.k() > v {
                 return bad(format!(
                     "top-k teacher {:?} / {:?} must be ({n}, k) with k <= {v}",
@@ -343,7 +301,7 @@ fn check_shapes(
                 ));
             }
         }
-        HeadTeacher::Hidden { hidden: th, weight: tw } => {
+        Some(Teacher::Hidden { hidden: th, weight: tw }) => {
             let ht = match tw.dims() {
                 &[tv, ht] if tv == v => ht,
                 d => return bad(format!("the teacher head weight must be ({v}, Ht), got {d:?}")),
@@ -374,21 +332,21 @@ enum TeacherChunk {
 }
 
 impl TeacherChunk {
-    fn targets(&self) -> TeacherTargets<'_> {
+    fn targets(&self) -> Teacher<'_> {
         match self {
-            Self::Logits(t) => TeacherTargets::Logits(t),
-            Self::TopK(t) => TeacherTargets::TopK(t),
+            Self::Logits(t) => Teacher::Logits(t),
+            Self::TopK(t) => Teacher::TopK(t),
         }
     }
 }
 
 impl ChunkTeacher {
-    fn new(teacher: HeadTeacher, n: usize, v: usize) -> Result<Self> {
+    fn new(teacher: Option<Teacher>, n: usize, v: usize) -> Result<Self> {
         Ok(match teacher {
-            HeadTeacher::None => Self::None,
-            HeadTeacher::Logits(l) => Self::Logits(l.detach().reshape((n, v))?),
-            HeadTeacher::TopK(top) => Self::TopK(top.clone()),
-            HeadTeacher::Hidden { hidden, weight } => {
+            None => Self::None,
+            Some(Teacher::Logits(l)) => Self::Logits(l.detach().reshape((n, v))?),
+            Some(Teacher::TopK(top)) => Self::TopK(top.clone()),
+            Some(Teacher::Hidden { hidden, weight }) => {
                 let ht = weight.dim(1)?;
                 Self::Hidden {
                     hidden: hidden.detach().reshape((n, ht))?,
@@ -570,6 +528,7 @@ impl CustomOp3 for HeadLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::Divergence;
     use candle_core::{Device, D};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -637,15 +596,15 @@ mod tests {
         }
     }
 
-    fn teacher_of(c: &Case, kind: usize) -> HeadTeacher<'_> {
+    fn teacher_of(c: &Case, kind: usize) -> Option<Teacher<'_>> {
         match kind {
-            0 => HeadTeacher::None,
-            1 => HeadTeacher::Logits(&c.t_logits),
-            3 => HeadTeacher::TopK(&c.t_top),
-            _ => HeadTeacher::Hidden {
+            0 => None,
+            1 => Some(Teacher::Logits(&c.t_logits)),
+            3 => Some(Teacher::TopK(&c.t_top)),
+            _ => Some(Teacher::Hidden {
                 hidden: c.t_hidden.as_tensor(),
                 weight: c.t_weight.as_tensor(),
-            },
+            }),
         }
     }
 
@@ -676,15 +635,30 @@ mod tests {
                 for (mask, &denom) in c.masks.iter().zip(&c.denoms) {
                     for &temp in &[2.0, 0.7] {
                         let teacher = teacher_of(&c, teacher_kind);
-                        let plain =
-                            plain_linear_distill_loss(x, w, teacher, &c.targets, mask, alpha, temp, denom, d).unwrap();
+                        let plain = plain_linear_distill_loss(
+                            x,
+                            w,
+                            teacher,
+                            &c.targets,
+                            mask,
+                            &LossSpec::new(alpha, temp, d),
+                            denom,
+                        )
+                        .unwrap();
                         let pg = plain.total.backward().unwrap();
                         for &chunk in &CHUNKS {
                             let ctx = format!(
                                 "teacher {teacher_kind} {d:?} alpha {alpha} T {temp} denom {denom} chunk {chunk:?}"
                             );
                             let fused = fused_linear_distill_loss(
-                                x, w, teacher, &c.targets, mask, alpha, temp, denom, d, chunk,
+                                x,
+                                w,
+                                teacher,
+                                &c.targets,
+                                mask,
+                                &LossSpec::new(alpha, temp, d),
+                                denom,
+                                chunk,
                             )
                             .unwrap();
                             assert_close_f32(
@@ -746,10 +720,8 @@ mod tests {
             t,
             &c.targets,
             &c.masks[2],
-            0.5,
-            2.0,
+            &LossSpec::new(0.5, 2.0, Divergence::ForwardKl),
             0.0,
-            Divergence::ForwardKl,
             Some(4),
         )
         .unwrap();
@@ -783,14 +755,20 @@ mod tests {
                     t,
                     &c.targets,
                     &c.masks[1],
-                    0.3,
-                    1.5,
+                    &LossSpec::new(0.3, 1.5, Divergence::Tvd),
                     5.0,
-                    Divergence::Tvd,
                     Some(2),
                 )
             } else {
-                plain_linear_distill_loss(x, w, t, &c.targets, &c.masks[1], 0.3, 1.5, 5.0, Divergence::Tvd)
+                plain_linear_distill_loss(
+                    x,
+                    w,
+                    t,
+                    &c.targets,
+                    &c.masks[1],
+                    &LossSpec::new(0.3, 1.5, Divergence::Tvd),
+                    5.0,
+                )
             }
             .unwrap();
             (l.total * -2.5).unwrap().backward().unwrap()
@@ -812,7 +790,7 @@ mod tests {
         let targets = c.targets.reshape((3, 3)).unwrap();
         let mask = c.masks[1].reshape((3, 3)).unwrap();
         let args = (
-            HeadTeacher::Logits(&t),
+            Some(Teacher::Logits(&t)),
             &targets,
             &mask,
             0.5,
@@ -826,10 +804,8 @@ mod tests {
             args.0,
             args.1,
             args.2,
-            args.3,
-            args.4,
+            &LossSpec::new(args.3, args.4, args.6),
             args.5,
-            args.6,
             Some(2),
         )
         .unwrap();
@@ -839,10 +815,8 @@ mod tests {
             args.0,
             args.1,
             args.2,
-            args.3,
-            args.4,
+            &LossSpec::new(args.3, args.4, args.6),
             args.5,
-            args.6,
         )
         .unwrap();
         let (fg, pg) = (f.total.backward().unwrap(), p.total.backward().unwrap());
@@ -859,8 +833,19 @@ mod tests {
         let (x, w) = (c.hidden.as_tensor().detach(), c.weight.as_tensor().detach());
         let t = teacher_of(&c, 2);
         let d = Divergence::Jsd { beta: 0.3 };
-        let f = fused_linear_distill_loss(&x, &w, t, &c.targets, &c.masks[0], 0.4, 2.0, 9.0, d, Some(4)).unwrap();
-        let p = plain_linear_distill_loss(&x, &w, t, &c.targets, &c.masks[0], 0.4, 2.0, 9.0, d).unwrap();
+        let f = fused_linear_distill_loss(
+            &x,
+            &w,
+            t,
+            &c.targets,
+            &c.masks[0],
+            &LossSpec::new(0.4, 2.0, d),
+            9.0,
+            Some(4),
+        )
+        .unwrap();
+        let p =
+            plain_linear_distill_loss(&x, &w, t, &c.targets, &c.masks[0], &LossSpec::new(0.4, 2.0, d), 9.0).unwrap();
         assert_close_f32(
             "total",
             f.total.to_scalar::<f32>().unwrap(),
@@ -891,7 +876,7 @@ mod tests {
                 .unwrap()
                 .tanh()
                 .unwrap(); // (N, H)
-            let t = HeadTeacher::Logits(&teacher);
+            let t = Some(Teacher::Logits(&teacher));
             let l = if fused {
                 fused_linear_distill_loss(
                     &x,
@@ -899,14 +884,20 @@ mod tests {
                     t,
                     &targets,
                     &mask,
-                    0.5,
-                    2.0,
+                    &LossSpec::new(0.5, 2.0, Divergence::ForwardKl),
                     n as f64,
-                    Divergence::ForwardKl,
                     Some(3),
                 )
             } else {
-                plain_linear_distill_loss(&x, e, t, &targets, &mask, 0.5, 2.0, n as f64, Divergence::ForwardKl)
+                plain_linear_distill_loss(
+                    &x,
+                    e,
+                    t,
+                    &targets,
+                    &mask,
+                    &LossSpec::new(0.5, 2.0, Divergence::ForwardKl),
+                    n as f64,
+                )
             }
             .unwrap();
             l.total.backward().unwrap()
@@ -925,17 +916,15 @@ mod tests {
                 .unwrap()
                 .tanh()
                 .unwrap();
-            let t = HeadTeacher::Logits(&teacher);
+            let t = Some(Teacher::Logits(&teacher));
             let l = fused_linear_distill_loss(
                 &x,
                 &emb.as_tensor().detach(),
                 t,
                 &targets,
                 &mask,
-                0.5,
-                2.0,
+                &LossSpec::new(0.5, 2.0, Divergence::ForwardKl),
                 n as f64,
-                Divergence::ForwardKl,
                 Some(3),
             )
             .unwrap();
@@ -981,10 +970,8 @@ mod tests {
             Some(&teacher),
             &targets.flatten_all().unwrap(),
             &mask.flatten_all().unwrap(),
-            0.5,
-            2.0,
+            &LossSpec::new(0.5, 2.0, d),
             8.0,
-            d,
         )
         .unwrap();
         let pg = plain.total.backward().unwrap();
@@ -996,13 +983,11 @@ mod tests {
         let fused = fused_linear_distill_loss(
             &hidden,
             &head,
-            HeadTeacher::Logits(&teacher),
+            Some(Teacher::Logits(&teacher)),
             &targets,
             &mask,
-            0.5,
-            2.0,
+            &LossSpec::new(0.5, 2.0, d),
             8.0,
-            d,
             Some(3),
         )
         .unwrap();
@@ -1040,24 +1025,24 @@ mod tests {
         let (x, w) = (c.hidden.as_tensor(), c.weight.as_tensor());
         let m = &c.masks[0];
         let d = Divergence::ForwardKl;
-        let call = |x: &Tensor, w: &Tensor, t: HeadTeacher, targets: &Tensor, chunk| {
-            fused_linear_distill_loss(x, w, t, targets, m, 0.5, 2.0, 9.0, d, chunk)
+        let call = |x: &Tensor, w: &Tensor, t: Option<Teacher>, targets: &Tensor, chunk| {
+            fused_linear_distill_loss(x, w, t, targets, m, &LossSpec::new(0.5, 2.0, d), 9.0, chunk)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default()
         };
-        assert!(call(x, w, HeadTeacher::None, &c.targets, Some(0)).contains("chunk_rows"));
-        assert!(call(x, &w.t().unwrap(), HeadTeacher::None, &c.targets, None).contains("hidden states"));
+        assert!(call(x, w, None, &c.targets, Some(0)).contains("chunk_rows"));
+        assert!(call(x, &w.t().unwrap(), None, &c.targets, None).contains("hidden states"));
         let short = c.targets.narrow(0, 0, 4).unwrap();
-        assert!(call(x, w, HeadTeacher::None, &short, None).contains("targets"));
+        assert!(call(x, w, None, &short, None).contains("targets"));
         let tl = c.t_logits.narrow(1, 0, 10).unwrap();
-        assert!(call(x, w, HeadTeacher::Logits(&tl), &c.targets, None).contains("teacher logits"));
+        assert!(call(x, w, Some(Teacher::Logits(&tl)), &c.targets, None).contains("teacher logits"));
         let tw = c.t_weight.as_tensor().narrow(0, 0, 10).unwrap();
         let th = c.t_hidden.as_tensor();
-        let t = HeadTeacher::Hidden {
+        let t = Some(Teacher::Hidden {
             hidden: th,
             weight: &tw,
-        };
+        });
         assert!(call(x, w, t, &c.targets, None).contains("teacher head weight"));
     }
 

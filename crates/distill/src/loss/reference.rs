@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use super::LossSpec;
 use crate::error::Result;
 
 /// The loss to backpropagate and its terms, each already divided by `denom`.
@@ -34,10 +35,19 @@ pub fn distill_loss(
     teacher: Option<&Tensor>,
     targets: &Tensor,
     mask: &Tensor,
-    alpha: f64,
-    temperature: f64,
+    spec: &LossSpec,
     denom: f64,
 ) -> Result<LossParts> {
+    let LossSpec {
+        ce_weight: alpha,
+        temperature,
+        divergence,
+    } = *spec;
+    if divergence != super::Divergence::ForwardKl {
+        return Err(crate::error::Error::Invalid(format!(
+            "the reference loss implements forward_kl only, not {divergence}; use the fused loss"
+        )));
+    }
     let student = student.to_dtype(DType::F32)?;
     let denom = denom.max(1.0); // an all-masked step gives 0, not NaN
     let logp = log_softmax(&student)?; // (N, V)
@@ -82,7 +92,7 @@ mod tests {
         let te = t(&[2., 0., 1., 1., 1., 1.], (2, 3));
         let targets = Tensor::new(&[1u32, 2], &Device::Cpu)?;
         let mask = Tensor::new(&[1f32, 1.], &Device::Cpu)?;
-        let l = distill_loss(&s, Some(&te), &targets, &mask, 0.5, 2.0, 2.0)?;
+        let l = distill_loss(&s, Some(&te), &targets, &mask, &LossSpec::forward_kl(0.5, 2.0), 2.0)?;
         let ce = expected_ce(&[[1., 2., 0.], [0., 0., 3.]], &[1, 2]);
         let kd = expected_kd(&[[1., 2., 0.], [0., 0., 3.]], &[[2., 0., 1.], [1., 1., 1.]], 2.0);
         assert!((l.ce as f64 - ce).abs() < 1e-6, "{} vs {ce}", l.ce);
@@ -115,7 +125,7 @@ mod tests {
         let s = t(&[1., 2., 0.], (1, 3));
         let targets = Tensor::new(&[1u32], &Device::Cpu)?;
         let mask = Tensor::new(&[0f32], &Device::Cpu)?;
-        let l = distill_loss(&s, Some(&s), &targets, &mask, 0.5, 2.0, 0.0)?;
+        let l = distill_loss(&s, Some(&s), &targets, &mask, &LossSpec::forward_kl(0.5, 2.0), 0.0)?;
         assert_eq!(l.total.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
@@ -126,7 +136,7 @@ mod tests {
         let te = t(&[-1e4, 1e4, 0., 1e4, 0., -1e4], (2, 3));
         let targets = Tensor::new(&[1u32, 0], &Device::Cpu)?;
         let mask = Tensor::new(&[1f32, 1.], &Device::Cpu)?;
-        let l = distill_loss(&s, Some(&te), &targets, &mask, 0.3, 1.0, 2.0)?;
+        let l = distill_loss(&s, Some(&te), &targets, &mask, &LossSpec::forward_kl(0.3, 1.0), 2.0)?;
         assert!(l.total.to_scalar::<f32>()?.is_finite());
         Ok(())
     }
@@ -139,7 +149,14 @@ mod tests {
         let targets = Tensor::new(&[2u32, 1], &Device::Cpu)?;
         let mask = Tensor::new(&[1f32, 1.], &Device::Cpu)?;
         let s = Var::from_tensor(&t(&s0, (2, 3)))?;
-        let l = distill_loss(s.as_tensor(), Some(&te), &targets, &mask, 0.4, 1.7, 2.0)?;
+        let l = distill_loss(
+            s.as_tensor(),
+            Some(&te),
+            &targets,
+            &mask,
+            &LossSpec::forward_kl(0.4, 1.7),
+            2.0,
+        )?;
         let g = l
             .total
             .backward()?
@@ -149,7 +166,7 @@ mod tests {
             .to_vec1::<f32>()?;
         let f = |v: &[f32]| -> f64 {
             let s = t(v, (2, 3));
-            let l = distill_loss(&s, Some(&te), &targets, &mask, 0.4, 1.7, 2.0).unwrap();
+            let l = distill_loss(&s, Some(&te), &targets, &mask, &LossSpec::forward_kl(0.4, 1.7), 2.0).unwrap();
             l.total.to_scalar::<f32>().unwrap() as f64
         };
         for i in 0..6 {

@@ -29,12 +29,9 @@ use rayon::prelude::*;
 use super::llama::Llama;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{backward_slices, forward_slices, AttnShape};
-use crate::kernels::cpu::with_cpu_f32;
 use crate::kernels::ops::{
-    gemm_f32, linear_bwd_input, linear_bwd_weight, linear_fwd, rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd,
-    swiglu_fwd,
+    linear_bwd_input, linear_bwd_weight, linear_fwd, rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd, swiglu_fwd,
 };
-use crate::loss::full::SliceTeacher;
 
 /// What one layer's backward reads, all row-major with N = B*T rows.
 struct LayerActs {
@@ -63,12 +60,12 @@ pub struct Tape {
 
 /// Read access to the f32 CPU data of the model's parameters for one pass: the
 /// storages' read guards (`G`, candle's lock guard), held until the pass ends.
-struct Weights<'a, G> {
+pub(crate) struct Weights<'a, G> {
     views: BTreeMap<&'a str, (G, usize, usize)>,
 }
 
 impl<'a> Weights<'a, ()> {
-    fn of(model: &'a Llama) -> Result<Weights<'a, impl Deref<Target = Storage> + 'a>> {
+    pub(crate) fn of(model: &'a Llama) -> Result<Weights<'a, impl Deref<Target = Storage> + 'a>> {
         let mut views = BTreeMap::new();
         for (name, var) in model.params() {
             let t = var.as_tensor();
@@ -88,7 +85,7 @@ impl<'a> Weights<'a, ()> {
 }
 
 impl<G: Deref<Target = Storage>> Weights<'_, G> {
-    fn get(&self, name: &str) -> Result<&[f32]> {
+    pub(crate) fn get(&self, name: &str) -> Result<&[f32]> {
         match self.views.get(name) {
             Some((storage, start, end)) => match storage.deref() {
                 Storage::Cpu(CpuStorage::F32(data)) => Ok(&data[*start..*end]),
@@ -165,7 +162,7 @@ impl Llama {
     }
 
     /// `forward_taped` with the hidden states as a row-major (B*T, d) vector.
-    fn forward_taped_slices(&self, ids: &Tensor) -> Result<(Vec<f32>, Tape)> {
+    pub(crate) fn forward_taped_slices(&self, ids: &Tensor) -> Result<(Vec<f32>, Tape)> {
         if !self.can_tape() {
             return Err(Error::Invalid(
                 "forward_taped needs a trainable model on the fused CPU f32 path (Kernels::Fused, CPU, f32 compute)"
@@ -254,197 +251,12 @@ impl Llama {
     }
 }
 
-impl Llama {
-    /// One micro-batch with no autograd graph at all, on the fused CPU f32 path: the
-    /// taped body, the head as gemms, `loss::fused::loss_and_grad_slices` on the logits
-    /// (the loss and its gradient in one pass), the head's two backward gemms and the
-    /// body's backward. Returns the loss values and every parameter's gradient; errors
-    /// unless `can_tape()`.
-    ///
-    /// The loss and arguments are `distill_loss_with`'s, with the teacher as the fused
-    /// head takes it (`HeadTeacher`: none, full logits, top-k, or its hidden states and
-    /// head). `chunk_rows: None` computes the whole (N, V) logits at once; `Some(c)` is
-    /// the fused head: c rows at a time, so that neither the student's nor a `Hidden`
-    /// teacher's (N, V) logits ever exist, and the head's weight gradient accumulates
-    /// chunk by chunk (gemm with beta = 1) into one (V, d) buffer.
-    #[allow(clippy::too_many_arguments)]
-    pub fn loss_and_grads_one_pass(
-        &self,
-        ids: &Tensor,
-        targets: &Tensor,
-        mask: &Tensor,
-        teacher: crate::loss::head::HeadTeacher<'_>,
-        alpha: f64,
-        temperature: f64,
-        denom: f64,
-        divergence: crate::loss::Divergence,
-        chunk_rows: Option<usize>,
-    ) -> Result<(crate::loss::full::LossValues, BTreeMap<String, Tensor>)> {
-        use crate::loss::head::HeadTeacher;
-        let (hidden, tape) = self.forward_taped_slices(ids)?; // (N, d)
-        let (n, d, v) = (tape.b * tape.t, self.cfg.hidden_size, self.cfg.vocab_size);
-        let head = self.head_name();
-        let targets: Vec<u32> = targets.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
-        let mask: Vec<f32> = mask.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        if targets.len() != n || mask.len() != n {
-            return Err(Error::Invalid(format!(
-                "{} targets and {} mask entries for {n} tokens",
-                targets.len(),
-                mask.len()
-            )));
-        }
-        let chunk = match chunk_rows {
-            None => n.max(1),
-            Some(0) => return Err(Error::Invalid("the fused head's chunk_rows must be at least 1".into())),
-            Some(c) => c,
-        };
-        let f32_of = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
-        let w = Weights::of(self)?;
-        let wh = w.get(head)?; // (V, d)
-        let head_loss = HeadLoss {
-            hidden: &hidden,
-            wh,
-            targets: &targets,
-            mask: &mask,
-            dims: (n, d, v),
-            chunk,
-            settings: (alpha, temperature, denom, divergence),
-        };
-        let (values, dh, dw_head) = match teacher {
-            HeadTeacher::None => head_loss.run(Rows::Given(None))?,
-            HeadTeacher::Logits(t) => {
-                if t.elem_count() != n * v || t.dims().last() != Some(&v) {
-                    return Err(Error::Invalid(format!(
-                        "teacher logits have shape {:?}, expected [{n}, {v}]",
-                        t.dims()
-                    )));
-                }
-                // Read in place: no copy of the (N, V) teacher logits.
-                with_cpu_f32(&f32_of(t)?, "one-pass loss", |t| {
-                    head_loss.run(Rows::Given(Some(SliceTeacher::Logits(t))))
-                })??
-            }
-            HeadTeacher::TopK(top) => {
-                crate::loss::topk::check_top_k_dims(n, v, top)?;
-                let (indices, log_probs) = top.to_host()?;
-                head_loss.run(Rows::Given(Some(SliceTeacher::TopK {
-                    indices: &indices,
-                    log_probs: &log_probs,
-                    k: top.k(),
-                })))?
-            }
-            HeadTeacher::Hidden { hidden: th, weight: tw } => {
-                let dt = tw.dim(1)?;
-                if tw.dims() != [v, dt] || th.elem_count() != n * dt {
-                    return Err(Error::Invalid(format!(
-                        "teacher hidden states {:?} and head {:?} must be ({n}, Ht) and ({v}, Ht)",
-                        th.dims(),
-                        tw.dims()
-                    )));
-                }
-                let (th, tw) = (f32_of(th)?, f32_of(tw)?);
-                with_cpu_f32(&th, "one-pass loss", |th| {
-                    with_cpu_f32(&tw, "one-pass loss", |tw| {
-                        head_loss.run(Rows::Hidden {
-                            hidden: th,
-                            weight: tw,
-                            dt,
-                        })
-                    })
-                })???
-            }
-        };
-        drop(w);
-        let mut grads = tape.backward(self, &Tensor::from_vec(dh, (n, d), self.device())?)?;
-        let dw_head = Tensor::from_vec(dw_head, (v, d), self.device())?;
-        let g = match grads.remove(head) {
-            Some(body) => (body + dw_head)?, // tied: the embedding's two uses add up
-            None => dw_head,
-        };
-        grads.insert(head.to_string(), g);
-        Ok((values, grads))
-    }
-}
-
-/// The teacher of `HeadLoss::run`, as row-major slices of all N rows.
-#[derive(Clone, Copy)]
-enum Rows<'a> {
-    /// Full logits, top k, or none: what the loss takes, sliced per chunk.
-    Given(Option<SliceTeacher<'a>>),
-    /// Hidden states (N, dt) and head weight (V, dt): logits chunk by chunk.
-    Hidden {
-        hidden: &'a [f32],
-        weight: &'a [f32],
-        dt: usize,
-    },
-}
-
-/// The head and the loss over the final hidden states, chunk by chunk.
-struct HeadLoss<'a> {
-    hidden: &'a [f32], // (N, d)
-    wh: &'a [f32],     // (V, d)
-    targets: &'a [u32],
-    mask: &'a [f32],
-    dims: (usize, usize, usize), // (N, d, V)
-    chunk: usize,
-    settings: (f64, f64, f64, crate::loss::Divergence), // alpha, T, denom, divergence
-}
-
-impl HeadLoss<'_> {
-    /// The summed loss values, the hidden states' gradient (N, d) and the head weight's
-    /// (V, d). With one chunk of all N rows this is exactly the unchunked computation.
-    fn run(&self, teacher: Rows<'_>) -> candle_core::Result<(crate::loss::full::LossValues, Vec<f32>, Vec<f32>)> {
-        use crate::loss::full::{loss_and_grad_slices, LossValues};
-        let (n, d, v) = self.dims;
-        let (alpha, temperature, denom, divergence) = self.settings;
-        let mut dh = vec![0f32; n * d];
-        let mut dw = vec![0f32; v * d];
-        let (mut total, mut ce, mut kd) = (0f64, 0f64, 0f64);
-        for start in (0..n).step_by(self.chunk) {
-            let rows = start..(start + self.chunk).min(n);
-            let c = rows.len();
-            let logits = linear_fwd(&self.hidden[start * d..rows.end * d], self.wh, (c, v, d))?; // (C, V)
-            let teacher_logits; // (C, V), a Hidden teacher's chunk
-            let t = match teacher {
-                Rows::Given(t) => t.map(|t| t.rows(rows.clone(), v)),
-                Rows::Hidden { hidden, weight, dt } => {
-                    teacher_logits = linear_fwd(&hidden[start * dt..rows.end * dt], weight, (c, v, dt))?;
-                    Some(SliceTeacher::Logits(&teacher_logits))
-                }
-            };
-            let (vals, dlogits) = loss_and_grad_slices(
-                start,
-                &logits,
-                t,
-                Some(&self.targets[rows.clone()]),
-                &self.mask[rows.clone()],
-                v,
-                alpha,
-                temperature,
-                denom,
-                divergence,
-            )?;
-            drop(logits);
-            total += f64::from(vals.total);
-            ce += f64::from(vals.ce);
-            kd += f64::from(vals.kd);
-            // dh rows = dlogits @ W; dW (+)= dlogits^T @ h rows (linear_bwd_input and
-            // linear_bwd_weight, the latter accumulating after the first chunk).
-            let dh_rows = &mut dh[start * d..rows.end * d];
-            gemm_f32((c, d, v), dh_rows, (d, 1), &dlogits, (v, 1), self.wh, (d, 1), false)?;
-            let h_rows = &self.hidden[start * d..rows.end * d];
-            gemm_f32((v, d, c), &mut dw, (d, 1), &dlogits, (1, v), h_rows, (d, 1), start > 0)?;
-        }
-        let values = LossValues {
-            total: total as f32,
-            ce: ce as f32,
-            kd: kd as f32,
-        };
-        Ok((values, dh, dw))
-    }
-}
-
 impl Tape {
+    /// Rows (B*T) of the forward pass that made the tape.
+    pub fn rows(&self) -> usize {
+        self.b * self.t
+    }
+
     /// The gradient of every body parameter of `model` (every parameter but an untied
     /// `lm_head.weight`) for the gradient `dhidden` (B, T, d) of the hidden states
     /// `forward_taped` returned. `model` must be the one that made the tape, unchanged.
@@ -547,16 +359,17 @@ impl Tape {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Kernels;
-    use crate::loss::head::{fused_linear_distill_loss, HeadTeacher};
+    use crate::loss::head::fused_linear_distill_loss;
     use crate::loss::Divergence;
+    use crate::loss::LossSpec;
     use crate::model::ModelConfig;
-    use crate::train::Forward;
+    use crate::train::step::Forward;
     use candle_core::Device;
 
-    fn cfg(tied: bool, bias: bool, kv: usize) -> ModelConfig {
+    pub(crate) fn cfg(tied: bool, bias: bool, kv: usize) -> ModelConfig {
         ModelConfig {
             vocab_size: 61,
             hidden_size: 32,
@@ -575,7 +388,7 @@ mod tests {
         }
     }
 
-    fn ids(b: usize, t: usize, salt: u32) -> Result<Tensor> {
+    pub(crate) fn ids(b: usize, t: usize, salt: u32) -> Result<Tensor> {
         let v: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7919 + 13 + salt) % 61).collect();
         Ok(Tensor::from_vec(v, (b, t), &Device::Cpu)?)
     }
@@ -589,13 +402,11 @@ mod tests {
             let parts = fused_linear_distill_loss(
                 out,
                 &w,
-                HeadTeacher::None,
+                None,
                 targets,
                 &mask,
-                1.0,
-                1.0,
+                &LossSpec::new(1.0, 1.0, Divergence::ForwardKl),
                 n as f64,
-                Divergence::ForwardKl,
                 Some(7),
             )?;
             Ok(parts.total)
@@ -627,7 +438,7 @@ mod tests {
     }
 
     /// max |a - b| / max |b|.
-    fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+    pub(crate) fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
         let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         Ok(diff / scale.max(1e-20))
@@ -668,70 +479,6 @@ mod tests {
                     let what = format!("tied={tied} bias={bias} kv={kv} head={head} {name}");
                     assert!(ef < 1e-5, "{what}: {ef} from the fused ops' autograd");
                     assert!(ep < 1e-5, "{what}: {ep} from the plain ops' autograd");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The graph-free micro-batch against the same loss on candle's graph (`Forward`
-    /// and `distill_loss_with`): loss terms and every gradient, with a full-logit
-    /// teacher, a top-k teacher, a teacher's hidden states and head, and none; whole
-    /// logits and the fused head's chunks; masked rows, tied and untied heads.
-    #[test]
-    fn the_one_pass_micro_batch_matches_the_graph() -> Result<()> {
-        use crate::loss::head::HeadTeacher;
-        use crate::loss::{distill_loss_with, TeacherTargets};
-        for (tied, bias, kv) in [(false, false, 4), (true, true, 2)] {
-            let m = Llama::init(cfg(tied, bias, kv), 0.2, 5, &Device::Cpu)?;
-            let (x, y) = (ids(3, 13, 0)?, ids(1, 39, 5)?.flatten_all()?);
-            let mask_v: Vec<f32> = (0..39).map(|i| if i % 5 == 4 { 0.0 } else { 1.0 }).collect();
-            let mask = Tensor::from_vec(mask_v, 39, &Device::Cpu)?;
-            let teacher = (Tensor::randn(0f32, 3.0, (39, 61), &Device::Cpu)?).contiguous()?;
-            let top = crate::loss::top_k_of_logits(&teacher, 7, 2.0)?;
-            // A teacher given as hidden states (width 24) and its own head.
-            let th = Tensor::randn(0f32, 1.0, (39, 24), &Device::Cpu)?;
-            let tw = Tensor::randn(0f32, 0.5, (61, 24), &Device::Cpu)?;
-            let th_logits = th.matmul(&tw.t()?)?; // (39, 61), what the graph is given
-            let hidden = HeadTeacher::Hidden {
-                hidden: &th,
-                weight: &tw,
-            };
-            for (ht, d) in [
-                (HeadTeacher::None, Divergence::ForwardKl),
-                (HeadTeacher::Logits(&teacher), Divergence::ForwardKl),
-                (HeadTeacher::Logits(&teacher), Divergence::Tvd),
-                (HeadTeacher::TopK(&top), Divergence::ForwardKl),
-                (HeadTeacher::TopK(&top), Divergence::SkewReverseKl { skew: 0.1 }),
-                (hidden, Divergence::Jsd { beta: 0.3 }),
-            ] {
-                let (kind, tl) = match ht {
-                    HeadTeacher::None => ("none", None),
-                    HeadTeacher::Logits(l) => ("logits", Some(TeacherTargets::Logits(l))),
-                    HeadTeacher::TopK(t) => ("top-7", Some(TeacherTargets::TopK(t))),
-                    HeadTeacher::Hidden { .. } => ("hidden", Some(TeacherTargets::Logits(&th_logits))),
-                };
-                let fwd = Forward::run(&m, &x, false)?;
-                let parts = distill_loss_with(&fwd.out, tl, &y, &mask, 0.4, 2.0, 31.0, d)?;
-                let total = parts.total.to_scalar::<f32>()?;
-                let want = fwd.grads(&m, &parts.total)?;
-                // The whole logits at once, and the fused head's chunks of 7 rows (the
-                // last one of 4).
-                for chunk in [None, Some(7)] {
-                    let (vals, got) = m.loss_and_grads_one_pass(&x, &y, &mask, ht, 0.4, 2.0, 31.0, d, chunk)?;
-                    let what = format!("tied={tied} teacher={kind} {d} chunk={chunk:?}");
-                    assert!(
-                        (vals.total - total).abs() <= 1e-5 * total.abs(),
-                        "{what}: {} vs {total}",
-                        vals.total
-                    );
-                    assert!((vals.ce - parts.ce).abs() <= 1e-5 * parts.ce.abs(), "{what}");
-                    assert!((vals.kd - parts.kd).abs() <= 1e-5 * parts.kd.abs().max(1e-6), "{what}");
-                    assert_eq!(got.len(), want.len());
-                    for (name, g) in &got {
-                        let e = rel(g, &want[name])?;
-                        assert!(e < 1e-5, "{what} {name}: {e}");
-                    }
                 }
             }
         }

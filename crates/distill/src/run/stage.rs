@@ -15,13 +15,14 @@ use crate::cost::ledger::{Ledger, StageCost};
 use crate::device::DeviceInfo;
 use crate::distributed::Collective;
 use crate::error::{Error, IoContext, Result};
+use crate::loss::LossSpec;
 use crate::model::Llama;
 use crate::model::ModelConfig;
 use crate::prepare::data::batch;
 use crate::progress::Progress;
 use crate::teacher::prune::{prune_plan, pruned_student};
 use crate::train::checkpoint;
-use crate::train::{self, LossImpl, StageInput, Teacher};
+use crate::train::{self, LossImpl, StageInput, TeacherSource};
 
 /// What every training stage shares.
 pub(crate) struct StageEnv<'a> {
@@ -47,7 +48,8 @@ pub(crate) struct StageData<'a> {
     pub(crate) name: &'a str,
     pub(crate) train: &'a [batch::Encoded],
     pub(crate) seed: u64,
-    pub(crate) teacher: Option<&'a Teacher<'a>>,
+    /// The teacher it distils from, and the loss; None trains on the labels alone.
+    pub(crate) teacher: Option<(TeacherSource<'a>, LossSpec)>,
     pub(crate) spec: &'a crate::config::TrainSpec,
 }
 
@@ -158,16 +160,10 @@ pub(crate) fn train_stage(
         seed: data.seed,
         resume_from: resume_from.as_deref(),
         comm: env.comm,
+        teacher: data.teacher.map(|(t, _)| t),
+        loss: data.teacher.map_or(LossSpec::CE_ONLY, |(_, l)| l),
     };
-    let stats = train::train(
-        &input,
-        &model,
-        data.teacher,
-        data.spec,
-        env.loss_impl,
-        &mut save,
-        progress,
-    )?;
+    let stats = train::train(&input, &model, data.spec, env.loss_impl, &mut save, progress)?;
     ledger.record(
         StageCost::new(
             name,

@@ -17,11 +17,12 @@ use crate::cost::heartbeat::Heartbeat;
 use crate::cost::ledger::Ledger;
 use crate::error::{Error, Result};
 use crate::evaluate::report::TracesReport;
+use crate::loss::LossSpec;
 use crate::model::{Llama, ModelConfig};
 use crate::prepare::data::batch::{self, Encoded};
 use crate::prepare::data::Example;
 use crate::teacher::logit_cache;
-use crate::train::{Teacher, TeacherSource};
+use crate::train::TeacherSource;
 
 /// One student stage: its name, its training data, and whether it learns from the teacher.
 pub(crate) struct Plan {
@@ -130,15 +131,12 @@ pub(crate) fn train_students(
         } else {
             None
         };
-        let kd = Teacher {
-            source: match &cache {
-                Some(c) => TeacherSource::Cache(c),
-                None => TeacherSource::Online(teacher.0),
+        let source = match &cache {
+            Some(c) => TeacherSource::Cache(c),
+            None => TeacherSource::Online {
+                model: teacher.0,
+                top_k: (cfg.distill.top_k > 0).then_some(cfg.distill.top_k),
             },
-            ce_weight: cfg.distill.ce_weight,
-            temperature: cfg.distill.temperature,
-            divergence: crate::loss::Divergence::of(&cfg.distill),
-            top_k: (cfg.distill.top_k > 0).then_some(cfg.distill.top_k),
         };
         let init = || match (pruned, starts_pruned(p.name)) {
             (Some(m), true) => Llama::from_tensors(m.cfg.clone(), m.tensors(), env.dev).map_err(Error::Invalid),
@@ -148,7 +146,7 @@ pub(crate) fn train_students(
             name: p.name,
             train: &p.train,
             seed: sub_seed(cfg.run.seed, "student-data"),
-            teacher: p.with_teacher.then_some(&kd),
+            teacher: p.with_teacher.then_some((source, LossSpec::of(&cfg.distill))),
             spec: &cfg.student.train,
         };
         let (model, dir) = train_stage(env, &data, init, ledger, heartbeat)?;

@@ -1064,7 +1064,14 @@ mod tests {
         let targets = x.narrow(1, 1, t)?.flatten_all()?.contiguous()?; // (N,)
         let logits = student.forward(&inputs)?.reshape((b * t, V))?; // (N, V)
         let mask = Tensor::ones(b * t, DType::F32, &Device::Cpu)?;
-        let loss = crate::loss::distill_loss(&logits, None, &targets, &mask, 1.0, 1.0, (b * t) as f64)?;
+        let loss = crate::loss::distill_loss(
+            &logits,
+            None,
+            &targets,
+            &mask,
+            &crate::loss::LossSpec::CE_ONLY,
+            (b * t) as f64,
+        )?;
         assert!(loss.ce.is_finite());
         let grads = loss.total.backward()?;
         assert_eq!(student.params().len(), student.cfg.param_shapes().len());

@@ -1,50 +1,39 @@
-//! The training loop, top to bottom: schedule, micro-batches, (teacher
-//! forward), loss, backward, accumulation, clipping, AdamW step, log, eval,
-//! checkpoint. One function serves the teacher, the distilled student and the
-//! baseline; only the presence of a teacher differs.
+//! The training loop, top to bottom: schedule, micro-batches (`step`: teacher output,
+//! loss, gradients), accumulation, the sum over ranks, clipping, AdamW step, log, eval,
+//! checkpoint. One function serves the teacher, the distilled students and the
+//! baselines; only the presence of a teacher differs.
 
 pub mod checkpoint;
 pub mod optim;
+pub mod step;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 
 use crate::config::{NonFinitePolicy, TrainSpec};
-use crate::train::checkpoint::TrainerState;
-
-/// With `on_nonfinite = "skip"`, a stage still stops after this many skipped steps in a row.
-pub const MAX_SKIPS_IN_A_ROW: usize = 10;
 use crate::distributed::{shard_range, Collective, CommTimer};
 use crate::error::{Error, Result};
-use crate::loss::head::{default_chunk_rows, fused_linear_distill_loss, HeadTeacher};
-use crate::loss::{distill_loss, distill_loss_with, top_k_of_logits, Divergence, LossParts, TeacherTargets, TopK};
-use crate::model::tape::Tape;
+use crate::loss::{Divergence, LossSpec};
 use crate::model::Llama;
 use crate::prepare::data::batch::{make_batch, Batch, Encoded, Order};
 use crate::progress::{Progress, StepLog};
 use crate::teacher::logit_cache::LogitCache;
+use crate::train::checkpoint::TrainerState;
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW};
 
-/// The teacher side of logit distillation.
-pub struct Teacher<'a> {
-    pub source: TeacherSource<'a>,
-    /// Weight of the hard-label CE; 1 - ce_weight weighs the KD term.
-    pub ce_weight: f64,
-    pub temperature: f64,
-    pub divergence: Divergence,
-    /// Distil from the teacher's top k tokens per position (`loss::topk`); None: its
-    /// full distribution. A cache always gives its own k.
-    pub top_k: Option<usize>,
-}
+/// With `on_nonfinite = "skip"`, a stage still stops after this many skipped steps in a row.
+pub const MAX_SKIPS_IN_A_ROW: usize = 10;
 
-/// Where the teacher's distribution comes from.
+/// Where a distilling stage's teacher targets come from.
+#[derive(Clone, Copy)]
 pub enum TeacherSource<'a> {
-    /// The model, run on every batch.
-    Online(&'a Llama),
+    /// The model, run on every micro-batch: its full distribution, or (`top_k`) its k
+    /// most likely tokens per position (`loss::topk`).
+    Online { model: &'a Llama, top_k: Option<usize> },
     /// Top-k log-probabilities written beforehand over this stage's training data
-    /// (`logit_cache`): no teacher forward passes, no teacher FLOPs in this stage.
+    /// (`logit_cache`, its own k): no teacher forward passes, no teacher FLOPs here.
     Cache(&'a LogitCache),
 }
 
@@ -62,6 +51,10 @@ pub struct StageInput<'a> {
     /// The ranks training together (`distributed`): each takes a slice of every
     /// micro-batch, and gradients are summed over them before clipping.
     pub comm: &'a dyn Collective,
+    /// The teacher this stage distils from; None trains on the labels alone.
+    pub teacher: Option<TeacherSource<'a>>,
+    /// The loss (`LossSpec::CE_ONLY` without a teacher).
+    pub loss: LossSpec,
 }
 
 /// What a stage did, for the ledger and the report.
@@ -80,150 +73,6 @@ pub struct StageStats {
     pub skipped_steps: usize,
     /// Wall time spent summing gradients and counters over the ranks (0 for one process).
     pub comm_seconds: f64,
-}
-
-/// The student's forward for one micro-batch, up to what the loss takes: the final
-/// hidden states (for the fused head) or the logits, on candle's autograd graph.
-///
-/// On the fused CPU f32 path the model body runs `Llama::forward_taped`: its output
-/// becomes a leaf `Var`, only the head and the loss go on candle's graph, and
-/// `grads` runs the body's hand-written backward (`model::tape`) from that leaf's
-/// gradient. Elsewhere the whole forward is on the graph and candle's backward runs.
-pub struct Forward {
-    /// (B*T, d) hidden states with `head`, else (B*T, V) logits, f32.
-    pub out: Tensor,
-    taped: Option<(Tape, Var)>,
-}
-
-impl Forward {
-    pub fn run(model: &Llama, ids: &Tensor, head: bool) -> Result<Self> {
-        if model.can_tape() {
-            let (hidden, tape) = model.forward_taped(ids)?; // (B, T, d)
-            let leaf = Var::from_tensor(&hidden.flatten_to(1)?)?; // (B*T, d)
-            let out = if head {
-                leaf.as_tensor().clone()
-            } else {
-                model.head_logits(leaf.as_tensor())? // (B*T, V)
-            };
-            return Ok(Self {
-                out,
-                taped: Some((tape, leaf)),
-            });
-        }
-        let out = if head {
-            model.forward_hidden(ids)?.flatten_to(1)? // (B*T, d)
-        } else {
-            model.forward(ids)?.flatten_to(1)? // (B*T, V)
-        };
-        Ok(Self { out, taped: None })
-    }
-
-    /// The gradient of `loss` (a scalar computed from `out`, and from the model's head
-    /// weight) for every parameter of `model`, zeros where the loss does not reach.
-    pub fn grads(self, model: &Llama, loss: &Tensor) -> Result<BTreeMap<String, Tensor>> {
-        let g = loss.backward()?;
-        let mut body = match &self.taped {
-            Some((tape, leaf)) => {
-                let dh = match g.get(leaf.as_tensor()) {
-                    Some(dh) => dh.clone(),
-                    None => leaf.as_tensor().zeros_like()?,
-                };
-                tape.backward(model, &dh)?
-            }
-            None => BTreeMap::new(),
-        };
-        model
-            .params()
-            .iter()
-            .map(|(name, var)| {
-                // The head's gradient comes from candle's graph, the body's from the
-                // tape; with tied embeddings the embedding matrix has both.
-                let gi = match (g.get(var.as_tensor()), body.remove(name)) {
-                    (Some(a), Some(b)) => (a + b)?,
-                    (Some(a), None) => a.clone(),
-                    (None, Some(b)) => b,
-                    (None, None) => var.as_tensor().zeros_like()?,
-                };
-                Ok((name.clone(), gi))
-            })
-            .collect()
-    }
-}
-
-/// A micro-batch's gradients: already computed (the one-pass path), or still to be
-/// taken from candle's graph through the loss.
-enum MicroGrads {
-    Done(BTreeMap<String, Tensor>),
-    Graph(Forward, Tensor),
-}
-
-/// The teacher's side of one micro-batch.
-enum TeacherSide {
-    Logits(Tensor),
-    /// Final hidden states (B*T, Ht) and head weight (V, Ht), for the fused head, which
-    /// computes the teacher's logits chunk by chunk too.
-    Hidden(Tensor, Tensor),
-    TopK(TopK),
-}
-
-/// The loss on whole (B*T, V) logits: the fused kernels, or the plain composition.
-fn plain_loss(
-    loss_impl: LossImpl,
-    logits: &Tensor,
-    side: Option<&TeacherSide>,
-    b: &Batch,
-    (ce_weight, temperature, denom): (f64, f64, f64),
-    divergence: Divergence,
-) -> Result<LossParts> {
-    let (y, m) = (&b.targets, &b.mask);
-    match (loss_impl, side) {
-        (LossImpl::Reference, None) => distill_loss(logits, None, y, m, ce_weight, temperature, denom),
-        (LossImpl::Reference, Some(TeacherSide::Logits(tl))) => {
-            distill_loss(logits, Some(tl), y, m, ce_weight, temperature, denom)
-        }
-        (LossImpl::Reference, Some(_)) => Err(Error::Invalid(
-            "the reference loss takes full teacher logits only; use the fused loss".into(),
-        )),
-        (_, side) => {
-            let teacher = match side {
-                None => None,
-                Some(TeacherSide::Logits(t)) => Some(TeacherTargets::Logits(t)),
-                Some(TeacherSide::TopK(t)) => Some(TeacherTargets::TopK(t)),
-                Some(TeacherSide::Hidden(..)) => {
-                    return Err(Error::Invalid("teacher hidden states need the fused head".into()))
-                }
-            };
-            distill_loss_with(logits, teacher, y, m, ce_weight, temperature, denom, divergence)
-        }
-    }
-}
-
-/// Runs the teacher on a micro-batch (counting its FLOPs), or reads its rows from the
-/// cache. `idx` are the batch's examples, `t` its padded length. With `head` (the fused
-/// head) a full-distribution teacher gives its hidden states and head instead of logits.
-fn teacher_side(
-    tch: &Teacher,
-    b: &Batch,
-    idx: &[usize],
-    t: usize,
-    head: bool,
-    stats: &mut StageStats,
-) -> Result<TeacherSide> {
-    match tch.source {
-        TeacherSource::Online(model) => {
-            stats.teacher_flops += model.cfg.forward_flops_per_token(t) * b.positions as f64;
-            if head && tch.top_k.is_none() {
-                let hidden = model.forward_hidden(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, Ht)
-                return Ok(TeacherSide::Hidden(hidden, model.lm_head_weight()?.detach()));
-            }
-            let logits = model.forward(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, V)
-            Ok(match tch.top_k {
-                Some(k) => TeacherSide::TopK(top_k_of_logits(&logits, k, tch.temperature)?),
-                None => TeacherSide::Logits(logits),
-            })
-        }
-        TeacherSource::Cache(cache) => Ok(TeacherSide::TopK(cache.batch(idx, t, b.inputs.device())?)),
-    }
 }
 
 /// Which implementation computes the loss.
@@ -253,10 +102,13 @@ impl LossImpl {
 /// Called with the model, optimiser and state whenever a checkpoint is due.
 pub type SaveFn<'a> = dyn FnMut(&Llama, &AdamW, &TrainerState) -> Result<()> + 'a;
 
+/// Trains `model` for one stage on `input` (its data, teacher, loss and ranks) with the
+/// optimiser, schedule and loop settings of `spec`, computing the loss with `loss_impl`.
+/// `save` is called whenever a checkpoint is due. With `input.resume_from`, the stage
+/// continues from that checkpoint's optimiser state, step and data position.
 pub fn train(
     input: &StageInput,
     model: &Llama,
-    teacher: Option<&Teacher>,
     spec: &TrainSpec,
     loss_impl: LossImpl,
     save: &mut SaveFn,
@@ -269,73 +121,26 @@ pub fn train(
     let params = model.params();
     let mut opt = AdamW::new(spec, params)?;
     let mut order = Order::new(input.train.len(), input.seed);
-    let mut stats = StageStats::default();
-    let mut start = 0;
-    if let Some(dir) = input.resume_from {
-        let state = crate::train::checkpoint::load_training_state(dir, &mut opt, &device)?;
-        let same = state.stage == input.name
-            && state.total_steps == spec.steps
-            && state.seed == input.seed
-            && state.micro_batches == state.step * spec.grad_accum
-            && state.step <= spec.steps;
-        if !same {
-            return Err(Error::Checkpoint {
-                path: dir.to_path_buf(),
-                msg: format!(
-                    "was written by stage {} (step {}/{}, seed {}), which does not match stage {} ({} steps, seed {}); \
-                     resume with the run's own config.toml",
-                    state.stage, state.step, state.total_steps, state.seed, input.name, spec.steps, input.seed
-                ),
-            });
-        }
-        start = state.step;
-        stats.steps = state.step;
-        stats.tokens = state.tokens_seen as u64;
-        stats.flops = state.flops;
-        stats.teacher_flops = state.teacher_flops;
-        stats.final_loss = state.last_loss.unwrap_or(0.0);
-    }
-    let (alpha, temperature, divergence) = teacher.map_or((1.0, 1.0, Divergence::ForwardKl), |t| {
-        (t.ce_weight, t.temperature, t.divergence)
-    });
-    if loss_impl == LossImpl::Reference && divergence != Divergence::ForwardKl {
-        return Err(Error::Invalid(format!(
-            "the reference loss implements forward_kl only, not {divergence}; use the fused loss"
-        )));
-    }
-    let top_k = teacher.is_some_and(|t| t.top_k.is_some() || matches!(t.source, TeacherSource::Cache(_)));
-    if loss_impl == LossImpl::Reference && top_k {
-        return Err(Error::Invalid(
-            "the reference loss takes full teacher logits only, not a top-k teacher or a logit cache; use the fused loss"
-                .into(),
-        ));
-    }
+    let (start, mut stats) = match input.resume_from {
+        Some(dir) => resumed(input, spec, dir, &mut opt, &device)?,
+        None => (0, StageStats::default()),
+    };
+    // Without a teacher the loss is the cross-entropy alone, whatever `input.loss` says.
+    let loss_spec = if input.teacher.is_some() {
+        input.loss
+    } else {
+        LossSpec::CE_ONLY
+    };
+    check_loss(input, &loss_spec, loss_impl)?;
     progress.stage_start(input.name, spec.steps);
 
-    let comm = input.comm;
-    let (rank, world) = (comm.rank(), comm.world());
+    let (comm, world) = (input.comm, input.comm.world());
     let mut comm_timer = CommTimer::default();
     let mut skipped_in_a_row = 0;
     for step in start..spec.steps {
         let t0 = Instant::now();
         let lr = lr_at(spec, step);
-        let global: Vec<Vec<usize>> = (0..spec.grad_accum)
-            .map(|a| order.micro_batch(step * spec.grad_accum + a, spec.batch_size))
-            .collect();
-        // Normalise by the valid tokens of the whole step (every rank's share of every
-        // micro-batch), not per micro-batch: the sum of the ranks' gradients is then
-        // the gradient of the global batch.
-        let denom: usize = global.iter().flatten().map(|&i| input.train[i].loss_tokens()).sum();
-        // This rank's slice of each micro-batch; with more ranks than examples some get none.
-        let batches = global
-            .iter()
-            .map(|idx| idx[shard_range(idx.len(), rank, world)].to_vec())
-            .filter(|idx| !idx.is_empty())
-            .map(|idx| {
-                let items: Vec<&Encoded> = idx.iter().map(|&i| &input.train[i]).collect();
-                Ok((make_batch(&items, input.pad, &device)?, idx))
-            })
-            .collect::<Result<Vec<(Batch, Vec<usize>)>>>()?;
+        let (batches, denom) = step_batches(input, spec, &mut order, step, &device)?;
         let (flops_before, teacher_flops_before) = (stats.flops, stats.teacher_flops);
 
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -343,92 +148,26 @@ pub fn train(
         let mut step_tokens = 0u64;
         let mut fault: Option<(&'static str, f32)> = None;
         for (b, idx) in &batches {
-            let (_, t) = b.inputs.dims2()?;
-            let d = denom as f64;
-            let head = loss_impl == LossImpl::FusedHead;
-            let side = match teacher {
-                Some(tch) => Some(teacher_side(tch, b, idx, t, head, &mut stats)?),
-                None => None,
-            };
-            // The fused loss, with the fused head or without, runs with no autograd graph
-            // on the fused CPU path: the head, the loss and its gradient in one pass over
-            // the logits, chunk by chunk for the fused head (`Llama::loss_and_grads_one_pass`).
-            let head_teacher = match &side {
-                None => HeadTeacher::None,
-                Some(TeacherSide::Logits(l)) => HeadTeacher::Logits(l),
-                Some(TeacherSide::Hidden(h, w)) => HeadTeacher::Hidden { hidden: h, weight: w },
-                Some(TeacherSide::TopK(top)) => HeadTeacher::TopK(top),
-            };
-            let one_pass = matches!(loss_impl, LossImpl::Fused | LossImpl::FusedHead) && model.can_tape();
-            let (total, micro_ce, micro_kd, micro_grads) = match one_pass {
-                true => {
-                    let chunk = head.then(|| default_chunk_rows(model.cfg.vocab_size));
-                    let (vals, g) = model.loss_and_grads_one_pass(
-                        &b.inputs,
-                        &b.targets,
-                        &b.mask,
-                        head_teacher,
-                        alpha,
-                        temperature,
-                        d,
-                        divergence,
-                        chunk,
-                    )?;
-                    (vals.total, vals.ce, vals.kd, MicroGrads::Done(g))
-                }
-                false => {
-                    let fwd = Forward::run(model, &b.inputs, head)?;
-                    let parts = if head {
-                        // Hidden states and head weight in, the (B*T, V) logits never whole.
-                        let hidden = &fwd.out; // (B*T, H)
-                        let w = model.lm_head_weight()?;
-                        fused_linear_distill_loss(
-                            hidden,
-                            &w,
-                            head_teacher,
-                            &b.targets,
-                            &b.mask,
-                            alpha,
-                            temperature,
-                            d,
-                            divergence,
-                            None,
-                        )?
-                    } else {
-                        plain_loss(
-                            loss_impl,
-                            &fwd.out, // (B*T, V)
-                            side.as_ref(),
-                            b,
-                            (alpha, temperature, d),
-                            divergence,
-                        )?
-                    };
-                    let total = parts.total.to_scalar::<f32>()?;
-                    (total, parts.ce, parts.kd, MicroGrads::Graph(fwd, parts.total))
-                }
-            };
-            fault = [("loss", total), ("ce", micro_ce), ("kd", micro_kd)]
+            let teacher = input.teacher.as_ref();
+            let micro = step::micro_batch(model, (b, idx), teacher, &loss_spec, loss_impl, denom, &mut stats)?;
+            fault = [("loss", micro.total), ("ce", micro.ce), ("kd", micro.kd)]
                 .into_iter()
                 .find(|(_, v)| !v.is_finite());
             if fault.is_some() {
                 break;
             }
-            let micro_grads = match micro_grads {
-                MicroGrads::Done(g) => g,
-                MicroGrads::Graph(fwd, total) => fwd.grads(model, &total)?,
-            };
-            for (name, gi) in micro_grads {
+            for (name, gi) in micro.grads.into_grads(model)? {
                 let acc = match grads.remove(&name) {
                     Some(prev) => (prev + gi)?,
                     None => gi,
                 };
                 grads.insert(name, acc);
             }
-            loss += total;
-            ce += micro_ce;
-            kd += micro_kd;
+            loss += micro.total;
+            ce += micro.ce;
+            kd += micro.kd;
             step_tokens += b.tokens as u64;
+            let (_, t) = b.inputs.dims2()?;
             stats.flops += 3.0 * model.cfg.forward_flops_per_token(t) * b.positions as f64;
         }
         if world > 1 {
@@ -462,19 +201,7 @@ pub fn train(
             Some((term, value)) => {
                 skipped_in_a_row += 1;
                 stats.skipped_steps += 1;
-                if spec.on_nonfinite == NonFinitePolicy::Stop || skipped_in_a_row > MAX_SKIPS_IN_A_ROW {
-                    return Err(Error::NonFinite {
-                        stage: input.name.to_string(),
-                        step,
-                        term,
-                        value,
-                    });
-                }
-                progress.message(&format!(
-                    "{}: step {} skipped (non-finite {term} = {value}); on_nonfinite = \"skip\"",
-                    input.name,
-                    step + 1
-                ));
+                skip_or_stop(input.name, spec, step, (term, value), skipped_in_a_row, progress)?;
             }
         }
         stats.tokens += step_tokens;
@@ -502,23 +229,139 @@ pub fn train(
             dollars: 0.0,
         });
         if last || (spec.save_every > 0 && (step + 1) % spec.save_every == 0) {
-            let state = TrainerState {
-                stage: input.name.to_string(),
-                step: step + 1,
-                total_steps: spec.steps,
-                micro_batches: (step + 1) * spec.grad_accum,
-                seed: input.seed,
-                tokens_seen: stats.tokens as usize,
-                last_loss: Some(loss),
-                flops: stats.flops,
-                teacher_flops: stats.teacher_flops,
-                checksums: Default::default(),
-            };
-            save(model, &opt, &state)?;
+            save(model, &opt, &trainer_state(input, spec, step + 1, &stats, loss))?;
         }
     }
     progress.stage_end();
     Ok(stats)
+}
+
+/// The optimiser state, step and stage totals of the checkpoint a stage resumes from,
+/// checked to be this stage's own.
+fn resumed(
+    input: &StageInput,
+    spec: &TrainSpec,
+    dir: &std::path::Path,
+    opt: &mut AdamW,
+    device: &candle_core::Device,
+) -> Result<(usize, StageStats)> {
+    let state = checkpoint::load_training_state(dir, opt, device)?;
+    let same = state.stage == input.name
+        && state.total_steps == spec.steps
+        && state.seed == input.seed
+        && state.micro_batches == state.step * spec.grad_accum
+        && state.step <= spec.steps;
+    if !same {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "was written by stage {} (step {}/{}, seed {}), which does not match stage {} ({} steps, seed {}); \
+                 resume with the run's own config.toml",
+                state.stage, state.step, state.total_steps, state.seed, input.name, spec.steps, input.seed
+            ),
+        });
+    }
+    let stats = StageStats {
+        steps: state.step,
+        tokens: state.tokens_seen as u64,
+        flops: state.flops,
+        teacher_flops: state.teacher_flops,
+        final_loss: state.last_loss.unwrap_or(0.0),
+        ..StageStats::default()
+    };
+    Ok((state.step, stats))
+}
+
+/// The reference loss implements forward KL on full teacher logits only.
+fn check_loss(input: &StageInput, loss: &LossSpec, loss_impl: LossImpl) -> Result<()> {
+    if loss_impl != LossImpl::Reference {
+        return Ok(());
+    }
+    let divergence = loss.divergence;
+    if divergence != Divergence::ForwardKl {
+        return Err(Error::Invalid(format!(
+            "the reference loss implements forward_kl only, not {divergence}; use the fused loss"
+        )));
+    }
+    let top_k = matches!(
+        input.teacher,
+        Some(TeacherSource::Online { top_k: Some(_), .. } | TeacherSource::Cache(_))
+    );
+    if top_k {
+        return Err(Error::Invalid(
+            "the reference loss takes full teacher logits only, not a top-k teacher or a logit cache; use the fused loss"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// This rank's slice of each micro-batch of `step` (with more ranks than examples some
+/// get none), and the step's valid tokens on every rank: normalising by those, not per
+/// micro-batch, makes the sum of the ranks' gradients the gradient of the global batch.
+fn step_batches(
+    input: &StageInput,
+    spec: &TrainSpec,
+    order: &mut Order,
+    step: usize,
+    device: &candle_core::Device,
+) -> Result<(Vec<(Batch, Vec<usize>)>, f64)> {
+    let (rank, world) = (input.comm.rank(), input.comm.world());
+    let global: Vec<Vec<usize>> = (0..spec.grad_accum)
+        .map(|a| order.micro_batch(step * spec.grad_accum + a, spec.batch_size))
+        .collect();
+    let denom: usize = global.iter().flatten().map(|&i| input.train[i].loss_tokens()).sum();
+    let batches = global
+        .iter()
+        .map(|idx| idx[shard_range(idx.len(), rank, world)].to_vec())
+        .filter(|idx| !idx.is_empty())
+        .map(|idx| {
+            let items: Vec<&Encoded> = idx.iter().map(|&i| &input.train[i]).collect();
+            Ok((make_batch(&items, input.pad, device)?, idx))
+        })
+        .collect::<Result<Vec<(Batch, Vec<usize>)>>>()?;
+    Ok((batches, denom as f64))
+}
+
+/// A step with a non-finite loss or gradient: an error with `on_nonfinite = "stop"` or
+/// after `MAX_SKIPS_IN_A_ROW` skips in a row, else a message and the step is dropped.
+fn skip_or_stop(
+    stage: &str,
+    spec: &TrainSpec,
+    step: usize,
+    (term, value): (&'static str, f32),
+    skipped_in_a_row: usize,
+    progress: &dyn Progress,
+) -> Result<()> {
+    if spec.on_nonfinite == NonFinitePolicy::Stop || skipped_in_a_row > MAX_SKIPS_IN_A_ROW {
+        return Err(Error::NonFinite {
+            stage: stage.to_string(),
+            step,
+            term,
+            value,
+        });
+    }
+    progress.message(&format!(
+        "{stage}: step {} skipped (non-finite {term} = {value}); on_nonfinite = \"skip\"",
+        step + 1
+    ));
+    Ok(())
+}
+
+/// Where the stage stands after `step` steps, for its checkpoint.
+fn trainer_state(input: &StageInput, spec: &TrainSpec, step: usize, stats: &StageStats, loss: f32) -> TrainerState {
+    TrainerState {
+        stage: input.name.to_string(),
+        step,
+        total_steps: spec.steps,
+        micro_batches: step * spec.grad_accum,
+        seed: input.seed,
+        tokens_seen: stats.tokens as usize,
+        last_loss: Some(loss),
+        flops: stats.flops,
+        teacher_flops: stats.teacher_flops,
+        checksums: Default::default(),
+    }
 }
 
 /// Sums this step's gradients, loss terms and counters over the ranks, in rank order
@@ -599,7 +442,8 @@ pub fn eval_loss_on(
         let items: Vec<&Encoded> = chunk.iter().collect();
         let b = make_batch(&items, pad, model.device())?;
         let logits = model.forward(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, V)
-        let parts = distill_loss(&logits, None, &b.targets, &b.mask, 1.0, 1.0, 1.0)?;
+        let parts =
+            crate::loss::distill_loss(&logits, None, &b.targets, &b.mask, &LossSpec::forward_kl(1.0, 1.0), 1.0)?;
         sum += parts.ce as f64;
         n += b.loss_tokens;
     }
@@ -650,6 +494,8 @@ mod tests {
             seed: 1,
             resume_from: None,
             comm,
+            teacher: None,
+            loss: LossSpec::CE_ONLY,
         };
         let ts = TrainSpec {
             steps: 2,
@@ -671,7 +517,7 @@ mod tests {
             saves += 1;
             Ok(())
         };
-        let stats = train(input, model, None, spec, LossImpl::Reference, &mut save, &Silent)?;
+        let stats = train(input, model, spec, LossImpl::Reference, &mut save, &Silent)?;
         assert_eq!(saves, 1, "one checkpoint at the end");
         Ok(stats)
     }
@@ -697,6 +543,8 @@ mod tests {
             seed: 1,
             resume_from: None,
             comm: &crate::distributed::Single,
+            teacher: None,
+            loss: LossSpec::CE_ONLY,
         };
         let poisoned = || -> Result<Llama> {
             let m = Llama::init(ModelConfig::from_spec(&spec, 48, 1, 2, 0), 0.1, 3, &Device::Cpu)?;
@@ -711,7 +559,7 @@ mod tests {
             ..TrainSpec::default()
         };
         let m = poisoned()?;
-        let err = train(&input, &m, None, &ts, LossImpl::Fused, &mut save, &Silent).unwrap_err();
+        let err = train(&input, &m, &ts, LossImpl::Fused, &mut save, &Silent).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -729,7 +577,7 @@ mod tests {
         let before = m.params()["model.embed_tokens.weight"]
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let stats = train(&input, &m, None, &ts, LossImpl::Fused, &mut save, &Silent)?;
+        let stats = train(&input, &m, &ts, LossImpl::Fused, &mut save, &Silent)?;
         assert_eq!(stats.skipped_steps, 3);
         let after = m.params()["model.embed_tokens.weight"]
             .flatten_all()?
@@ -738,7 +586,7 @@ mod tests {
 
         ts.steps = MAX_SKIPS_IN_A_ROW + 2;
         let m = poisoned()?;
-        let err = train(&input, &m, None, &ts, LossImpl::Fused, &mut save, &Silent).unwrap_err();
+        let err = train(&input, &m, &ts, LossImpl::Fused, &mut save, &Silent).unwrap_err();
         assert!(matches!(err, Error::NonFinite { .. }), "{err}");
         Ok(())
     }
