@@ -20,7 +20,7 @@
 #   for PyTorch (default 2). STEPS / WARMUP: timed / untimed steps per run (default 10 / 2).
 # ALLOC: "tuned" (default) runs every process with
 #   GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736, which
-#   keeps freed memory for reuse: PyTorch at its best (shared/DESIGN.md), and for distill the
+#   keeps freed memory for reuse: PyTorch at its best (docs/design.md), and for distill the
 #   stand-in for the mimalloc allocator the `distill` binary installs (the bench, in the
 #   library crate, cannot). "default" leaves glibc as configured.
 # CARGO_TARGET_DIR is honoured as usual.

@@ -3,7 +3,7 @@
 # forward KL at N 2048, V 32768, T 2, f32, 2 threads (issue 3, item 6), with pass/fail
 # against its targets:
 #   - distill's fused fwd+bwd at least 3x faster than PyTorch eager at its best
-#     (warm, GLIBC_TUNABLES that keep freed memory; see shared/DESIGN.md);
+#     (warm, GLIBC_TUNABLES that keep freed memory; see docs/design.md);
 #   - distill's peak extra memory at most 1.5x one (N, V) f32 tensor.
 #
 # Usage: PYTHON=/path/to/venv/bin/python scripts/bench_kd.sh [--n N] [--v V] [--t T] [--reps R] [--rounds K]

@@ -11,7 +11,7 @@ allocator settings, each in processes of its own because glibc reads GLIBC_TUNAB
 - glibc-default: glibc as configured. Buffers this large are mmap'd and unmapped on free, so
   every call faults its pages in again.
 - glibc-tuned: GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736,
-  which keeps freed memory in the heap for reuse: PyTorch at its best (shared/DESIGN.md).
+  which keeps freed memory in the heap for reuse: PyTorch at its best (docs/design.md).
 
 Per setting:
 - cold: COLD_RUNS fresh processes, each timing the very first call (lazy initialisation and

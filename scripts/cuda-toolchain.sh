@@ -11,7 +11,7 @@
 # these pins is reused without touching the network. DISTILL_CUDA_VENV picks another
 # folder; DISTILL_CUDA_COMPUTE_CAP another compute capability (default 90, H100/H200).
 #
-# Why these pins (shared/DESIGN.md, "CUDA without a GPU"): nvvm and crt must match
+# Why these pins (docs/design.md, "CUDA without a GPU"): nvvm and crt must match
 # nvcc's 13.0; unpinned they come as 13.5, whose PTX (.version 9.5) the 13.0 ptxas
 # rejects. NVRTC 13.0 compiles our own kernels (src/kernels/*.cu) to PTX.
 # Linking a CUDA binary still fails here (no libcuda): check, don't build.

@@ -25,7 +25,7 @@
 //! The `distill` binary installs mimalloc as its allocator; this bench cannot (mimalloc
 //! is not a dependency of the library crate) and uses the system one. `bench-train.sh`
 //! therefore runs it, and PyTorch, with glibc tuned to keep freed memory
-//! (`GLIBC_TUNABLES`, see shared/DESIGN.md), which has the same effect on page faults.
+//! (`GLIBC_TUNABLES`, see docs/design.md), which has the same effect on page faults.
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo bench -p distill --bench train_step

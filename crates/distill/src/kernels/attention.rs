@@ -3,101 +3,26 @@
 //! `forward_slices` / `backward_slices` expose the same kernels on plain slices for the
 //! hand-written training backward (`model::tape`).
 //!
-//! Layout. q is (B, T, H, D) and k, v are (B, T, Hkv, D): the q/k/v projections
-//! reshaped for free from (B, T, heads * D), so a head's rows are strided by H * D
-//! (q, out) or Hkv * D (k, v). The output is (B, T, H, D), contiguous, and reshapes
-//! for free to (B, T, H * D) for o_proj. Grouped-query attention: query head h reads
-//! key/value head h / (H / Hkv).
-//!
-//! Math, per (batch, query head), with K, V the head's key/value rows:
-//!
-//! ```text
-//! S = scale * Q K^T        (T, T), only S_ij with j <= i (causal)
-//! P = softmax_rows(S)      P_ij = exp(S_ij - m_i) / l_i,  m_i = max_{j<=i} S_ij,
-//!                          l_i = sum_{j<=i} exp(S_ij - m_i)
-//! O = P V                  (T, D)
-//! ```
-//!
-//! and, given dO = dL/dO, the backward of FlashAttention (Dao et al., 2022):
-//!
-//! ```text
-//! dV = P^T dO              (T, D), summed over the query heads of the group
-//! dP = dO V^T              (T, T)
-//! Di = sum_j P_ij dP_ij    (= rowsum(dO * O) in exact arithmetic)
-//! dS = P * (dP - Di)       (the softmax Jacobian applied to dP)
-//! dQ = scale * dS K        (T, D)
-//! dK = scale * dS^T Q      (T, D), summed over the query heads of the group
-//! ```
-//!
-//! Di is taken as sum_j P_ij dP_ij rather than FlashAttention's rowsum(dO * O): equal in
-//! exact arithmetic, and the kernel holds the tile's whole causal rows of P and dP anyway,
-//! so it costs one pass over them (against five D-deep products per tile). It is the
-//! form autograd's softmax backward computes, and the gradients came out 2-4x closer to
-//! the plain ops with it (at inputs of +-30: 5e-7 against up to 2e-6 relative), and
-//! equally close to an f64 reference.
-//!
-//! Memory. Neither S nor P is kept between forward and backward. Forward keeps two
-//! floats per score row, m_i and 1 / l_i (2 * B * H * T floats, in the op), and backward
-//! recomputes `P = exp(scale * Q K^T - m) * (1 / l)` tile by tile. That pair is the
-//! log-sum-exp `lse_i = m_i + ln l_i` in split form: a single f32 lse loses the absolute
-//! precision the exponent needs when scores are large (ulp(300) = 3e-5, a relative error
-//! of 1.5e-5 in every P_ij; it doubled the gradient error against an f64 reference at
-//! inputs of +-30), whereas the split form recomputes the forward's P bit for bit (same
-//! products, same `exp_f32`, same multiply). Both passes walk a head's queries in tiles
-//! of `TILE_ROWS` rows; a tile of rows i0..i1 meets the keys 0..i1 only, so the key
-//! blocks above the diagonal are never computed (half of the T x T work; only the masked
-//! triangle inside the diagonal block is). A tile's scores live in a (TILE_ROWS, T)
-//! scratch buffer of its task (two in backward: P, and dP then dS). Each task also
-//! copies its head's rows into dense (T, D) buffers, so that the products read
-//! unit-stride rows.
-//!
-//! Parallelism and determinism. Forward runs one rayon task per (batch, query head);
-//! backward one per (batch, key/value head), which handles the query heads of its group
-//! in order, so dK and dV accumulate inside one task with no atomics. Within a task the
-//! order of every sum is fixed (tiles and heads in order, `gemm` with
-//! `Parallelism::None`, fixed-lane accumulators), and no two tasks write the same output
-//! element, so results are bitwise identical whatever the number of rayon threads
-//! (tested). Tasks write their heads' interleaved rows of the shared outputs through
-//! `SharedOut`, which is where the module's `unsafe` lives.
-//!
-//! Speed. The two products per tile in forward and five in backward go to the `gemm`
-//! crate (its AVX-512/AVX2 FMA kernels, chosen at run time), single-threaded inside the
-//! task: on these tile shapes (64 x 256 x 32) it ran at 80-100 GFLOP/s on one core of the
-//! dev machine, against 51 GFLOP/s for a hand-written AVX2+FMA kernel with 4 x 16
-//! register-blocked accumulators. The row passes (max, exp and sum, Di, dS) use `LANES`
-//! independent accumulators and the polynomial `exp_f32`, so they vectorise without
-//! reassociating floats, and run in an AVX2 build of themselves when the CPU has it.
-//! Measured on the 2-core dev machine (2 rayon threads, release build, other jobs
-//! sharing it, so ranges over runs), B 8, T 256, H = Hkv 8, D 32
-//! (`tests::timing_fused_against_plain`, medians of 15):
-//!
-//! ```text
-//!                      forward       forward + backward, through candle's autograd
-//! fused (this op)      3.4-4.1 ms    22-28 ms    (kernels alone: 3.4-4.3 + 6.7-8 ms)
-//! plain candle ops     39-50 ms      171-210 ms
-//! ```
-//!
-//! About half of the fused op's forward + backward is candle's own backward around the
-//! kernels (the loss ops, a zeros + add per gradient in `GradStore`, freeing), which
-//! `model::tape` avoids by calling `forward_slices` / `backward_slices` directly.
+//! q is (B, T, H, D) and k, v are (B, T, Hkv, D) (grouped-query attention); the output
+//! is (B, T, H, D). Neither the scores nor the probabilities are kept between forward and
+//! backward: the forward keeps the split log-sum-exp (m_i, 1 / l_i) of each row and the
+//! backward recomputes P tile by tile. Results are bitwise identical for any number of
+//! rayon threads (tested). The math, the memory plan, the parallel layout and the
+//! measured speed are in `docs/kernels.md`.
 
-use std::marker::PhantomData;
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, MetalStorage, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::tiles::{matmul, Dst, Mat, SharedOut};
 use crate::error::{Error, Result};
-use crate::kernels::cpu::{exp_f32, f32_slice, Isa};
+use crate::kernels::cpu::{avx2_dispatch, exp_f32, f32_slice, Isa, LANES};
 
 /// Query rows per tile: the scores of a tile are (TILE_ROWS, <= T) floats of scratch.
 /// 64 rows keep the products large enough for `gemm`'s kernels while the masked
 /// triangle of the diagonal block (computed, then zeroed) stays a small part of the work.
 const TILE_ROWS: usize = 64;
-
-/// Independent accumulators in the row passes: 16 f32 fill an AVX-512 register and two
-/// AVX2 ones; narrower targets split them. Their order of summation is fixed.
-const LANES: usize = 16;
 
 /// The op's name in candle errors.
 const NAME: &str = "distill-causal-attention";
@@ -621,141 +546,6 @@ fn gather_rows(x: &[f32], rs: usize, t: usize, d: usize) -> Vec<f32> {
 }
 
 // ---------------------------------------------------------------------------
-// Tile products
-// ---------------------------------------------------------------------------
-
-/// A read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// Row-major rows `rs` apart.
-    fn rows(data: &'a [f32], rs: usize) -> Self {
-        Self { data, rs, cs: 1 }
-    }
-
-    /// The transpose, as a view of the same data.
-    fn t(self) -> Self {
-        Self {
-            data: self.data,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-
-    /// Whether an (rows, cols) matrix fits in `data`.
-    fn covers(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// Where a tile product writes: element (i, j) at `ptr + i * rs + j`, of which the first
-/// `len` elements may be written by the holder.
-struct Dst<'a> {
-    ptr: *mut f32,
-    len: usize,
-    rs: usize,
-    _borrow: PhantomData<&'a mut [f32]>,
-}
-
-impl<'a> Dst<'a> {
-    /// A task's own buffer, rows `rs` apart.
-    fn slice(data: &'a mut [f32], rs: usize) -> Self {
-        Self {
-            ptr: data.as_mut_ptr(),
-            len: data.len(),
-            rs,
-            _borrow: PhantomData,
-        }
-    }
-}
-
-/// An output buffer that the parallel tasks write through raw pointers, each in its own
-/// interleaved set of rows: in (B, T, heads, D), head `h` of batch `b` is T rows of D
-/// floats, heads * D apart, and belongs to one task. Slices cannot express that
-/// partition (the rows of one head sit between those of the others), pointers can.
-struct SharedOut<'a> {
-    ptr: *mut f32,
-    len: usize,
-    _borrow: PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: the buffer is only written through `rows`, whose callers promise that no two
-// tasks write (or read) the same element; the mutable borrow is held for 'a.
-unsafe impl Sync for SharedOut<'_> {}
-
-impl<'a> SharedOut<'a> {
-    fn new(data: &'a mut [f32]) -> Self {
-        Self {
-            ptr: data.as_mut_ptr(),
-            len: data.len(),
-            _borrow: PhantomData,
-        }
-    }
-
-    /// The rows starting at element `start`, `rs` apart.
-    ///
-    /// # Safety
-    ///
-    /// While the returned `Dst` is used, no other thread may access the elements it
-    /// writes (`matmul` writes the first `n` of each of its `m` rows).
-    unsafe fn rows(&self, start: usize, rs: usize) -> Dst<'_> {
-        assert!(start <= self.len, "{NAME}: output offset out of bounds");
-        Dst {
-            // SAFETY: `start <= len`, so the pointer stays inside (or one past) the buffer.
-            ptr: unsafe { self.ptr.add(start) },
-            len: self.len - start,
-            rs,
-            _borrow: PhantomData,
-        }
-    }
-}
-
-/// dst (m, n) <- [dst +] beta * lhs (m, kd) @ rhs (kd, n), on this thread, with the `gemm`
-/// crate's kernels (its summation order is fixed by the sizes and strides alone).
-#[allow(clippy::too_many_arguments)]
-fn matmul(m: usize, n: usize, kd: usize, dst: Dst, accumulate: bool, lhs: Mat, rhs: Mat, beta: f32) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // Internal invariants (the callers derive every size from the checked dims); they
-    // make the unsafe call below sound, so they are checked in release builds too.
-    assert!(
-        lhs.covers(m, kd) && rhs.covers(kd, n) && dst.rs >= n && (m - 1) * dst.rs + n <= dst.len,
-        "{NAME}: tile product out of bounds"
-    );
-    // SAFETY: the assert keeps every element gemm reads (lhs, rhs) or writes (dst) inside
-    // its buffer; dst is writable by this task alone (`Dst`), so it aliases no input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            kd,
-            dst.ptr,
-            1,
-            dst.rs as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Row passes over a tile of scores
 //
 // A tile holds rows i0..i0+m of a head's scores, each `n` wide (keys 0..n); row r is
@@ -872,32 +662,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Defines `$name(isa, args..)`, which runs the `#[inline(always)]` kernel `$kernel`
-/// compiled for AVX2 when the CPU has it, else for the build's baseline. Rust never
-/// fuses a multiply and an add on its own, so both builds round identically.
-macro_rules! avx2_dispatch {
-    ($name:ident, $avx2:ident, $kernel:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
-        unsafe fn $avx2($($arg: $ty),*) {
-            $kernel($($arg),*)
-        }
-
-        fn $name(isa: Isa, $($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if isa.avx2 {
-                // SAFETY: `isa.avx2` is true only when `Isa::detect` found AVX2 on this CPU.
-                return unsafe { $avx2($($arg),*) };
-            }
-            let _ = isa;
-            $kernel($($arg),*)
-        }
-    };
-}
-
-avx2_dispatch!(softmax_tile, softmax_tile_avx2, softmax_tile_kernel, (s: &mut [f32], n: usize, i0: usize, stats: &mut [RowStats]));
-avx2_dispatch!(probs_tile, probs_tile_avx2, probs_tile_kernel, (s: &mut [f32], n: usize, i0: usize, stats: &[RowStats]));
-avx2_dispatch!(dscores_tile, dscores_tile_avx2, dscores_tile_kernel, (p: &[f32], dp: &mut [f32], n: usize, i0: usize));
+avx2_dispatch!(softmax_tile, softmax_tile_avx2, softmax_tile_kernel, <>, (s: &mut [f32], n: usize, i0: usize, stats: &mut [RowStats]) -> ());
+avx2_dispatch!(probs_tile, probs_tile_avx2, probs_tile_kernel, <>, (s: &mut [f32], n: usize, i0: usize, stats: &[RowStats]) -> ());
+avx2_dispatch!(dscores_tile, dscores_tile_avx2, dscores_tile_kernel, <>, (p: &[f32], dp: &mut [f32], n: usize, i0: usize) -> ());
 
 #[cfg(test)]
 mod tests {

@@ -145,8 +145,6 @@ pub(crate) fn ln_1p_unit(y: f32) -> f32 {
     x + tail + e * LN2_HI
 }
 
-/// The per-call constants of the divergence kernels.
-
 /// Largest element, NaN ignored (NaN is caught by the sum that follows).
 #[inline(always)]
 pub(crate) fn lanes_max(xs: &[f32]) -> f32 {

@@ -6,7 +6,7 @@
 //! does the same for the hard-label term. Each op's `bwd` produces the whole (N, V)
 //! student gradient in one more fused op, instead of the dozen (N, V)-sized
 //! temporaries that autograd keeps for the plain composition in `loss::reference`
-//! (DESIGN.md measured 4.2 s and +4.7 GB for that composition at N 2048, V 32768).
+//! (4.2 s and +4.7 GB for that composition at N 2048, V 32768, measured when this op was written).
 //! The teacher never gets a gradient: `bwd` returns `None` for it, so `GradStore`
 //! does not even allocate one.
 //!
@@ -20,12 +20,7 @@
 //! The loss comes out as f32; the gradient in the student's dtype, which is what
 //! `GradStore` adds it to.
 //!
-//! Cost, N 2048 x V 32768 f32, T 2, forward KL, release build on the 2-core dev machine
-//! (shared with a training run, so absolute times are high; the runs were interleaved):
-//! `distill_loss_fused` forward + backward 1.2-1.3 s against 9.8-9.9 s for
-//! `reference::distill_loss`; `divergence_rows` alone 0.19 s forward, 0.7 s with the
-//! backward. What remains beyond the kernels is mostly candle's `GradStore` (zeros +
-//! add of an (N, V) gradient per op) and page faults on fresh (N, V) buffers.
+//! Measured cost against the plain composition: `docs/kernels.md`.
 //!
 //! Gradient formulas (s = student / T, p = teacher probabilities, q = student
 //! probabilities, L = the row's divergence). For any L(q), the softmax Jacobian
@@ -71,8 +66,6 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-#[cfg(feature = "cuda")]
-use super::cuda;
 use super::family::{check_inputs, Divergence};
 use super::ops::*;
 use super::reference::LossParts;

@@ -284,23 +284,22 @@ fn check_shapes(
     }
     match teacher {
         None => {}
-        Some(Teacher::Logits(l)) => {
-            if l.dims().last() != Some(&v) || l.elem_count() != n * v {
-                return bad(format!(
-                    "teacher logits {:?} must be ({n}, {v}): one row per hidden row, vocabulary of the head",
-                    l.dims()
-                ));
-            }
+        Some(Teacher::Logits(l)) if l.dims().last() != Some(&v) || l.elem_count() != n * v => {
+            return bad(format!(
+                "teacher logits {:?} must be ({n}, {v}): one row per hidden row, vocabulary of the head",
+                l.dims()
+            ));
         }
-        Some(Teacher::TopK(top)) => {
-            if top.indices.dims() != [n, top.k()] || top.log_probs.dims() != [n, top.k()] || top.k() > v {
-                return bad(format!(
-                    "top-k teacher {:?} / {:?} must be ({n}, k) with k <= {v}",
-                    top.indices.dims(),
-                    top.log_probs.dims()
-                ));
-            }
+        Some(Teacher::TopK(top))
+            if top.indices.dims() != [n, top.k()] || top.log_probs.dims() != [n, top.k()] || top.k() > v =>
+        {
+            return bad(format!(
+                "top-k teacher {:?} / {:?} must be ({n}, k) with k <= {v}",
+                top.indices.dims(),
+                top.log_probs.dims()
+            ));
         }
+        Some(Teacher::Logits(_) | Teacher::TopK(_)) => {}
         Some(Teacher::Hidden { hidden: th, weight: tw }) => {
             let ht = match tw.dims() {
                 &[tv, ht] if tv == v => ht,

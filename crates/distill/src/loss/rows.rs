@@ -28,6 +28,7 @@ pub(crate) fn min_rows(v: usize) -> usize {
     (MIN_ELEMS_PER_TASK / v.max(1)).max(1)
 }
 
+/// The per-call constants of the divergence kernels.
 #[derive(Clone, Copy)]
 pub(crate) struct Kernel {
     pub(crate) divergence: Divergence,

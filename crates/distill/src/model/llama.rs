@@ -2,7 +2,7 @@
 //! tied or untied head) built only from candle ops that have a backward pass.
 //!
 //! candle-nn's fused `rms_norm`, `softmax_last_dim` and `rope` silently drop
-//! gradients (see shared/DESIGN.md), so this file composes RMSNorm, softmax and
+//! gradients (see docs/design.md), so this file composes RMSNorm, softmax and
 //! rotary embeddings from plain tensor ops. Parameter names follow Hugging
 //! Face (`model.layers.N.self_attn.q_proj.weight`, ...), weights are `[out, in]`.
 //!

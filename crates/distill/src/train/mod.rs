@@ -296,6 +296,9 @@ fn check_loss(input: &StageInput, loss: &LossSpec, loss_impl: LossImpl) -> Resul
     Ok(())
 }
 
+/// One micro-batch of this rank: the padded batch and the training examples it holds.
+type RankBatch = (Batch, Vec<usize>);
+
 /// This rank's slice of each micro-batch of `step` (with more ranks than examples some
 /// get none), and the step's valid tokens on every rank: normalising by those, not per
 /// micro-batch, makes the sum of the ranks' gradients the gradient of the global batch.
@@ -305,7 +308,7 @@ fn step_batches(
     order: &mut Order,
     step: usize,
     device: &candle_core::Device,
-) -> Result<(Vec<(Batch, Vec<usize>)>, f64)> {
+) -> Result<(Vec<RankBatch>, f64)> {
     let (rank, world) = (input.comm.rank(), input.comm.world());
     let global: Vec<Vec<usize>> = (0..spec.grad_accum)
         .map(|a| order.micro_batch(step * spec.grad_accum + a, spec.batch_size))
@@ -319,7 +322,7 @@ fn step_batches(
             let items: Vec<&Encoded> = idx.iter().map(|&i| &input.train[i]).collect();
             Ok((make_batch(&items, input.pad, device)?, idx))
         })
-        .collect::<Result<Vec<(Batch, Vec<usize>)>>>()?;
+        .collect::<Result<Vec<RankBatch>>>()?;
     Ok((batches, denom as f64))
 }
 
