@@ -51,6 +51,10 @@ pub enum Error {
         value: f32,
     },
 
+    /// A tensor is missing, or its shape or dtype does not fit the model or the call.
+    #[error("{0}")]
+    Shape(String),
+
     /// Invalid input to a library call that is not tied to a file.
     #[error("{0}")]
     Invalid(String),

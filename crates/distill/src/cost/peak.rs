@@ -49,7 +49,7 @@ pub fn measure_cpu_peak(size: usize, repeats: usize) -> Result<PeakMeasurement> 
     let b = Tensor::rand(-1f32, 1f32, (size, size), &dev)?; // (n, n)
     let warm = a.matmul(&b)?; // (n, n)
     if warm.dims() != [size, size] || warm.dtype() != DType::F32 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Shape(format!(
             "peak probe: matmul returned {:?} {:?}, expected [{size}, {size}] f32",
             warm.dims(),
             warm.dtype()

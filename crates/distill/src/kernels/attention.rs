@@ -101,7 +101,7 @@ fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnShape> {
             )));
         }
         if x.rank() != 4 {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Shape(format!(
                 "causal_attention: {name} must be 4-d, (B, T, heads, head_dim), got shape {:?}",
                 x.dims()
             )));
@@ -109,7 +109,7 @@ fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnShape> {
     }
     let (b, t, h, d) = q.dims4()?;
     if k.dims() != v.dims() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Shape(format!(
             "causal_attention: k {:?} and v {:?} must have the same shape (B, T, Hkv, head_dim)",
             k.dims(),
             v.dims()

@@ -46,7 +46,7 @@ fn check_input(t: &Tensor, op: &str) -> Result<()> {
         )));
     }
     if t.dtype() != candle_core::DType::F32 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Shape(format!(
             "{op}: the fused kernels take f32, got {:?}; use Kernels::Plain for other dtypes",
             t.dtype()
         )));
@@ -98,7 +98,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     check_input(w, "linear")?;
     let (_, i) = w.dims2()?;
     if x.dim(D::Minus1)? != i {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Shape(format!(
             "linear: input {:?} does not end in the weight's {i} input features (weight {:?})",
             x.dims(),
             w.dims()
@@ -284,7 +284,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     check_input(w, "rms_norm")?;
     let d = x.dim(D::Minus1)?;
     if w.dims() != [d] {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Shape(format!(
             "rms_norm: weight has shape {:?}, expected [{d}] for input {:?}",
             w.dims(),
             x.dims()
@@ -409,7 +409,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     check_input(gate, "swiglu")?;
     check_input(up, "swiglu")?;
     if gate.shape() != up.shape() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Shape(format!(
             "swiglu: gate {:?} and up {:?} differ in shape",
             gate.dims(),
             up.dims()

@@ -174,7 +174,7 @@ pub(crate) fn check_inputs(student: &Tensor, teacher: &Tensor, d: Divergence, te
         )));
     }
     if student.dims().last().copied().unwrap_or(0) == 0 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Shape(format!(
             "distillation divergence: logits {:?} need a non-empty last (vocabulary) dimension",
             student.dims()
         )));

@@ -219,7 +219,7 @@ pub fn distill_loss_and_grad(
         Some(Teacher::Logits(t)) => {
             check_inputs(student, t, divergence, temperature)?;
             if t.dtype() != DType::F32 {
-                return Err(Error::Invalid(
+                return Err(Error::Shape(
                     "distill_loss_and_grad takes f32 logits; use distill_loss_with for other dtypes".into(),
                 ));
             }
@@ -233,7 +233,7 @@ pub fn distill_loss_and_grad(
         None => {}
     }
     if student.dtype() != DType::F32 {
-        return Err(Error::Invalid(
+        return Err(Error::Shape(
             "distill_loss_and_grad takes f32 logits; use distill_loss_with for other dtypes".into(),
         ));
     }
@@ -478,7 +478,7 @@ pub(super) fn check_cpu(t: &Tensor, what: &str) -> Result<()> {
 pub(super) fn float_input(t: &Tensor, what: &str) -> Result<Tensor> {
     match t.dtype() {
         DType::F32 | DType::F16 | DType::BF16 | DType::F64 => Ok(t.contiguous()?),
-        other => Err(Error::Invalid(format!(
+        other => Err(Error::Shape(format!(
             "fused loss: {what} must be f32, f16, bf16 or f64, got {other:?}"
         ))),
     }

@@ -111,7 +111,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
         }
         tensors.insert(hf, t);
     }
-    let model = Llama::from_tensors(cfg, tensors, device).map_err(bad)?;
+    let model = Llama::from_tensors(cfg, tensors, device).map_err(|e| bad(e.to_string()))?;
     Ok((model, tokenizer))
 }
 
@@ -398,7 +398,7 @@ fn hf_name(gguf: &str, cfg: &ModelConfig) -> Option<(String, Option<usize>)> {
 /// GPT-2's regex ("gpt2", and "default"/absent, which older converters wrote
 /// for byte-level BPE models), and single digits followed by GPT-2's regex
 /// ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva").
-fn pre_tokenizer(pre: Option<&str>) -> std::result::Result<PreTokenizerWrapper, String> {
+fn pre_tokenizer(md: &Meta, pre: Option<&str>) -> Result<PreTokenizerWrapper> {
     let byte_level = ByteLevel::new(false, true, true);
     match pre.unwrap_or("default") {
         "default" | "gpt2" | "mpt" | "olmo" | "jais" => Ok(byte_level.into()),
@@ -406,10 +406,10 @@ fn pre_tokenizer(pre: Option<&str>) -> std::result::Result<PreTokenizerWrapper, 
             let seq: Vec<PreTokenizerWrapper> = vec![Digits::new(true).into(), byte_level.into()];
             Ok(Sequence::new(seq).into())
         }
-        other => Err(format!(
+        other => Err(md.err(format!(
             "tokenizer.ggml.pre = {other:?} is not supported (its pre-tokenizer regex differs); supported: \
              gpt2, default, smollm, starcoder, refact, command-r, codeshell, exaone, minerva, mpt, olmo, jais"
-        )),
+        ))),
     }
 }
 
@@ -453,7 +453,7 @@ fn tokenizer_from_meta(md: &Meta, model_vocab: usize) -> Result<Tokenizer> {
         .build()
         .map_err(|e| md.err(format!("cannot build the BPE tokenizer: {e}")))?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
-    let pre = pre_tokenizer(md.opt_str("tokenizer.ggml.pre")?).map_err(|m| md.err(m))?;
+    let pre = pre_tokenizer(md, md.opt_str("tokenizer.ggml.pre")?)?;
     inner.with_pre_tokenizer(Some(pre));
     inner.with_decoder(Some(ByteLevelDecoder::default()));
     // Control tokens (<|im_start|>, ...) and user-defined ones are matched whole

@@ -172,43 +172,47 @@ impl ModelConfig {
         v
     }
 
-    /// Reads a Hugging Face Llama or Qwen2 `config.json`.
-    pub fn from_hf_json(v: &serde_json::Value) -> std::result::Result<Self, String> {
-        let get = |k: &str| -> std::result::Result<usize, String> {
+    /// Reads a Hugging Face Llama or Qwen2 `config.json` (`path`, for the errors).
+    pub fn from_hf_json(v: &serde_json::Value, path: &std::path::Path) -> Result<Self> {
+        let bad = |msg: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let get = |k: &str| -> Result<usize> {
             v.get(k)
                 .and_then(|x| x.as_u64())
                 .map(|x| x as usize)
-                .ok_or_else(|| format!("key `{k}` is missing or not a non-negative integer"))
+                .ok_or_else(|| bad(format!("key `{k}` is missing or not a non-negative integer")))
         };
         let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("llama");
         let attention_bias = match model_type {
             "llama" => {
                 if v.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(false) {
-                    return Err(
+                    return Err(bad(
                         "Llama models with attention_bias = true (bias on o_proj too) are not supported".into(),
-                    );
+                    ));
                 }
                 false
             }
             "qwen2" => true,
             other => {
-                return Err(format!(
+                return Err(bad(format!(
                     "model_type {other:?} is not supported; expected \"llama\" or \"qwen2\""
-                ))
+                )))
             }
         };
         let heads = get("num_attention_heads")?;
         let hidden = get("hidden_size")?;
         if heads == 0 || hidden % heads != 0 {
-            return Err(format!(
+            return Err(bad(format!(
                 "hidden_size {hidden} is not divisible by num_attention_heads {heads}"
-            ));
+            )));
         }
         if let Some(hd) = v.get("head_dim").and_then(|x| x.as_u64()) {
             if hd as usize != hidden / heads {
-                return Err(format!(
+                return Err(bad(format!(
                     "head_dim {hd} != hidden_size / num_attention_heads; not supported"
-                ));
+                )));
             }
         }
         let kv = v
@@ -216,12 +220,12 @@ impl ModelConfig {
             .and_then(|x| x.as_u64())
             .map_or(heads, |x| x as usize);
         if kv == 0 || heads % kv != 0 {
-            return Err(format!(
+            return Err(bad(format!(
                 "num_key_value_heads {kv} does not divide num_attention_heads {heads}"
-            ));
+            )));
         }
         let token = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
-        let eos = token("eos_token_id").ok_or("key `eos_token_id` is missing or not an integer")?;
+        let eos = token("eos_token_id").ok_or_else(|| bad("key `eos_token_id` is missing or not an integer".into()))?;
         Ok(Self {
             vocab_size: get("vocab_size")?,
             hidden_size: hidden,
@@ -319,34 +323,29 @@ impl Llama {
 
     /// Builds a model from named tensors (e.g. a loaded checkpoint), checking
     /// that every expected tensor is present with its shape and nothing is left over.
-    pub fn from_tensors(
-        cfg: ModelConfig,
-        mut tensors: BTreeMap<String, Tensor>,
-        device: &Device,
-    ) -> std::result::Result<Self, String> {
+    pub fn from_tensors(cfg: ModelConfig, mut tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<Self> {
         let mut params = BTreeMap::new();
         for (name, shape) in cfg.param_shapes() {
             let t = tensors
                 .remove(&name)
-                .ok_or_else(|| format!("tensor `{name}` is missing"))?;
+                .ok_or_else(|| Error::Shape(format!("tensor `{name}` is missing")))?;
             if t.dims() != shape.as_slice() {
-                return Err(format!(
+                return Err(Error::Shape(format!(
                     "tensor `{name}` has shape {:?}, config.json implies {shape:?}",
                     t.dims()
-                ));
+                )));
             }
-            let t = t
-                .to_dtype(DType::F32)
-                .and_then(|t| t.to_device(device))
-                .map_err(|e| e.to_string())?;
-            params.insert(name, Var::from_tensor(&t).map_err(|e| e.to_string())?);
+            let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            params.insert(name, Var::from_tensor(&t)?);
         }
         // A tied checkpoint saved by other tools may still carry lm_head.weight.
         tensors.remove("lm_head.weight").filter(|_| cfg.tie_word_embeddings);
         if let Some(extra) = tensors.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
-            return Err(format!("unexpected tensor `{extra}` (not part of this architecture)"));
+            return Err(Error::Shape(format!(
+                "unexpected tensor `{extra}` (not part of this architecture)"
+            )));
         }
-        Self::from_vars(cfg, params, device).map_err(|e| e.to_string())
+        Self::from_vars(cfg, params, device)
     }
 
     fn from_vars(cfg: ModelConfig, params: BTreeMap<String, Var>, device: &Device) -> Result<Self> {
@@ -519,7 +518,7 @@ impl Llama {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + t > self.cfg.max_position_embeddings {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Shape(format!(
                 "sequence of {} tokens exceeds max_position_embeddings {}",
                 offset + t,
                 self.cfg.max_position_embeddings

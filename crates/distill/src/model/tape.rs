@@ -172,7 +172,7 @@ impl Llama {
         let cfg = &self.cfg;
         let (b, t) = ids.dims2()?;
         if t > cfg.max_position_embeddings {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Shape(format!(
                 "sequence of {t} tokens exceeds max_position_embeddings {}",
                 cfg.max_position_embeddings
             )));
@@ -191,7 +191,7 @@ impl Llama {
         for (row, &id) in x.chunks_exact_mut(d).zip(&ids) {
             let id = id as usize;
             if id >= cfg.vocab_size {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Shape(format!(
                     "token id {id} is outside the vocabulary of {}",
                     cfg.vocab_size
                 )));
@@ -266,7 +266,7 @@ impl Tape {
         let (n, d, f) = (b * t, cfg.hidden_size, cfg.intermediate_size);
         let (h, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
         if dhidden.dims() != [b, t, d] && dhidden.dims() != [n, d] {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Shape(format!(
                 "Tape::backward: the hidden-state gradient has shape {:?}, expected [{b}, {t}, {d}]",
                 dhidden.dims()
             )));

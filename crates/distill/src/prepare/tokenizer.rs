@@ -52,7 +52,7 @@ impl Tokenizer {
         inner
             .train(&mut trainer, texts)
             .map_err(|e| Error::Tokenizer(format!("training failed: {e}")))?;
-        Self::wrap(inner).map_err(Error::Tokenizer)
+        Self::wrap(inner)
     }
 
     /// Loads a `tokenizer.json`. The special tokens are those a `tokenizer_config.json`
@@ -116,9 +116,10 @@ impl Tokenizer {
         Ok(Self { inner, bos, eos, pad })
     }
 
-    fn wrap(inner: tokenizers::Tokenizer) -> std::result::Result<Self, String> {
+    fn wrap(inner: tokenizers::Tokenizer) -> Result<Self> {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let eos = find(EOS_ALIASES).ok_or_else(|| format!("no end-of-sequence token (looked for {EOS_ALIASES:?})"))?;
+        let eos = find(EOS_ALIASES)
+            .ok_or_else(|| Error::Tokenizer(format!("no end-of-sequence token (looked for {EOS_ALIASES:?})")))?;
         let bos = find(BOS_ALIASES).unwrap_or(eos);
         let pad = find(PAD_ALIASES).unwrap_or(eos);
         Ok(Self { inner, bos, eos, pad })

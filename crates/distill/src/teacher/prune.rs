@@ -164,7 +164,7 @@ pub fn estimate_importance(teacher: &Llama, calibration: &[Tensor]) -> Result<Im
     let weights = Weights::of(teacher)?;
     for (i, ids) in calibration.iter().enumerate() {
         let ids = check_ids(ids, cfg, teacher.device())
-            .map_err(|e| Error::Invalid(format!("estimate_importance: calibration batch {i}: {e}")))?;
+            .map_err(|e| Error::Shape(format!("estimate_importance: calibration batch {i}: {e}")))?;
         probe_forward(&weights, &ids, Some(&mut acc))?;
     }
     let root = |v: &[f64]| -> Vec<f32> { v.iter().map(|x| x.sqrt() as f32).collect() };
@@ -183,33 +183,29 @@ pub fn estimate_importance(teacher: &Llama, calibration: &[Tensor]) -> Result<Im
 
 /// Checks calibration ids: (B, T) u32, non-empty, within the vocabulary and the
 /// position limit. Returns them on the model's device.
-fn check_ids(ids: &Tensor, cfg: &ModelConfig, device: &Device) -> std::result::Result<Tensor, String> {
+fn check_ids(ids: &Tensor, cfg: &ModelConfig, device: &Device) -> Result<Tensor> {
     let (b, t) = ids
         .dims2()
-        .map_err(|_| format!("expected token ids of shape (B, T), got {:?}", ids.dims()))?;
+        .map_err(|_| Error::Shape(format!("expected token ids of shape (B, T), got {:?}", ids.dims())))?;
     if ids.dtype() != DType::U32 {
-        return Err(format!("expected u32 token ids, got {:?}", ids.dtype()));
+        return Err(Error::Shape(format!("expected u32 token ids, got {:?}", ids.dtype())));
     }
     if b == 0 || t == 0 {
-        return Err(format!("empty batch of shape ({b}, {t})"));
+        return Err(Error::Shape(format!("empty batch of shape ({b}, {t})")));
     }
     if t > cfg.max_position_embeddings {
-        return Err(format!(
+        return Err(Error::Shape(format!(
             "{t} tokens per sequence exceed max_position_embeddings {}",
             cfg.max_position_embeddings
-        ));
+        )));
     }
-    let ids = ids.to_device(device).map_err(|e| e.to_string())?;
-    let max = ids
-        .flatten_all()
-        .and_then(|x| x.max(0))
-        .and_then(|x| x.to_scalar::<u32>())
-        .map_err(|e| e.to_string())?;
+    let ids = ids.to_device(device)?;
+    let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
     if max as usize >= cfg.vocab_size {
-        return Err(format!(
+        return Err(Error::Shape(format!(
             "token id {max} is outside the vocabulary of {} tokens",
             cfg.vocab_size
-        ));
+        )));
     }
     Ok(ids)
 }

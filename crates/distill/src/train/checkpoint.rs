@@ -302,7 +302,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
     let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| err(&cfg_path, format!("not valid JSON: {e}")))?;
-    let cfg = ModelConfig::from_hf_json(&json).map_err(|m| err(&cfg_path, m))?;
+    let cfg = ModelConfig::from_hf_json(&json, &cfg_path)?;
     let tokenizer = Tokenizer::load(&tok_path)?;
     if tokenizer.vocab_size() > cfg.vocab_size {
         return Err(err(
@@ -328,7 +328,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
     } else {
         read_safetensors(&weights, device)?.0
     };
-    let model = Llama::from_tensors(cfg, tensors, device).map_err(|m| err(&weights, m))?;
+    let model = Llama::from_tensors(cfg, tensors, device).map_err(|e| err(&weights, e.to_string()))?;
     Ok((model, tokenizer))
 }
 

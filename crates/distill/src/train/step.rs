@@ -255,7 +255,7 @@ pub fn one_pass(
     let targets: Vec<u32> = targets.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
     let mask: Vec<f32> = mask.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
     if targets.len() != n || mask.len() != n {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Shape(format!(
             "{} targets and {} mask entries for {n} tokens",
             targets.len(),
             mask.len()
@@ -282,7 +282,7 @@ pub fn one_pass(
         None => head_loss.run(Rows::Given(None))?,
         Some(Teacher::Logits(t)) => {
             if t.elem_count() != n * v || t.dims().last() != Some(&v) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Shape(format!(
                     "teacher logits have shape {:?}, expected [{n}, {v}]",
                     t.dims()
                 )));
