@@ -149,7 +149,7 @@ for a, r in torch.items():
     if r:
         print(f"  PyTorch ({a}) resident peak extra / one (N, V) f32: {r['peak_extra_bytes'] / nv:.2f}x")
 
-# The same targets for the one-pass loss and gradient (loss::fused::distill_loss_and_grad),
+# The same targets for the one-pass loss and gradient (loss::full::distill_loss_and_grad),
 # the path the training step takes on the CPU.
 for alloc in ("glibc-default", "glibc-tuned"):
     o = best.get(("distill-onepass", "forward_kl", alloc))

@@ -35,7 +35,7 @@
 //! Environment: STEPS (timed steps, default 10), WARMUP (default 2), BATCH (8),
 //! SEQ (256), SEED (0), PEAK_SIZE (side of the matmul probe, 2048; 0 skips it),
 //! KERNELS ("fused", the default training path: the fused CPU kernels of
-//! `model::fused` and `model::attention`; or "plain": plain candle ops, the path before
+//! `kernels::ops` and `kernels::attention`; or "plain": plain candle ops, the path before
 //! them), HEAD ("logits", the default as in `train()`: the head's logits and the fused
 //! loss on them; or "fused": the fused vocabulary head, `[distill] fused_head = true`).
 //! The last line is machine-readable: `RESULT distill tokens_per_s=...` (or

@@ -1,4 +1,4 @@
-//! Peak memory and time of the fused head loss (`loss::fused_head`) against the unfused
+//! Peak memory and time of the fused head loss (`loss::head`) against the unfused
 //! path (full logits, `distill_loss_fused`, autograd), forward KL at T 2, loss plus backward.
 //!
 //! Memory is counted by a global allocator that wraps the system one and keeps the bytes

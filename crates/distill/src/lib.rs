@@ -1,6 +1,19 @@
-//! `distill`: teacher -> student knowledge distillation on candle, with a cost
-//! ledger. The pipeline reads top to bottom in `pipeline.rs`:
-//! data -> tokenizer -> model -> loss -> train -> checkpoint -> cost -> report.
+//! `distill`: teacher -> student knowledge distillation on candle, with a cost ledger.
+//!
+//! A run (`run::run`) is an ordered list of stages, each recorded in the cost ledger:
+//!
+//! 1. **prepare** (`prepare`): the data, the tokenizer, the teacher to load;
+//! 2. **teacher** (`train`): the teacher trained, or loaded from a checkpoint;
+//! 3. **prune** (`teacher::prune`, optional): a student cut from the teacher;
+//! 4. **traces** (`teacher::traces`, the R1 recipe): the teacher's verified solutions;
+//! 5. **teacher-logits** (`teacher::logit_cache`, optional): its top-k logits, cached;
+//! 6. **students** (`train`, with `loss`): each student and the baselines;
+//! 7. **eval** (`evaluate`): held-out loss and accuracy of every model;
+//! 8. the **report** (`evaluate::report`), with each stage's cost (`cost`).
+//!
+//! Below the stages: the model (`model`), the losses (`loss`), the CPU kernels
+//! (`kernels`), and the leaves `config`, `error`, `fsio` and `progress`, which import
+//! nothing else of the crate.
 
 pub mod config;
 pub mod cost;

@@ -28,7 +28,7 @@ pub struct RunConfig {
     pub dtype: String,
     /// "fused" (default): RMSNorm, rope, causal attention and SwiGLU run as fused CPU
     /// kernels with hand-written backward where the device is the CPU and the compute
-    /// dtype f32 (`model::fused`, `model::attention`); "plain": plain candle ops
+    /// dtype f32 (`kernels::ops`, `kernels::attention`); "plain": plain candle ops
     /// everywhere, the reference the kernels are tested against. The `--kernels` flag
     /// overrides it.
     pub kernels: String,
@@ -334,7 +334,7 @@ pub struct DistillConfig {
     /// 0 (default) uses the full distribution.
     pub top_k: usize,
     /// Compute the loss from the final hidden states and the head weight chunk by chunk
-    /// (`loss::fused_head`), never materialising the (tokens, vocabulary) logits of the
+    /// (`loss::head`), never materialising the (tokens, vocabulary) logits of the
     /// student or of a full-distribution teacher: ~80% less peak memory at V = 49152.
     /// Default false. Needs `fused`.
     pub fused_head: bool,

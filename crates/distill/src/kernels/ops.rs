@@ -1,6 +1,6 @@
 //! Fused CPU kernels for the transformer's hot ops, each a candle `CustomOp` with a
 //! hand-written backward (issue 9): the linear layer, RMSNorm, SwiGLU and the rotary
-//! embedding. Causal attention lives in `model::attention`.
+//! embedding. Causal attention lives in `kernels::attention`.
 //!
 //! Built from plain candle ops, RMSNorm is six ops and rope eleven, each a pass over
 //! memory with its own backward, gradient allocation and `GradStore` addition, and

@@ -1,4 +1,4 @@
-//! CUDA launchers for the fused loss ops of `loss::fused` (compiled with `--features cuda`).
+//! CUDA launchers for the fused loss ops of `loss::full` (compiled with `--features cuda`).
 //!
 //! The kernels live in `src/kernels/divergence.cu`, one thread block per row (see its
 //! header). The source is embedded with `include_str!` and compiled with NVRTC the first

@@ -3,7 +3,7 @@
 //! Every member compares, row by row, the teacher's distribution `p = softmax(t / T)`
 //! with the student's `q = softmax(s / T)` over the vocabulary (the last dimension).
 //! `divergence_rows_reference` builds each one from differentiable candle ops; the
-//! fused CPU kernel in `loss::fused` must agree with it in values and in gradients.
+//! fused CPU kernel in `loss::full` must agree with it in values and in gradients.
 //!
 //! Temperature convention, stated once for the whole module: the row functions apply
 //! `1/T` to the logits and nothing else. The caller multiplies the (masked, summed)

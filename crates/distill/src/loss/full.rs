@@ -10,58 +10,9 @@
 //! The teacher never gets a gradient: `bwd` returns `None` for it, so `GradStore`
 //! does not even allocate one.
 //!
-//! Kernel layout: rows run in parallel on rayon (`par_chunks` of V), each row on one
-//! thread. A row first streams once through both sides to get their log-sum-exp
-//! (a running max and a rescaled sum, updated per block of 512), then makes one more
-//! pass for the loss, or one to three for the gradient. The loops are written to be
-//! vectorised (see "Row kernels" below) and run in an AVX2 build of themselves when the
-//! CPU has it. Inputs may be f32, f16, bf16 or f64 (teacher and student independently);
-//! every element is converted to f32 on load and all arithmetic and accumulation is f32.
-//! The loss comes out as f32; the gradient in the student's dtype, which is what
-//! `GradStore` adds it to.
-//!
-//! Measured cost against the plain composition: `docs/kernels.md`.
-//!
-//! Gradient formulas (s = student / T, p = teacher probabilities, q = student
-//! probabilities, L = the row's divergence). For any L(q), the softmax Jacobian
-//! `dq_j/ds_i = q_j (delta_ij - q_i)` gives
-//!
-//! ```text
-//! dL/ds_i = q_i (g_i - sum_j q_j g_j),   g_j = dL/dq_j,
-//! ```
-//!
-//! and dL/d(student)_i = (1/T) dL/ds_i, times the incoming gradient of the row:
-//!
-//! ```text
-//! forward KL   L = sum p (log p - log q)
-//!              dL/ds_i = q_i - p_i
-//! reverse KL   L = sum q (log q - log p)
-//!              dL/ds_i = q_i (log q_i - log p_i - L)
-//! JSD(beta)    m = beta p + (1-beta) q,  L = beta KL(p||m) + (1-beta) KL(q||m)
-//!                = beta sum p log p + (1-beta) sum q log q - sum m log m
-//!              g_j = (1-beta) (log q_j - log m_j)
-//!              dL/ds_i = (1-beta) q_i (log q_i - log m_i - K),   K = KL(q||m)
-//! skew fwd KL  m = a p + (1-a) q,  L = KL(p||m)
-//!              g_j = -(1-a) p_j / m_j;  with r_j = (1-a) q_j / m_j in [0, 1] (m_j >= (1-a) q_j):
-//!              dL/ds_i = q_i R - p_i r_i,   R = sum_j p_j r_j
-//!              (a = 0: r = R = 1, the forward-KL gradient)
-//! skew rev KL  m = a q + (1-a) p,  L = KL(q||m)
-//!              g_j = log q_j + 1 - log m_j - a q_j / m_j;  with u_j = a q_j / m_j in [0, 1]:
-//!              dL/ds_i = q_i ((log q_i - log m_i - L) - (u_i - U)),   U = sum_j q_j u_j
-//!              (a = 0: u = U = 0, the reverse-KL gradient)
-//! TVD          L = 0.5 sum |p - q|
-//!              g_j = 0.5 sign(q_j - p_j), sign(0) = 0
-//!              dL/ds_i = q_i (g_i - G),   G = sum_j q_j g_j
-//! CE (label y, no temperature)  L = lse(s) - s_y
-//!              dL/ds_i = q_i - [i == y]
-//! ```
-//!
-//! Ratios such as p/m and q/m are evaluated as `exp(log p - log m)` from log-probabilities,
-//! so they stay finite where probabilities underflow. Terms whose weight is exactly 0
-//! contribute 0 (the `0 log 0` convention of `loss::family`).
-//!
-//! The CUDA kernels of the same ops (`kernels/divergence.cu`, launched by `loss::cuda`)
-//! mirror these formulas term by term; the top-k op (`loss::topk`) is CPU only.
+//! Rows run in parallel on rayon, one row per task; inputs may be f32, f16, bf16 or f64 and
+//! all arithmetic is f32 (`rows`). The kernel layout, the gradient formulas of every
+//! divergence and the measured cost are in `docs/losses.md`.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -123,7 +74,6 @@ pub fn cross_entropy_rows(student: &Tensor, targets: &Tensor) -> Result<Tensor> 
 /// CE = sum(mask * ce_rows) / denom, with `denom` floored at 1 so that an all-masked
 /// step gives 0, not NaN. student (N, V), teacher (N, V) or None, targets (N,) u32,
 /// mask (N,) f32. `LossParts::kd` is the T^2-scaled soft term of the chosen divergence.
-#[allow(clippy::too_many_arguments)] // mirrors reference::distill_loss so the two swap in place
 pub fn distill_loss_fused(
     student: &Tensor,
     teacher: Option<&Tensor>,
@@ -138,7 +88,6 @@ pub fn distill_loss_fused(
 
 /// `distill_loss_fused` for either form of teacher: full logits or top-k
 /// (`loss::topk`; its log-probabilities must have been taken at `temperature`).
-#[allow(clippy::too_many_arguments)]
 pub fn distill_loss_with(
     student: &Tensor,
     teacher: Option<Teacher>,
@@ -199,7 +148,6 @@ pub struct LossValues {
 /// gradients to rounding (tested). f32 on the CPU; student (N, V), teacher (N, V) or
 /// top-k (N, k), targets (N,) u32, mask (N,) f32. Without targets there is no CE term
 /// (the loss is `(1 - alpha) * T^2 * KD`, `ce` is 0): a pure distillation loss.
-#[allow(clippy::too_many_arguments)]
 pub fn distill_loss_and_grad(
     student: &Tensor,
     teacher: Option<Teacher<'_>>,

@@ -2,49 +2,10 @@
 //! hidden states (N, H) and the head weight (V, H) go in, the loss and the gradients
 //! for both come out, and the (N, V) student logits never exist at once.
 //!
-//! Why: at SmolLM2's vocabulary (V 49,152) one (N, V) f32 tensor for N 2048 tokens is
-//! 403 MB, and the unfused path holds several of them at its peak (the logits, the
-//! gradient each loss term sends back, and GradStore's zeros-plus-sum for it). Here the
-//! tokens are processed in chunks of `C` rows:
-//!
-//! ```text
-//! logits_c = x_c @ W^T                       (C, V)   x_c = hidden rows of the chunk
-//! loss_c   = distill_loss_fused(logits_c)    scalar   with the GLOBAL denom, so sum_c loss_c = loss
-//! g_c      = d loss_c / d logits_c           (C, V)   its own small backward
-//! dx_c     = g_c @ W                         (C, H)
-//! dW      += g_c^T @ x_c                     (V, H)   accumulated in place (gemm, beta = 1)
-//! ```
-//!
-//! so the gradients are done when the forward is. The returned `total` is a custom op
-//! over (hidden, weight) whose value is the summed loss and whose backward hands out
-//! `grad * dx` and `grad * dW`; `total.backward()` then reaches the rest of the model
-//! (and a tied embedding gets the head's share added to its lookup gradient, as usual).
-//! This is the scheme of Liger-Kernel's fused linear cross-entropy, applied to the
-//! whole distillation loss. A teacher given as hidden states and its own head
-//! (`Teacher::Hidden`) is projected per chunk too, so its logits are not
-//! materialised either.
-//!
-//! On the CPU, `loss_c` and `g_c` come together from one pass over the chunk's logits
-//! (`distill_loss_and_grad`, no autograd graph); on other devices from the loss ops and
-//! a backward of the chunk, whose logits are copied into a fresh `Var` to cut the graph.
-//!
-//! Costs and limits. The matmuls are those of the unfused path (3 of N x H x V, one more
-//! for a `Hidden` teacher).
-//! Memory is O(C V + V H). Its floor is three (V, H) buffers at `backward`: the stored dW
-//! and GradStore's `zeros_like` plus the sum it adds dW into, which candle makes for the
-//! first gradient of any tensor. `total` keeps dx and dW alive, so drop the loss once
-//! `backward` has run. The gradients are computed during the forward, so a caller that
-//! only wants the loss value should pass tensors that track no gradient (then no backward
-//! work is done). `plain_linear_distill_loss` is the unfused reference the fused op is
-//! tested against.
-//!
-//! Measured (`examples/fused_head_mem.rs`, release, RAYON_NUM_THREADS=2 on the 2-core dev
-//! machine, nothing else running): forward KL, T 2, N 2048, H 576, V 49,152, loss plus
-//! backward, default chunk (85 rows). Bytes allocated at the peak above the inputs: 335 MiB
-//! fused against 1,920 MiB unfused with a `Hidden` teacher (-82.6%), 333 against 1,536 MiB
-//! with teacher `Logits` given (-78.3%; the three-(V, H) floor alone is 324 MiB). Resident:
-//! -84% and -86%. Time, medians of 3: 3.75 s fused against 4.57 s unfused (`Hidden`), 3.17
-//! against 3.53 s (`Logits`).
+//! The tokens go through in chunks of rows, each chunk's loss and gradient computed as soon
+//! as its logits exist (the scheme of Liger-Kernel's fused linear cross-entropy, applied to
+//! the whole distillation loss). Why, the algorithm, its memory floor and the measured
+//! savings are in `docs/losses.md`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, InplaceOp3, Layout, MetalStorage, Shape, Tensor, Var};
@@ -77,7 +38,7 @@ pub fn default_chunk_rows(vocab: usize) -> usize {
 /// `default_chunk_rows(V)`. The teacher gets no gradient. `LossParts::total` backpropagates
 /// into `hidden` and `weight` (through whatever graph produced them); `ce` and `kd` are
 /// the per-token terms over all N rows, as `distill_loss_fused` reports them.
-#[allow(clippy::too_many_arguments)] // mirrors distill_loss_fused, plus the head and the chunk size
+#[allow(clippy::too_many_arguments)]
 pub fn fused_linear_distill_loss(
     hidden: &Tensor,
     weight: &Tensor,
@@ -205,7 +166,6 @@ pub fn fused_linear_distill_loss(
 /// (and for a `Hidden` teacher its (N, V) logits) and `distill_loss_fused` on them, with
 /// ordinary autograd. Same arguments, without the chunk size. The parity reference for
 /// the tests and the baseline of `examples/fused_head_mem.rs`.
-#[allow(clippy::too_many_arguments)]
 pub fn plain_linear_distill_loss(
     hidden: &Tensor,
     weight: &Tensor,

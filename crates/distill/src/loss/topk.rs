@@ -1,40 +1,10 @@
 //! Distillation from a teacher given as its top-k tokens per position, as the offline
 //! logit cache stores it (`crate::teacher::logit_cache`), or as an online teacher truncated to k.
 //!
-//! The teacher side of a row is `indices` (k distinct token ids) and `log_probs`, the
-//! teacher's log-probabilities `log softmax(t / T)` of those tokens at the distillation
-//! temperature T. What to do with the probability mass outside the top k is a choice;
-//! ours is explicit and exact for what is stored:
-//!
-//! **The tail is one category.** Both distributions are coarsened to k + 1 categories:
-//! the k listed tokens and "everything else". The teacher's tail mass is
-//! `1 - sum(exp(log_probs))` (summed in f64, clamped at 0); the student's is the sum of
-//! its probabilities over the tokens not listed, computed directly over those tokens
-//! (not as `1 - sum`, which cancels when the top k hold nearly all the mass). Every
-//! divergence of `loss::family` is then taken between the two (k + 1)-category
-//! distributions. Consequences worth knowing:
-//! - nothing is renormalised, so a student that matches the teacher on the top k and
-//!   spreads its tail mass in any way has loss 0: the cache says nothing about how the
-//!   teacher divides its tail, and the loss does not pretend it does;
-//! - with k = V (no tail) it is exactly the full-vocabulary divergence;
-//! - forward KL over the k + 1 categories is the full forward KL minus the teacher-tail
-//!   term `p_tail KL(p_tail-normalised || q_tail-normalised)`, which is >= 0, so the top-k
-//!   loss is a lower bound of the full one (tested).
-//!
-//! The ops run on the CPU (below) and, in a `cuda` build, on CUDA: the top-k kernels of
-//! `kernels/divergence.cu` do the same coarsening one thread block per row, with k at most
-//! 2048 there.
-//!
-//! The alternative many tools use, renormalising the teacher over its top k and ignoring
-//! the tail, overstates the teacher's confidence on every row whose top k hold little mass.
-//!
-//! Gradients. Let `D_c` be the gradient of the row's loss with respect to the (k + 1)
-//! category log-probabilities viewed as logits (what the full kernel computes for a
-//! vocabulary of k + 1 entries). Then, for the student's logits (with s = student / T):
-//! `dL/ds_i = D_c` for a listed token i = c, and `dL/ds_i = (q_i / q_tail) D_tail` for a
-//! token in the tail, because the tail category's log-probability is the log-sum-exp of
-//! its members. The kernel reuses the full kernel's row functions on the k + 1 categories
-//! and spreads the tail's gradient in one pass over the row.
+//! The teacher's mass outside its top k is one tail category: both distributions are
+//! coarsened to k + 1 categories and every divergence of `loss::family` is taken between
+//! them, with nothing renormalised. The semantics, its consequences and the gradients
+//! are in `docs/losses.md`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
@@ -577,7 +547,7 @@ mod tests {
     }
 
     /// |got - want| <= rtol * (|want| + the row's largest |want|, or `floor[r]`): the
-    /// tolerance of `loss::fused`'s tests, which explains the floor.
+    /// tolerance of `loss::full`'s tests, which explains the floor.
     fn assert_close(what: &str, got: &[f32], want: &[f32], v: usize, floor: &[f32], rtol: f32) {
         for (r, (g, w)) in got.chunks(v).zip(want.chunks(v)).enumerate() {
             let scale = w

@@ -291,7 +291,7 @@ pub struct Llama {
     frozen: BTreeMap<String, Tensor>,
     /// The dtype of matmuls and activations (see the file header).
     compute_dtype: DType,
-    /// Fused CPU kernels (`model::fused`, `model::attention`) or plain candle ops.
+    /// Fused CPU kernels (`kernels::ops`, `kernels::attention`) or plain candle ops.
     kernels: Kernels,
     /// A frozen bf16/f16 model's head widened to f32 once, for `lm_head_weight`.
     head_f32: std::sync::OnceLock<Tensor>,
@@ -483,7 +483,7 @@ impl Llama {
 
     /// The final hidden states, after the last RMSNorm and before the head:
     /// ids (B, T) u32 -> (B, T, d) f32, differentiable. `forward` is this followed by
-    /// `x @ lm_head_weight()^T`; a fused head loss (`loss::fused_head`) takes the two
+    /// `x @ lm_head_weight()^T`; a fused head loss (`loss::head`) takes the two
     /// apart so that the (B, T, V) logits never exist at once.
     pub fn forward_hidden(&self, ids: &Tensor) -> Result<Tensor> {
         self.hidden_cached(ids, None)

@@ -7,7 +7,7 @@
 //! passes over the activations cost as much as the matmuls they serve. Here the
 //! forward keeps the activations each layer's backward reads (like llm.c's
 //! `train_gpt2.c`), and the backward runs the same slice-level kernels as the fused
-//! ops (`model::fused`, `model::attention`) layer by layer, writing each gradient once.
+//! ops (`kernels::ops`, `kernels::attention`) layer by layer, writing each gradient once.
 //!
 //! `forward` returns the final hidden states (after the last RMSNorm) as a plain
 //! tensor. The caller puts the head and the loss on it with candle (so every loss of

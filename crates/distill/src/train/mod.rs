@@ -78,9 +78,9 @@ pub struct StageStats {
 /// Which implementation computes the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossImpl {
-    /// Fused CPU kernels with analytic backward (`loss::fused`).
+    /// Fused CPU kernels with analytic backward (`loss::full`).
     Fused,
-    /// The fused kernels behind a fused vocabulary head (`loss::fused_head`): the
+    /// The fused kernels behind a fused vocabulary head (`loss::head`): the
     /// (B*T, V) logits of the student, and of a full-distribution teacher, are never
     /// materialised whole.
     FusedHead,

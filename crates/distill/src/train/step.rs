@@ -34,7 +34,6 @@ pub(crate) struct Micro {
 
 /// The loss of one micro-batch `b` (the examples `idx` of the training set) and how to
 /// get its gradients. `denom` is the step's count of valid tokens on every rank.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn micro_batch(
     model: &Llama,
     (b, idx): (&Batch, &[usize]),
@@ -229,7 +228,7 @@ fn teacher_out(
 }
 
 /// One micro-batch with no autograd graph at all, on the fused CPU f32 path: the
-/// taped body, the head as gemms, `loss::fused::loss_and_grad_slices` on the logits
+/// taped body, the head as gemms, `loss::full::loss_and_grad_slices` on the logits
 /// (the loss and its gradient in one pass), the head's two backward gemms and the
 /// body's backward. Returns the loss values and every parameter's gradient; errors
 /// unless `can_tape()`.
@@ -240,7 +239,6 @@ fn teacher_out(
 /// the fused head: c rows at a time, so that neither the student's nor a `Hidden`
 /// teacher's (N, V) logits ever exist, and the head's weight gradient accumulates
 /// chunk by chunk (gemm with beta = 1) into one (V, d) buffer.
-#[allow(clippy::too_many_arguments)]
 pub fn one_pass(
     model: &Llama,
     (ids, targets, mask): (&Tensor, &Tensor, &Tensor),
