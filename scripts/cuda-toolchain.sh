@@ -4,17 +4,24 @@
 # nvcc, ptxas, NVVM, the CUDA headers and NVRTC, all from NVIDIA's PyPI wheels,
 # installed into a virtualenv that git ignores (.venv-cuda/ at the repo root).
 #
-# Usage:  eval "$(scripts/cuda-toolchain.sh)"
+# Usage:  eval "$(scripts/cuda-toolchain.sh)"             # compile, type-check, check kernels
+#         eval "$(scripts/cuda-toolchain.sh --runtime)"   # + what a GPU box needs to link and run
 #
 # Progress goes to stderr; stdout is only the `export` lines (PATH, CUDA_ROOT,
-# CUDA_PATH, CUDA_COMPUTE_CAP, LD_LIBRARY_PATH). A folder that already holds exactly
+# CUDA_PATH, CUDA_COMPUTE_CAP, LD_LIBRARY_PATH, LIBRARY_PATH). A folder that already holds exactly
 # these pins is reused without touching the network. DISTILL_CUDA_VENV picks another
 # folder; DISTILL_CUDA_COMPUTE_CAP another compute capability (default 90, H100/H200).
 #
 # Why these pins (docs/design.md, "CUDA without a GPU"): nvvm and crt must match
 # nvcc's 13.0; unpinned they come as 13.5, whose PTX (.version 9.5) the 13.0 ptxas
 # rejects. NVRTC 13.0 compiles our own kernels (src/kernels/*.cu) to PTX.
-# Linking a CUDA binary still fails here (no libcuda): check, don't build.
+# Linking a CUDA binary also needs -lnvrtc and -lcudart (the wheels ship only the
+# versioned .so.13 files: $VENV/link/ holds the unversioned names a -dev package would
+# add, on LIBRARY_PATH), and libcuda, cuBLAS, cuRAND and NCCL. --runtime installs the
+# CUDA 13.0 cuBLAS and cuRAND wheels and NCCL 2.30 (the version cudarc's bindings
+# declare; ~700 MB), links their names too, and links libcuda.so to the driver's
+# libcuda.so.1 where one is installed (the driver ships no unversioned name either).
+# CI, with no driver, links against stand-ins instead (scripts/cuda-stubs.py).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,6 +37,22 @@ PINS=(
     nvidia-cuda-nvrtc==13.0.88
 )
 STAMP=$VENV/.distill-cuda-pins
+RUNTIME_PINS=(
+    nvidia-cublas==13.0.2.14
+    nvidia-curand==10.4.0.35
+    nvidia-nccl-cu13==2.30.7
+)
+RUNTIME_STAMP=$VENV/.distill-cuda-runtime-pins
+RUNTIME=0
+for arg in "$@"; do
+    case "$arg" in
+    --runtime) RUNTIME=1 ;;
+    *)
+        echo "cuda-toolchain: unknown argument $arg (only --runtime)" >&2
+        exit 2
+        ;;
+    esac
+done
 
 log() { echo "cuda-toolchain: $*" >&2; }
 
@@ -88,11 +111,49 @@ else
 fi
 
 CU13=$(cu13_dir)
+# The linker's -lnvrtc (cudarc) and -lcudart (candle-kernels) look for libX.so.
+mkdir -p "$VENV/link"
+for lib in nvrtc cudart; do
+    ln -sfn "$CU13/lib/lib$lib.so.13" "$VENV/link/lib$lib.so"
+done
+NCCL_LIB=""
+# Without --runtime the folder names nothing else, whatever an earlier --runtime left.
+[ "$RUNTIME" = 1 ] || rm -f "$VENV"/link/lib{cublas,cublasLt,curand,nccl,cuda}.so
+if [ "$RUNTIME" = 1 ]; then
+    if [ -f "$RUNTIME_STAMP" ] && [ "$(cat "$RUNTIME_STAMP")" = "${RUNTIME_PINS[*]}" ]; then
+        log "reusing the runtime libraries in $VENV"
+    else
+        log "installing ${RUNTIME_PINS[*]}"
+        rm -f "$RUNTIME_STAMP"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet "${RUNTIME_PINS[@]}" >&2
+        echo "${RUNTIME_PINS[*]}" >"$RUNTIME_STAMP"
+    fi
+    NCCL_LIB=$(dirname "$CU13")/nccl/lib
+    for f in "$CU13/lib/libcublas.so.13" "$CU13/lib/libcublasLt.so.13" "$CU13/lib/libcurand.so.10" "$NCCL_LIB/libnccl.so.2"; do
+        [ -f "$f" ] || {
+            log "the runtime wheels installed but $f is missing"
+            exit 1
+        }
+        name=$(basename "$f")
+        ln -sfn "$f" "$VENV/link/${name%.so.*}.so"
+    done
+    # The driver's own libcuda, found the way the dynamic loader will find it.
+    driver=$(/sbin/ldconfig -p 2>/dev/null | awk '$1 == "libcuda.so.1" { print $NF; exit }')
+    if [ -n "$driver" ]; then
+        ln -sfn "$driver" "$VENV/link/libcuda.so"
+        log "linking against the NVIDIA driver's $driver"
+    else
+        rm -f "$VENV/link/libcuda.so"
+        log "no NVIDIA driver (no libcuda.so.1 known to ldconfig): a cuda build will not link unless"
+        log "  LIBRARY_PATH holds a libcuda.so (scripts/cuda-stubs.py makes a link-only stand-in)"
+    fi
+fi
 log "CUDA 13.0 pieces in $CU13 (compute capability $CAP)"
 cat <<EOF
 export PATH="$CU13/bin:\$PATH"
 export CUDA_ROOT="$CU13"
 export CUDA_PATH="$CU13"
 export CUDA_COMPUTE_CAP="$CAP"
-export LD_LIBRARY_PATH="$CU13/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$CU13/lib${NCCL_LIB:+:$NCCL_LIB}\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export LIBRARY_PATH="$VENV/link\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 EOF

@@ -350,6 +350,93 @@ fn cuda_request_without_cuda_build_is_refused_not_run_on_cpu() {
     );
 }
 
+/// A `cuda` build on a machine without a GPU (CI, with scripts/cuda-stubs.py's libcuda,
+/// or a driver that sees no GPU): `--device cuda` exits 1 naming the missing driver or
+/// device and the way out, and nothing runs on the CPU instead. Skipped where a GPU
+/// opens (scripts/gpu-check.sh runs the tiny config there).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_request_without_a_gpu_is_refused_not_run_on_cpu() {
+    if let Ok(dev) = distill::device::open(distill::config::DeviceName::Cuda(0)) {
+        eprintln!("skipped cuda_request_without_a_gpu_is_refused_not_run_on_cpu: a GPU is present ({dev:?})");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for device in ["cuda", "cuda:0"] {
+        let err = fails(
+            bin()
+                .arg("--config")
+                .arg(tiny())
+                .arg("--device")
+                .arg(device)
+                .arg("--out-dir")
+                .arg(tmp.path()),
+        );
+        assert!(
+            err.contains("no NVIDIA driver") || err.contains("no CUDA device"),
+            "{err}"
+        );
+        assert!(err.contains("--device cpu"), "{err}");
+        assert!(
+            !tmp.path().join("tiny").exists(),
+            "nothing may run after a refused device"
+        );
+    }
+}
+
+/// The bf16 path on a GPU: configs/tiny.toml through the binary on cuda:0 with
+/// `--dtype bf16` (bf16 matmuls, f32 master weights): it trains (the loss falls), its
+/// checkpoints are f32 and reload, the report names the dtype and the ledger the GPU.
+/// Compiled in every `cuda` build; skipped, with a message, where no GPU is present
+/// (scripts/gpu-check.sh runs it on one).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_bf16_training_runs_on_the_gpu() {
+    if let Err(e) = distill::device::open(distill::config::DeviceName::Cuda(0)) {
+        eprintln!("skipped cuda_bf16_training_runs_on_the_gpu: no CUDA device ({e})");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    ok(bin()
+        .arg("--config")
+        .arg(tiny())
+        .args(["--device", "cuda", "--dtype", "bf16", "--out-dir"])
+        .arg(tmp.path()));
+    let run = tmp.path().join("tiny");
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(report.contains("compute dtype BF16"), "{report}");
+    let cost: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("cost.json")).unwrap()).unwrap();
+    let stages = cost["stages"].as_array().unwrap();
+    assert!(!stages.is_empty());
+    for s in stages {
+        assert_eq!(s["device_kind"], "cuda", "{s}");
+        assert!(s["device_name"].as_str().unwrap().contains("NVIDIA"), "{s}");
+    }
+    for stage in ["teacher", "student"] {
+        let w = distill::candle::safetensors::load(
+            run.join(stage).join("model.safetensors"),
+            &distill::candle::Device::Cpu,
+        )
+        .unwrap();
+        assert!(w.values().all(|t| t.dtype() == distill::candle::DType::F32));
+        let losses: Vec<f64> = std::fs::read_to_string(run.join(format!("metrics/{stage}.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        assert!(losses.iter().all(|l| l.is_finite()), "{stage}: {losses:?}");
+        assert!(
+            losses[losses.len() - 1] < 0.8 * losses[0],
+            "{stage}: the loss did not fall in bf16 on the GPU: {losses:?}"
+        );
+    }
+}
+
 /// `--dtype bf16` on CPU (the logic the CUDA path shares): matmuls and activations in
 /// bf16, the master weights, checkpoints and loss in f32. The run trains (the loss falls),
 /// its checkpoints are f32 and reload, the report names the dtype, and it is

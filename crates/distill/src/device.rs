@@ -15,13 +15,79 @@ pub fn open(name: DeviceName) -> Result<Device> {
     }
 }
 
+/// Asks the driver first (cuInit, then the device count) so that the error names what is
+/// missing: the driver, any GPU, or this ordinal. A binary built with `cuda` is linked
+/// against libcuda.so.1, so where no driver is installed at all the dynamic loader stops
+/// it before `main` (docs/gpu.md); the stand-in CI links against answers every call with
+/// CUDA_ERROR_STUB_LIBRARY, which lands here as "no NVIDIA driver".
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+
+    result::init().map_err(|e| Error::Device(init_failure(ordinal, e.0, &e.to_string())))?;
+    let count = result::device::get_count().map_err(|e| {
+        Error::Device(format!(
+            "cuda:{ordinal}: cannot count the CUDA devices: {e}{}",
+            way_out()
+        ))
+    })?;
+    let count = usize::try_from(count).unwrap_or(0);
+    if ordinal >= count {
+        return Err(Error::Device(format!(
+            "cuda:{ordinal} requested, but the NVIDIA driver sees {count} CUDA device(s){}; \
+             use --device cuda:0 to cuda:{} (`nvidia-smi` lists them){}",
+            visible_devices(),
+            count.saturating_sub(1),
+            way_out()
+        )));
+    }
     Device::new_cuda(ordinal).map_err(|e| {
         Error::Device(format!(
             "cannot open CUDA device {ordinal}: {e}. Check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or run with --device cpu"
         ))
     })
+}
+
+/// What a failed cuInit means, by its code, and the way out.
+#[cfg(feature = "cuda")]
+fn init_failure(
+    ordinal: usize,
+    code: candle_core::cuda_backend::cudarc::driver::sys::CUresult,
+    detail: &str,
+) -> String {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUresult as R;
+
+    let what = match code {
+        R::CUDA_ERROR_STUB_LIBRARY => "no NVIDIA driver: the libcuda.so.1 this process loaded is a link-only stub \
+             (CI's scripts/cuda-stubs.py, or the CUDA toolkit's lib64/stubs), not the driver's. Install the NVIDIA \
+             driver, and keep stub folders off LD_LIBRARY_PATH"
+            .to_string(),
+        R::CUDA_ERROR_NO_DEVICE => format!(
+            "no CUDA device: the NVIDIA driver is installed but reports no GPU{}. Check `nvidia-smi`",
+            visible_devices()
+        ),
+        R::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH => "the NVIDIA kernel module and libcuda.so.1 are of different \
+             driver versions (a driver update without a reboot, or a stray libcuda on LD_LIBRARY_PATH). Reboot, \
+             or make the driver's own libcuda.so.1 the one loaded"
+            .to_string(),
+        _ => format!("the NVIDIA driver failed to start ({detail}). Check `nvidia-smi` and `dmesg`"),
+    };
+    format!("cuda:{ordinal}: {what}{}", way_out())
+}
+
+/// ", or run with --device cpu": every CUDA error ends with the way to run anyway.
+#[cfg(feature = "cuda")]
+fn way_out() -> &'static str {
+    "; or run with --device cpu"
+}
+
+/// " (CUDA_VISIBLE_DEVICES=...)" when it is set, since it hides GPUs from the driver.
+#[cfg(feature = "cuda")]
+fn visible_devices() -> String {
+    match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) => format!(" (CUDA_VISIBLE_DEVICES={v:?} hides the others)"),
+        Err(_) => String::new(),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -190,6 +256,68 @@ mod tests {
         let back: DeviceInfo = serde_json::from_str(&serde_json::to_string(&new)?)?;
         assert_eq!(back, new);
         Ok(())
+    }
+
+    /// Each cuInit failure names what is missing and ends with the way out.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_init_failures_name_what_is_missing() {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUresult as R;
+
+        let stub = init_failure(0, R::CUDA_ERROR_STUB_LIBRARY, "");
+        assert!(stub.starts_with("cuda:0: no NVIDIA driver"), "{stub}");
+        let none = init_failure(1, R::CUDA_ERROR_NO_DEVICE, "");
+        assert!(none.starts_with("cuda:1: no CUDA device"), "{none}");
+        let old = init_failure(0, R::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH, "");
+        assert!(old.contains("different driver versions"), "{old}");
+        let other = init_failure(0, R::CUDA_ERROR_UNKNOWN, "DriverError(CUDA_ERROR_UNKNOWN)");
+        assert!(other.contains("CUDA_ERROR_UNKNOWN"), "{other}");
+        for msg in [stub, none, old, other] {
+            assert!(msg.ends_with("--device cpu"), "{msg}");
+        }
+    }
+
+    /// Without a GPU (CI), opening CUDA fails and names the missing driver or device;
+    /// on a GPU box it opens. It never hands back the CPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_open_is_the_gpu_or_an_error_never_the_cpu() {
+        match open(DeviceName::Cuda(0)) {
+            Ok(dev) => assert!(dev.is_cuda(), "{dev:?}"),
+            Err(e) => {
+                let e = e.to_string();
+                // "no NVIDIA driver", "no CUDA device: the NVIDIA driver ...", or a driver fault.
+                assert!(e.contains("NVIDIA driver"), "{e}");
+                eprintln!("(no GPU here: {e})");
+            }
+        }
+        let err = open(DeviceName::Cuda(4096)).unwrap_err().to_string();
+        assert!(err.contains("cuda:4096"), "{err}");
+    }
+
+    /// The GPU inventory the ledger records, read from the driver: name, memory, compute
+    /// capability, ordinal, visible GPUs. Compiled in every `cuda` build; skipped, with a
+    /// message, where no GPU is present (scripts/gpu-check.sh runs it on one).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_inventory_names_the_gpu() {
+        let dev = match open(DeviceName::Cuda(0)) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("skipped cuda_inventory_names_the_gpu: no CUDA device ({e})");
+                return;
+            }
+        };
+        let info = describe(&dev);
+        eprintln!("cuda inventory: {info:?}");
+        assert_eq!((info.kind.as_str(), info.count, info.ordinal), ("cuda", 1, Some(0)));
+        assert_ne!(info.name, UNKNOWN_GPU);
+        assert!(info.visible_gpus.unwrap_or(0) >= 1, "{info:?}");
+        // Any CUDA GPU this code supports has between 1 GiB and 1 TiB.
+        assert!((1 << 30..1 << 40).contains(&info.memory_bytes.unwrap_or(0)), "{info:?}");
+        let cc = info.compute_capability.clone().unwrap_or_default();
+        let parsed: Vec<u32> = cc.split('.').filter_map(|p| p.parse().ok()).collect();
+        assert!(parsed.len() == 2 && parsed[0] >= 5, "compute capability {cc:?}");
     }
 
     #[cfg(not(feature = "cuda"))]
