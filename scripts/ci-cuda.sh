@@ -2,15 +2,13 @@
 # The CUDA part of CI, without a GPU:
 #  1. the CUDA 13.0 compiler pieces from PyPI wheels (.venv-cuda/, reused when present);
 #  2. our kernels compiled with NVRTC and assembled with ptxas for sm_80 and sm_90;
-#  3. the whole workspace linted with the CUDA backend (and NCCL) by clippy;
-#  4. the `cuda` build linked and every CPU test run with it: CUDA binaries are linked
-#     against libcuda, cuBLAS, cuRAND and NCCL, which this machine lacks, so the link
-#     and the tests use stand-ins made by scripts/cuda-stubs.py from cudarc's own
-#     declarations (every call fails; docs/gpu.md). Tests that need a GPU skip
+#  3. the whole workspace built with the CUDA backend (and NCCL) and linted by clippy as
+#     it compiles, then every test of the workspace run with that build. CUDA binaries
+#     are linked against libcuda, cuBLAS, cuRAND and NCCL, which this machine lacks, so
+#     the link and the tests use stand-ins made by scripts/cuda-stubs.py from cudarc's
+#     own declarations (every call fails; docs/gpu.md). Tests that need a GPU skip
 #     themselves with a message; `distill --device cuda` must fail naming the driver.
-# A separate target dir keeps the CPU build cache valid. On 2 cores, cold: ~12 minutes for
-# step 3 (candle-kernels compiles its PTX with nvcc) and ~25 more for step 4 (nvcc runs
-# again for the build's own candle-kernels unit, then the tests); see README, GPU section.
+# A separate target dir keeps the CPU build cache valid. Measured times: README, GPU section.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # (Assigned first: `eval "$(...)"` alone would hide the script's failure from set -e.)
@@ -18,34 +16,44 @@ cuda_env=$(scripts/cuda-toolchain.sh)
 eval "$cuda_env"
 python3 scripts/check_cuda_kernels.py
 
-target=${CUDA_TARGET_DIR:-target/cuda}
-# Clippy, not just check: lints that only fire in the CUDA code (NCCL's communicator is
-# not Send, say) fail here as they would in the CPU build. With MPI installed (.ci/run
-# installs it first), the NCCL id exchange over MPI is checked too.
+export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-target/cuda}
+# With MPI installed (.ci/run installs it first), the NCCL id exchange over MPI is built,
+# linted and tested too.
 features=cuda
 if dpkg -s libopenmpi-dev libclang-dev >/dev/null 2>&1; then
     features=cuda,mpi
 fi
-CARGO_TARGET_DIR="$target" cargo clippy --workspace --all-targets --features "$features" -- -D warnings
 
 # Link-only stand-ins for libcuda.so.1, libcublas(Lt).so.13, libcurand.so.10 and
 # libnccl.so.2, first on the link and load paths of this script only. NVRTC and cudart
 # are the real ones from the wheels. Never install these where a GPU is.
-stubs=$(python3 scripts/cuda-stubs.py "$target/cuda-stubs")
+stubs=$(python3 scripts/cuda-stubs.py "$CARGO_TARGET_DIR/cuda-stubs")
 export LIBRARY_PATH="$stubs:$LIBRARY_PATH"
 export LD_LIBRARY_PATH="$stubs:$LD_LIBRARY_PATH"
 
-# Every test of the workspace, in the cuda build: the same features as clippy above, so
-# the dependencies are resolved alike (the build still compiles its own copies: clippy
-# only type-checks).
+# Clippy's lints, with -D warnings, in the build itself: clippy-driver compiles our crates
+# (`cargo clippy` is this wrapper over `cargo check`). Not a separate `cargo clippy`: a check
+# build compiles the build scripts' dependencies apart from a real build's, so candle-kernels'
+# nvcc step (~6 minutes here) would run twice, and every dependency would be compiled twice.
+# Lints that only fire in the CUDA code (NCCL's communicator is not Send, say) fail here as
+# they would in the CPU build. Line tables, not full debug info: backtraces keep file:line
+# and the ~12 test binaries link in a fraction of the time.
+export RUSTC_WORKSPACE_WRAPPER=${CLIPPY_DRIVER:-clippy-driver}
+export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" # cargo-clippy's encoding of `-- -D warnings`
+export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+command -v "$RUSTC_WORKSPACE_WRAPPER" >/dev/null || {
+    echo "ci-cuda: no $RUSTC_WORKSPACE_WRAPPER (rustup component add clippy)" >&2
+    exit 1
+}
 start=$(date +%s)
-CARGO_TARGET_DIR="$target" cargo test --workspace --features "$features" --no-run
+cargo build --workspace --all-targets --features "$features"
 built=$(date +%s)
-CARGO_TARGET_DIR="$target" cargo test --workspace --features "$features"
+# Every test of the workspace with that build (the same settings: nothing is rebuilt).
+cargo test --workspace --features "$features"
 tested=$(date +%s)
 
 # The binary itself, for the log: what it loads, and its refusal of --device cuda here.
-bin="$target/debug/distill"
+bin="$CARGO_TARGET_DIR/debug/distill"
 echo "ci-cuda: $bin needs:"
 ldd "$bin" | grep -E 'libcuda|libcublas|libcurand|libnccl|libnvrtc|libcudart' | sed 's/^/    /'
 out=$(mktemp -d)
@@ -59,4 +67,4 @@ if [ -e "$out/tiny" ]; then
     exit 1
 fi
 rm -rf "$out"
-echo "ci-cuda: cuda build $((built - start)) s, its tests $((tested - built)) s"
+echo "ci-cuda: cuda build and lints $((built - start)) s, the workspace's tests with it $((tested - built)) s"
