@@ -32,6 +32,11 @@ Setup (a virtual environment outside the repository):
     PYTHON=~/venvs/kd-bench/bin/python scripts/bench_kd.sh          # the whole comparison
     ~/venvs/kd-bench/bin/python scripts/bench_kd_pytorch.py --n 64 --v 1024 --reps 3
 
+On a GPU (`--device cuda`, what scripts/gpu-check.sh runs against the Rust bench's
+`--device cuda`): the same loss on the GPU, each call ended by torch.cuda.synchronize(), and
+the peak extra memory from torch.cuda.max_memory_allocated() (device memory, not RSS); the
+allocator settings then do not matter, so pass one (`--allocs glibc-default`).
+
 Prints a human-readable summary, then one JSON line per allocator setting, in the format of
 the Rust bench.
 """
@@ -72,9 +77,11 @@ def worker(args):
 
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
     # Created in place, so that no temporary pushes the high-water mark above the base.
-    s = torch.randn(args.n, args.v, generator=gen).mul_(2.0).requires_grad_()
-    t = torch.randn(args.n, args.v, generator=gen).mul_(2.0)
+    s = torch.randn(args.n, args.v, generator=gen).mul_(2.0).to(dev).requires_grad_()
+    t = torch.randn(args.n, args.v, generator=gen).mul_(2.0).to(dev)
     temp = args.t
 
     def step():
@@ -83,16 +90,24 @@ def worker(args):
         ) * (temp * temp)
         loss.backward()
         assert s.grad is not None
+        if gpu:
+            torch.cuda.synchronize(dev)  # the gradient too, not only the loss
         return loss.item()
 
     def measured():
         s.grad = None  # outside the timing: the next call allocates its gradient afresh
-        reset = reset_rss_peak()
-        base = status_bytes("VmRSS") if reset else status_bytes("VmHWM")
+        if gpu:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            reset, base = True, torch.cuda.memory_allocated(dev)
+        else:
+            reset = reset_rss_peak()
+            base = status_bytes("VmRSS") if reset else status_bytes("VmHWM")
         t0 = time.perf_counter()
         value = step()
         ms = (time.perf_counter() - t0) * 1e3
-        return ms, status_bytes("VmHWM") - base, reset, value
+        peak = torch.cuda.max_memory_allocated(dev) if gpu else status_bytes("VmHWM")
+        return ms, peak - base, reset, value
 
     if args.worker == "cold":
         ms, rss, reset, value = measured()
@@ -119,7 +134,7 @@ def spawn(args, mode, tuned):
     env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode]
     cmd += ["--n", str(args.n), "--v", str(args.v), "--t", str(args.t), "--reps", str(args.reps)]
-    cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
     res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -137,6 +152,7 @@ def main():
     p.add_argument("--cold-runs", type=int, default=env_int("KD_COLD_RUNS", 3))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--allocs", default="glibc-default,glibc-tuned", help="comma-separated subset")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     p.add_argument("--worker", choices=["cold", "warm"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -145,7 +161,7 @@ def main():
 
     nv = args.n * args.v * 4
     print(
-        f"pytorch eager: N {args.n}, V {args.v}, T {args.t}, f32, {args.threads} threads, "
+        f"pytorch eager: N {args.n}, V {args.v}, T {args.t}, f32, device {args.device}, {args.threads} threads, "
         f"{args.warmup} warm-up + {args.reps} timed, {args.cold_runs} cold processes; "
         f"one (N, V) f32 tensor = {nv / MIB:.1f} MiB",
         flush=True,
@@ -173,7 +189,8 @@ def main():
             "cold_ms": statistics.median(c["ms"] for c in colds),
             "cold_ms_runs": [c["ms"] for c in colds],
             "peak_extra_bytes": rss,
-            "peak_method": "rss-hwm-cold-call",
+            "peak_method": "cuda-max-memory-allocated" if args.device.startswith("cuda") else "rss-hwm-cold-call",
+            "device": args.device,
             "rss_peak_extra_bytes": rss,
             "rss_warm_peak_extra_bytes": warm["rss_warm_peak_extra_bytes"],
             "hwm_reset": all(c["hwm_reset"] for c in colds),

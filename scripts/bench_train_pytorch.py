@@ -26,6 +26,11 @@ Setup (a virtual environment with torch, outside the repository):
     ~/venvs/bench/bin/python scripts/bench_train_pytorch.py --threads 2 --steps 10
     PYTHON=~/venvs/bench/bin/python scripts/bench-train.sh       # side by side with distill
 
+--device cuda (scripts/gpu-check.sh, against the Rust bench's DEVICE=cuda): the same step on
+the GPU, the batch copied to it inside the step (as distill's make_batch does), each phase
+ended by torch.cuda.synchronize(), the matmul probe run on the GPU. f32 matmuls stay f32
+(PyTorch's default: no TF32).
+
 The last line is machine-readable: `RESULT pytorch tokens_per_s=... step_ms=... ...`.
 """
 
@@ -111,7 +116,7 @@ class M1(nn.Module):
     def forward(self, ids):
         t = ids.shape[1]
         cos, sin = self.cos[:t], self.sin[:t]  # (T, D), broadcast over (B, H)
-        mask = torch.full((t, t), float("-inf")).triu(1)  # (T, T)
+        mask = torch.full((t, t), float("-inf"), device=ids.device).triu(1)  # (T, T)
         x = self.embed_tokens(ids)  # (B, T, d)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
@@ -125,13 +130,15 @@ def forward_flops_per_token(model, ctx):
     return 2.0 * matmul + 4.0 * LAYERS * HEADS * HEAD_DIM * ctx, matmul
 
 
-def matmul_peak(size, repeats=5):
-    a, b = torch.rand(size, size) * 2 - 1, torch.rand(size, size) * 2 - 1
+def matmul_peak(size, sync, dev, repeats=5):
+    a, b = torch.rand(size, size, device=dev) * 2 - 1, torch.rand(size, size, device=dev) * 2 - 1
     a @ b
+    sync()
     secs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        sync()
         secs.append(time.perf_counter() - t0)
     flops = 2.0 * size**3
     return flops / min(secs), flops / statistics.median(secs)
@@ -147,12 +154,18 @@ def main():
     ap.add_argument("--seed", type=int, default=int(os.environ.get("SEED", 0)))
     ap.add_argument("--attn", choices=["matmul", "sdpa"], default="matmul")
     ap.add_argument("--peak-size", type=int, default=int(os.environ.get("PEAK_SIZE", 2048)))
+    ap.add_argument("--device", default=os.environ.get("DEVICE", "cpu"), help="cpu (default) or cuda / cuda:N")
     args = ap.parse_args()
     steps = max(args.steps, 1)
+    dev = torch.device(args.device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = M1(args.attn, max(args.seq, 512))
+    model = M1(args.attn, max(args.seq, 512)).to(dev)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -172,7 +185,7 @@ def main():
     print(
         f"pytorch {torch.__version__} eager train step, model M1, attention {args.attn}: vocab {VOCAB}, "
         f"hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads x {HEAD_DIM}, FFN {FFN}; "
-        f"batch {args.batch} x seq {args.seq} = {tokens} tokens; f32"
+        f"batch {args.batch} x seq {args.seq} = {tokens} tokens; f32; device {dev}"
     )
     print(
         f"params {n_params} ({matmul_params} in matmuls); train FLOPs/step {train_flops:.3e}; "
@@ -181,17 +194,20 @@ def main():
 
     timed = []
     for i, batch in enumerate(data):
-        ids, targets = batch[:, :-1], batch[:, 1:]
         t0 = time.perf_counter()
+        batch = batch.to(dev)
+        ids, targets = batch[:, :-1], batch[:, 1:]
         logits = model(ids)  # (B, T, V)
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
         loss_v = loss.item()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         if not (math.isfinite(loss_v) and math.isfinite(norm.item())):
             raise SystemExit(f"step {i}: non-finite loss {loss_v} or gradient norm {norm.item()}")
@@ -210,7 +226,7 @@ def main():
     fwd, bwd, opt_s = (statistics.median(s[k] for s in timed) for k in range(3))
     tok_s = tokens / step_s
     if args.peak_size > 0:
-        best, med = matmul_peak(args.peak_size)
+        best, med = matmul_peak(args.peak_size, sync, dev)
         print(
             f"matmul probe {args.peak_size}^3: best {best / 1e9:.1f} GFLOP/s, median {med / 1e9:.1f} GFLOP/s "
             f"({torch.get_num_threads()} threads)"
@@ -234,7 +250,7 @@ def main():
         f"RESULT pytorch-{args.attn} tokens_per_s={tok_s:.1f} step_ms={step_s * 1e3:.2f} "
         f"min_ms={min(totals) * 1e3:.2f} max_ms={max(totals) * 1e3:.2f} fwd_ms={fwd * 1e3:.2f} "
         f"bwd_ms={bwd * 1e3:.2f} opt_ms={opt_s * 1e3:.2f} mfu={mfu:.4f} peak_gflops={peak_gflops:.1f} "
-        f"peak_rss_mb={rss:.1f} threads={torch.get_num_threads()} steps={steps}"
+        f"peak_rss_mb={rss:.1f} threads={torch.get_num_threads()} steps={steps} device={dev.type}"
     )
 
 

@@ -24,7 +24,10 @@
 //! Options (each also read from the environment as KD_N, KD_V, ...; arguments win):
 //! `--n`, `--v`, `--t` (temperature), `--reps`, `--warmup`, `--losses a,b,...`
 //! (forward_kl, reverse_kl, jsd, tvd, skew_forward_kl, skew_reverse_kl; default all),
-//! `--ref-reps` (plain-candle reference runs, default 1; 0 skips it).
+//! `--ref-reps` (plain-candle reference runs, default 1; 0 skips it), `--device` (cpu, the
+//! default, or cuda/cuda:N in a `--features cuda` build: the fused ops' CUDA kernels and
+//! candle's plain ops on the GPU, each step ended by a device synchronize; the one-pass
+//! form is CPU-only and left out; the memory columns then count host memory only).
 //! Human-readable lines come first; one JSON line per case is printed at the end.
 
 use std::sync::atomic::Ordering;
@@ -75,12 +78,14 @@ struct Sample {
 
 /// Runs one step and measures it; the step returns its scalar loss and what it leaves
 /// behind (the gradients), which is dropped only after the clock and the counters are read.
-fn measure<G>(step: impl FnOnce() -> Res<(f32, G)>) -> Res<Sample> {
+fn measure<G>(dev: &Device, step: impl FnOnce() -> Res<(f32, G)>) -> Res<Sample> {
     let base = CURRENT.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let rss_base = if reset_rss_peak() { status_bytes("VmRSS") } else { None };
     let t0 = Instant::now();
     let (loss, left) = step()?;
+    // A GPU may still be writing the gradient (a no-op on the CPU).
+    dev.synchronize()?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     let peak_extra = PEAK.load(Ordering::Relaxed).saturating_sub(base);
     let retained = CURRENT.load(Ordering::Relaxed).saturating_sub(base);
@@ -114,6 +119,7 @@ struct Args {
     warmup: usize,
     ref_reps: usize,
     losses: Vec<(String, Divergence)>,
+    device: String,
 }
 
 fn divergence_by_name(name: &str) -> Res<(String, Divergence)> {
@@ -141,7 +147,7 @@ fn label(d: Divergence) -> String {
 
 fn parse_args() -> Res<Args> {
     let mut opts: Vec<(String, String)> = Vec::new();
-    for key in ["n", "v", "t", "reps", "warmup", "ref_reps", "losses"] {
+    for key in ["n", "v", "t", "reps", "warmup", "ref_reps", "losses", "device"] {
         if let Ok(val) = std::env::var(format!("KD_{}", key.to_uppercase())) {
             opts.push((key.to_string(), val));
         }
@@ -167,6 +173,7 @@ fn parse_args() -> Res<Args> {
         warmup: 2,
         ref_reps: 1,
         losses: Vec::new(),
+        device: "cpu".into(),
     };
     let mut losses = "forward_kl,reverse_kl,jsd,tvd,skew_forward_kl,skew_reverse_kl".to_string();
     for (key, val) in opts {
@@ -179,6 +186,7 @@ fn parse_args() -> Res<Args> {
             "ref_reps" => args.ref_reps = num()?,
             "t" => args.temperature = val.parse().map_err(|e| format!("--t {val:?}: {e}"))?,
             "losses" => losses = val,
+            "device" => args.device = val,
             other => return Err(format!("unknown option --{other}").into()),
         }
     }
@@ -191,12 +199,12 @@ fn parse_args() -> Res<Args> {
 }
 
 /// A first call, the rest of the warm-up untimed, then the timed repeats.
-fn run_case<G>(a: &Args, imp: &'static str, loss: &str, step: impl Fn() -> Res<(f32, G)>) -> Res<Case> {
-    let first = measure(&step)?;
+fn run_case<G>(a: &Args, dev: &Device, imp: &'static str, loss: &str, step: impl Fn() -> Res<(f32, G)>) -> Res<Case> {
+    let first = measure(dev, &step)?;
     for _ in 1..a.warmup {
-        measure(&step)?;
+        measure(dev, &step)?;
     }
-    let timed = (0..a.reps).map(|_| measure(&step)).collect::<Res<Vec<_>>>()?;
+    let timed = (0..a.reps).map(|_| measure(dev, &step)).collect::<Res<Vec<_>>>()?;
     Ok(Case {
         imp,
         loss: loss.to_string(),
@@ -241,7 +249,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 fn main() -> Res<()> {
     let a = parse_args()?;
     let (n, v, temp) = (a.n, a.v, a.temperature);
-    let dev = Device::Cpu;
+    let dev = distill::device::open(distill::config::parse_device_name(&a.device)?)?;
+    let device_kind = distill::device::describe(&dev).kind;
     let threads = rayon::current_num_threads();
     // Whatever glibc was told decides whether every (N, V) buffer is a fresh mmap that
     // faults its pages in, so the JSON says which allocator setting produced it.
@@ -252,8 +261,8 @@ fn main() -> Res<()> {
     };
     let nv_bytes = (n * v * 4) as f64;
     println!(
-        "kd_loss: N {n}, V {v}, T {temp}, f32, {threads} rayon threads, {alloc}, {} warm-up + {} timed runs; \
-         one (N, V) f32 tensor = {:.1} MiB",
+        "kd_loss: N {n}, V {v}, T {temp}, f32, device {dev:?}, {threads} rayon threads, {alloc}, {} warm-up + \
+         {} timed runs; one (N, V) f32 tensor = {:.1} MiB",
         a.warmup,
         a.reps,
         nv_bytes / MIB
@@ -268,13 +277,14 @@ fn main() -> Res<()> {
     for (name, d) in &a.losses {
         let d = *d;
         let step = || loss_and_grads(divergence_rows(student.as_tensor(), &teacher, d, temp)?, &student, temp);
-        cases.push(run_case(&a, "distill-fused", name, step)?);
+        cases.push(run_case(&a, &dev, "distill-fused", name, step)?);
     }
+    let on_cpu = dev.is_cpu();
     // The same loss and gradient from `distill_loss_and_grad`: one pass per row, the
     // gradient written once, no autograd graph (what the training step uses on the CPU).
     let ones = Tensor::ones(n, distill::candle::DType::F32, &dev)?; // (N,) mask
     let plain_student = student.as_tensor().detach(); // (N, V)
-    for (name, d) in &a.losses {
+    for (name, d) in a.losses.iter().filter(|_| on_cpu) {
         let d = *d;
         let step = || -> Res<(f32, Tensor)> {
             let t = Some(Teacher::Logits(&teacher));
@@ -282,7 +292,7 @@ fn main() -> Res<()> {
                 distill_loss_and_grad(&plain_student, t, None, &ones, &LossSpec::new(0.0, temp, d), n as f64)?;
             Ok((vals.total, grad))
         };
-        cases.push(run_case(&a, "distill-onepass", name, step)?);
+        cases.push(run_case(&a, &dev, "distill-onepass", name, step)?);
     }
 
     // A top-k teacher (as the logit cache stores it), forward KL: the op with candle's
@@ -299,29 +309,31 @@ fn main() -> Res<()> {
                 temp,
             )
         };
-        cases.push(run_case(&a, "distill-fused", &name, op)?);
+        cases.push(run_case(&a, &dev, "distill-fused", &name, op)?);
         let one_pass = || -> Res<(f32, Tensor)> {
             let t = Some(Teacher::TopK(&top));
             let (vals, grad) =
                 distill_loss_and_grad(&plain_student, t, None, &ones, &LossSpec::new(0.0, temp, d), n as f64)?;
             Ok((vals.total, grad))
         };
-        cases.push(run_case(&a, "distill-onepass", &name, one_pass)?);
+        if on_cpu {
+            cases.push(run_case(&a, &dev, "distill-onepass", &name, one_pass)?);
+        }
     }
 
     // Where the fused step's time and memory go, for forward KL: the forward kernel alone,
     // and the accumulation candle's `GradStore` does for every gradient it receives
     // (`zeros_like` + `add`, two more (N, V) buffers), timed on a stand-in (N, V) tensor.
-    if let Some((name, d)) = a.losses.iter().find(|(_, d)| *d == Divergence::ForwardKl) {
+    if let Some((name, d)) = a.losses.iter().find(|(_, d)| on_cpu && *d == Divergence::ForwardKl) {
         let d = *d;
         let fwd = || -> Res<(f32, ())> {
             let rows = divergence_rows(student.as_tensor(), &teacher, d, temp)?;
             let loss = (rows.sum_all()? * (temp * temp / n as f64))?;
             Ok((loss.to_scalar::<f32>()?, ()))
         };
-        cases.push(run_case(&a, "part:fused-fwd-only", name, fwd)?);
+        cases.push(run_case(&a, &dev, "part:fused-fwd-only", name, fwd)?);
         let accumulate = || -> Res<(f32, Tensor)> { Ok((0.0, teacher.zeros_like()?.add(&teacher)?)) };
-        cases.push(run_case(&a, "part:gradstore-zeros+add", name, accumulate)?);
+        cases.push(run_case(&a, &dev, "part:gradstore-zeros+add", name, accumulate)?);
     }
 
     // The plain-candle composition takes seconds and several GB, so it runs last, where
@@ -332,7 +344,7 @@ fn main() -> Res<()> {
             let rows = divergence_rows_reference(student.as_tensor(), &teacher, d, temp)?;
             loss_and_grads(rows, &student, temp)
         };
-        let mut samples = (0..a.ref_reps).map(|_| measure(step)).collect::<Res<Vec<_>>>()?;
+        let mut samples = (0..a.ref_reps).map(|_| measure(&dev, step)).collect::<Res<Vec<_>>>()?;
         let first = samples.remove(0);
         let timed = if samples.is_empty() {
             // A single run is both the first and the only timed one.
@@ -387,6 +399,7 @@ fn main() -> Res<()> {
             "impl": c.imp,
             "loss": c.loss,
             "alloc": alloc,
+            "device": device_kind,
             "n": n,
             "v": v,
             "t": temp,

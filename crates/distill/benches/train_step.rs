@@ -34,6 +34,9 @@
 //!
 //! Environment: STEPS (timed steps, default 10), WARMUP (default 2), BATCH (8),
 //! SEQ (256), SEED (0), PEAK_SIZE (side of the matmul probe, 2048; 0 skips it),
+//! DEVICE ("cpu", the default, or "cuda"/"cuda:N" in a `--features cuda` build: the same
+//! step on the GPU, each step ended by a device synchronize, MFU against the GPU's
+//! datasheet f32 peak instead of the CPU probe; scripts/gpu-check.sh runs it so),
 //! KERNELS ("fused", the default training path: the fused CPU kernels of
 //! `kernels::ops` and `kernels::attention`; or "plain": plain candle ops, the path before
 //! them), HEAD ("logits", the default as in `train()`: the head's logits and the fused
@@ -43,10 +46,10 @@
 
 use std::time::Instant;
 
-use distill::candle::Device;
 use distill::config::Kernels;
 use distill::config::{ModelSpec, TrainSpec};
 use distill::cost::peak::measure_cpu_peak;
+use distill::cost::projection::{peak_flops, Precision};
 use distill::loss::head::{default_chunk_rows, fused_linear_distill_loss};
 use distill::loss::{distill_loss_with, LossSpec};
 use distill::model::{Llama, ModelConfig};
@@ -173,6 +176,9 @@ fn train_step(
     }
     opt.step(params, &grads, lr)?;
     drop(grads);
+    // A GPU runs the update asynchronously: the step ends when the device is done
+    // (a no-op on the CPU).
+    model.device().synchronize()?;
     let t3 = Instant::now();
     Ok(StepTimes {
         forward: (t1 - t0).as_secs_f64(),
@@ -190,7 +196,9 @@ fn main() -> Res<()> {
     let seed = env_usize("SEED", 0)? as u64;
     let peak_size = env_usize("PEAK_SIZE", 2048)?;
     let threads = rayon::current_num_threads();
-    let device = Device::Cpu;
+    let device_name = std::env::var("DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = distill::device::open(distill::config::parse_device_name(&device_name)?)?;
+    let gpu = distill::device::describe(&device);
     let kernels_name = std::env::var("KERNELS").unwrap_or_else(|_| "fused".into());
     let kernels =
         Kernels::parse(&kernels_name).ok_or_else(|| format!("KERNELS={kernels_name:?}: use {}", Kernels::NAMES))?;
@@ -240,14 +248,16 @@ fn main() -> Res<()> {
     let train_flops = 3.0 * cfg.forward_flops_per_token(seq) * tokens;
     println!(
         "distill train step, model M1: vocab {vocab}, hidden {}, {} layers, {} heads x {}, FFN {}; \
-         batch {batch} x seq {seq} = {} tokens; f32; {} kernels",
+         batch {batch} x seq {seq} = {} tokens; f32; {} kernels; device {} ({})",
         cfg.hidden_size,
         cfg.num_hidden_layers,
         cfg.num_attention_heads,
         cfg.head_dim(),
         cfg.intermediate_size,
         batch * seq,
-        kernels.name()
+        kernels.name(),
+        gpu.kind,
+        gpu.name
     );
     println!(
         "params {} ({} in matmuls); train FLOPs/step {:.3e} (3 x forward, attention included); \
@@ -294,7 +304,13 @@ fn main() -> Res<()> {
 
     // The probe runs after the steps, so that its buffers do not sit in the heap the
     // steps reuse; its matrices (3 x 16 MiB at 2048) are far below the step's peak RSS.
-    let (peak_gflops, mfu) = if peak_size > 0 {
+    let (peak_gflops, mfu) = if device.is_cuda() {
+        // No probe on a GPU: its datasheet peak for f32 on the CUDA cores, as the ledger.
+        match peak_flops(&gpu.name, Precision::Fp32) {
+            Some(p) => (p / 1e9, train_flops / step_s / p),
+            None => (f64::NAN, f64::NAN),
+        }
+    } else if peak_size > 0 {
         let p = measure_cpu_peak(peak_size, 5)?;
         println!(
             "matmul probe {0}x{0}x{0}: best {1:.1} GFLOP/s, median {2:.1} GFLOP/s ({3} threads, {4})",
@@ -312,12 +328,17 @@ fn main() -> Res<()> {
 
     println!(
         "{steps} timed steps: median {:.1} ms (min {:.1}, max {:.1}), {tok_s:.0} tokens/s, \
-         {:.1} GFLOP/s achieved, MFU {:.1}% of the probe's best",
+         {:.1} GFLOP/s achieved, MFU {:.1}% of {}",
         step_s * 1e3,
         min_s * 1e3,
         max_s * 1e3,
         train_flops / step_s / 1e9,
-        mfu * 100.0
+        mfu * 100.0,
+        if device.is_cuda() {
+            "the GPU's datasheet f32 peak"
+        } else {
+            "the probe's best"
+        }
     );
     println!(
         "phases (medians): forward+loss {:.1} ms ({:.0}%), backward+grads {:.1} ms ({:.0}%), \
@@ -333,7 +354,7 @@ fn main() -> Res<()> {
     println!(
         "RESULT {} tokens_per_s={tok_s:.1} step_ms={:.2} min_ms={:.2} max_ms={:.2} fwd_ms={:.2} \
          bwd_ms={:.2} opt_ms={:.2} mfu={mfu:.4} peak_gflops={peak_gflops:.1} peak_rss_mb={rss:.1} \
-         threads={threads} steps={steps}",
+         threads={threads} steps={steps} device={}",
         if kernels == Kernels::Plain {
             "distill-plain"
         } else {
@@ -344,7 +365,8 @@ fn main() -> Res<()> {
         max_s * 1e3,
         fwd * 1e3,
         bwd * 1e3,
-        opt_s * 1e3
+        opt_s * 1e3,
+        gpu.kind
     );
     Ok(())
 }
