@@ -41,6 +41,10 @@ export LD_LIBRARY_PATH="$stubs:$LD_LIBRARY_PATH"
 export RUSTC_WORKSPACE_WRAPPER=${CLIPPY_DRIVER:-clippy-driver}
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" # cargo-clippy's encoding of `-- -D warnings`
 export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+# candle-kernels' build script (cudaforge) runs nvcc on half the cores unless told otherwise;
+# on 2 cores that is one file at a time (~5 of the build's minutes).
+CUDAFORGE_THREADS=$(nproc)
+export CUDAFORGE_THREADS
 command -v "$RUSTC_WORKSPACE_WRAPPER" >/dev/null || {
     echo "ci-cuda: no $RUSTC_WORKSPACE_WRAPPER (rustup component add clippy)" >&2
     exit 1
