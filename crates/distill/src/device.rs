@@ -75,17 +75,17 @@ fn init_failure(
     format!("cuda:{ordinal}: {what}{}", way_out())
 }
 
-/// ", or run with --device cpu": every CUDA error ends with the way to run anyway.
+/// "; or run with --device cpu": every CUDA error ends with the way to run anyway.
 #[cfg(feature = "cuda")]
 fn way_out() -> &'static str {
     "; or run with --device cpu"
 }
 
-/// " (CUDA_VISIBLE_DEVICES=...)" when it is set, since it hides GPUs from the driver.
+/// " (CUDA_VISIBLE_DEVICES=...)" when it is set, since it decides which GPUs the driver shows.
 #[cfg(feature = "cuda")]
 fn visible_devices() -> String {
     match std::env::var("CUDA_VISIBLE_DEVICES") {
-        Ok(v) => format!(" (CUDA_VISIBLE_DEVICES={v:?} hides the others)"),
+        Ok(v) => format!(" (CUDA_VISIBLE_DEVICES={v:?} limits which GPUs it shows)"),
         Err(_) => String::new(),
     }
 }
@@ -268,11 +268,11 @@ mod tests {
         assert!(stub.starts_with("cuda:0: no NVIDIA driver"), "{stub}");
         let none = init_failure(1, R::CUDA_ERROR_NO_DEVICE, "");
         assert!(none.starts_with("cuda:1: no CUDA device"), "{none}");
-        let old = init_failure(0, R::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH, "");
-        assert!(old.contains("different driver versions"), "{old}");
+        let mismatch = init_failure(0, R::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH, "");
+        assert!(mismatch.contains("different driver versions"), "{mismatch}");
         let other = init_failure(0, R::CUDA_ERROR_UNKNOWN, "DriverError(CUDA_ERROR_UNKNOWN)");
         assert!(other.contains("CUDA_ERROR_UNKNOWN"), "{other}");
-        for msg in [stub, none, old, other] {
+        for msg in [stub, none, mismatch, other] {
             assert!(msg.ends_with("--device cpu"), "{msg}");
         }
     }
