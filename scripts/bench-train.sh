@@ -83,7 +83,10 @@ for line in open(sys.argv[1]):
     r = {"impl": parts[1]}
     for kv in parts[2:]:
         k, v = kv.split("=", 1)
-        r[k] = float(v)
+        try:
+            r[k] = float(v)
+        except ValueError:  # device=cpu
+            r[k] = v
     rows.append(r)
 impls = ["distill", "distill-plain", "pytorch-matmul", "pytorch-sdpa"]
 by = {i: [r for r in rows if r["impl"] == i] for i in impls}
