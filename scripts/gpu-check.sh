@@ -119,6 +119,10 @@ part_setup() {
             note "FAIL: driver too old for CUDA 13.0 (supports $driver_cuda)"
             exit 1
         fi
+        # candle's kernels are compiled for this GPU's compute capability (9.0 -> 90).
+        local cap
+        cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
+        [ -z "$cap" ] || export DISTILL_CUDA_COMPUTE_CAP="$cap"
     else
         note "--no-gpu: no GPU is used; libcuda is the link-only stand-in of scripts/cuda-stubs.py"
     fi
