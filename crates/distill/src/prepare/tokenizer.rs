@@ -69,17 +69,40 @@ impl Tokenizer {
         // vocabulary with none of them still loads when the config names its tokens.
         let config = path.with_file_name("tokenizer_config.json");
         let (mut bos, mut eos, mut pad) = (None, None, None);
-        if let Ok(text) = std::fs::read_to_string(&config) {
+        if config.is_file() {
+            // Present but unreadable (not UTF-8, say) is an error, not a file to skip.
+            let text = std::fs::read_to_string(&config).map_err(|e| Error::Checkpoint {
+                path: config.clone(),
+                msg: format!("cannot be read as text: {e}"),
+            })?;
             let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
                 path: config.clone(),
                 msg: format!("not valid JSON: {e}"),
             })?;
+            if !json.is_object() {
+                return Err(Error::Checkpoint {
+                    path: config.clone(),
+                    msg: "must be a JSON object {\"key\": value, ...}".into(),
+                });
+            }
+            // A token is its text, or an AddedToken object with the text in "content";
+            // absent or null means "not named here". Any other type is an error, not a
+            // silent fallback to the usual names.
             let named = |key: &str| -> Result<Option<u32>> {
                 let name = match &json[key] {
-                    serde_json::Value::String(s) => s.as_str(),
-                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or(""),
-                    _ => return Ok(None),
+                    serde_json::Value::Null => return Ok(None),
+                    serde_json::Value::String(s) => Some(s.as_str()),
+                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()),
+                    _ => None,
                 };
+                let name = name.ok_or_else(|| Error::Checkpoint {
+                    path: config.clone(),
+                    msg: format!(
+                        "key `{key}` must be the token's text (a string), an object with its text in \"content\", \
+                         or null; found {}",
+                        json[key].to_string().chars().take(60).collect::<String>()
+                    ),
+                })?;
                 inner.token_to_id(name).map(Some).ok_or_else(|| Error::Checkpoint {
                     path: config.clone(),
                     msg: format!("{key} {name:?} is not in the vocabulary of tokenizer.json"),
