@@ -61,10 +61,18 @@ impl Tokenizer {
     /// (SmolLM2's vocabulary has both `<|endoftext|>` and its real end of turn,
     /// `<|im_end|>`: only the config tells them apart.)
     pub fn load(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Checkpoint {
+        let bad = |msg: String| Error::Checkpoint {
             path: path.to_path_buf(),
-            msg: format!("not a valid tokenizer.json: {e}"),
-        })?;
+            msg: format!("not a valid tokenizer.json: {msg}"),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        // The JSON's syntax is checked first: tokenizers 0.23 panics (`expect("Helper")`)
+        // instead of returning an error on some malformed decoders. A panic it still
+        // raises on a well-formed file becomes an error too.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| bad("the tokenizers crate failed on it (a panic)".into()))?;
+        let inner = parsed.map_err(|e| bad(e.to_string()))?;
         // The config's names come first; the usual names are only a fallback, so a
         // vocabulary with none of them still loads when the config names its tokens.
         let config = path.with_file_name("tokenizer_config.json");
