@@ -4,7 +4,7 @@
 //! Every case must end in an error that names the file (or the config key), never in a
 //! panic, an abort, an out-of-memory kill, or a NaN reported as a result. The mutations
 //! are seeded, so a failure reproduces; DISTILL_MUTATIONS sets their number per file
-//! (default 150 for the byte-level classes, 60 for the structured ones).
+//! (default 150).
 //!
 //! The model-file and cache classes run in a child process of this test binary with its
 //! address space bounded (`ulimit -v`): a size that slipped past the checks then fails
@@ -299,12 +299,12 @@ use distill::teacher::traces::{self, Prompt, TraceRecord, TraceSettings, Verdict
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
-/// Structured mutations per class (DISTILL_MUTATIONS overrides).
+/// Structured mutations per class (DISTILL_MUTATIONS overrides; 150 by default).
 fn structured_mutations() -> usize {
     std::env::var("DISTILL_MUTATIONS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60)
+        .unwrap_or(150)
 }
 
 const CHILD_ENV: &str = "DISTILL_HOSTILE_CHILD";
@@ -318,6 +318,14 @@ const CHILD_ADDRESS_SPACE_KIB: u64 = 4 << 20;
 /// its per-class counts on lines starting with "hostile", which are passed on.
 fn in_bounded_child(test: &str, body: impl FnOnce()) {
     if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+            for l in limits.lines().filter(|l| l.starts_with("Max address space")) {
+                eprintln!(
+                    "hostile child {test}: {}",
+                    l.split_whitespace().collect::<Vec<_>>().join(" ")
+                );
+            }
+        }
         body();
         return;
     }
