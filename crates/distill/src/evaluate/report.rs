@@ -131,7 +131,8 @@ pub fn render(r: &Report) -> String {
             }
         );
     }
-    let stage = |n: &str| r.cost.stages.iter().find(|c| c.stage == n);
+    // A stage's cost is all of its records: killed segments and the completed one.
+    let stage = |n: &str| r.cost.stage(n);
     s += "| model | params | held-out loss | perplexity | held-out accuracy | trained in (device-h) | dollars |\n";
     s += "|---|---:|---:|---:|---:|---:|---:|\n";
     for m in &r.models {

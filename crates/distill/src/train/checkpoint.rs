@@ -199,25 +199,38 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// A short content id of a checkpoint: the first 16 hex digits of the
-/// SHA-256 of its `model.safetensors`. Records made from a checkpoint (teacher
-/// traces) carry it, so that they can be traced to the exact weights.
+/// The content id of a teacher: `sha256:` and the full SHA-256 of every byte of its
+/// weights, read in streams: the GGUF file, `model.safetensors`, or every shard the
+/// sharded index lists, in the index's order. Records made from a teacher (traces, the
+/// logit cache) carry it, so that they trace to the exact weights, and shards of
+/// different teachers are refused together (`distill merge`, a reopened cache).
 pub fn content_id(dir: &Path) -> Result<String> {
     use sha2::Digest;
-    // A GGUF teacher is one file; a sharded folder is identified by its index.
-    let p = if dir.is_file() {
-        dir.to_path_buf()
+    use std::io::Read;
+    let files: Vec<PathBuf> = if dir.is_file() {
+        vec![dir.to_path_buf()]
     } else if !dir.join("model.safetensors").is_file() && dir.join(crate::prepare::hub::SHARD_INDEX).is_file() {
-        dir.join(crate::prepare::hub::SHARD_INDEX)
+        let index = dir.join(crate::prepare::hub::SHARD_INDEX);
+        crate::prepare::hub::shard_files(&index)?
+            .iter()
+            .map(|f| require(dir, f))
+            .collect::<Result<_>>()?
     } else {
-        dir.join("model.safetensors")
+        vec![require(dir, "model.safetensors")?]
     };
-    let bytes = std::fs::read(&p).at(&p)?;
-    let digest = sha2::Sha256::digest(&bytes);
-    Ok(format!(
-        "sha256:{}",
-        digest.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()
-    ))
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for path in &files {
+        let mut f = File::open(path).at(path)?;
+        loop {
+            let n = f.read(&mut buf).at(path)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+        }
+    }
+    Ok(format!("sha256:{:x}", hash.finalize()))
 }
 
 fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
