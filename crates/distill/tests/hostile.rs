@@ -817,12 +817,13 @@ fn write_cache(dir: &Path) -> (Vec<Encoded>, Expect) {
         })
         .collect();
     let expect = Expect {
+        teacher: "sha256:test".into(),
         data_fingerprint: logit_cache::fingerprint(&data),
         k: 4,
         temperature: 2.0,
         vocab_size: v,
     };
-    logit_cache::write(dir, &teacher, "sha256:test", &data, &expect, 3, &|_, _| {}).unwrap();
+    logit_cache::write(dir, &teacher, &data, &expect, 3, &|_, _| {}).unwrap();
     (data, expect)
 }
 

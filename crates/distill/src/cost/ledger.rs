@@ -574,7 +574,10 @@ mod tests {
         let (a, b) = (&l.stages[0], &l.stages[1]);
         assert!(a.wall_seconds >= 0.12 && b.wall_seconds >= 0.06, "{a:?} {b:?}");
         let elapsed = start.0.elapsed().as_secs_f64();
-        assert!(a.wall_seconds + b.wall_seconds <= elapsed, "billed more than the time that passed");
+        assert!(
+            a.wall_seconds + b.wall_seconds <= elapsed,
+            "billed more than the time that passed"
+        );
         assert!((a.device_hours - a.wall_seconds * 2.0 / 3600.0).abs() < 1e-12);
         assert!((a.mfu.unwrap_or(0.0) - 6e10 / a.wall_seconds / 1e12).abs() < 1e-9);
         assert!(b.ended_unix.unwrap_or(0.0) >= a.ended_unix.unwrap_or(f64::MAX));
@@ -587,6 +590,10 @@ mod tests {
     }
 
     fn a_wall(l: &Ledger) -> f64 {
-        l.stages.iter().filter(|c| c.stage == "a" && !c.interrupted).map(|c| c.wall_seconds).sum()
+        l.stages
+            .iter()
+            .filter(|c| c.stage == "a" && !c.interrupted)
+            .map(|c| c.wall_seconds)
+            .sum()
     }
 }
