@@ -381,7 +381,7 @@ impl LogitCache {
                 expect.data_fingerprint.clone(),
             ));
         }
-        if index.k != expect.k {
+        if index.k != expect.k || index.k == 0 {
             return Err(mismatch("k", index.k.to_string(), expect.k.to_string()));
         }
         if index.temperature != expect.temperature {
@@ -416,8 +416,10 @@ impl LogitCache {
         let mut next_example = 0;
         for s in &index.shards {
             let p = dir.join(&s.file);
-            let want_rows = offsets
-                .get(s.first_example + s.examples)
+            // Checked: a hostile index may give any counts.
+            let end = s.first_example.checked_add(s.examples);
+            let want_rows = end
+                .and_then(|end| offsets.get(end))
                 .zip(offsets.get(s.first_example))
                 .map(|(b, a)| b - a);
             if s.first_example != next_example || want_rows != Some(s.rows) {
@@ -427,12 +429,12 @@ impl LogitCache {
                         "shard {} covers examples {}..{} with {} rows, which does not follow the previous shard and the dataset",
                         s.file,
                         s.first_example,
-                        s.first_example + s.examples,
+                        s.first_example.saturating_add(s.examples),
                         s.rows
                     ),
                 ));
             }
-            next_example += s.examples;
+            next_example += s.examples; // <= data.len(): `end` was found in `offsets`
             check_safetensors_header(&p)?;
             if sha256_hex(&p)? != s.sha256 {
                 return Err(bad(

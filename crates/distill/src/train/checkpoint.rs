@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsio::{check_safetensors_header, sha256_hex, sync_dir, write_file};
+use crate::fsio::{check_safetensors_header, safetensors_shapes, sha256_hex, sync_dir, write_file};
 use crate::model::{Llama, ModelConfig};
 use crate::prepare::tokenizer::Tokenizer;
 use crate::train::optim::AdamW;
@@ -327,22 +327,54 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
             ),
         ));
     }
-    let tensors = if weights == index {
+    check_generation_config(dir, cfg.vocab_size)?;
+    let files = if weights == index {
         // Sharded (Hugging Face's layout for large models): the index lists the shards.
-        let mut all = BTreeMap::new();
+        let mut files = Vec::new();
         for shard in crate::prepare::hub::shard_files(&index)? {
             let p = dir.join(&shard);
             if !p.is_file() {
                 return Err(err(&index, format!("lists {shard}, which is not in {}", dir.display())));
             }
-            all.extend(read_safetensors(&p, device)?.0);
+            files.push(p);
         }
-        all
+        files
     } else {
-        read_safetensors(&weights, device)?.0
+        vec![weights.clone()]
     };
+    // Every size config.json gives is checked against the tensors' shapes, read from the
+    // headers, before any tensor is read or anything sized from the config.
+    let mut shapes = BTreeMap::new();
+    for p in &files {
+        shapes.extend(safetensors_shapes(p)?);
+    }
+    cfg.check_shapes(&shapes).map_err(|m| {
+        err(
+            &cfg_path,
+            format!(
+                "{m} in {}: config.json does not describe these weights (files of different models, or an edited \
+                 config.json); restore config.json from the model's source",
+                weights.display()
+            ),
+        )
+    })?;
+    let mut tensors = BTreeMap::new();
+    for p in &files {
+        tensors.extend(read_safetensors(p, device)?.0);
+    }
     let model = Llama::from_tensors(cfg, tensors, device).map_err(|e| err(&weights, e.to_string()))?;
     Ok((model, tokenizer))
+}
+
+/// Checks `generation_config.json`, when the directory has one (`hf_json::check_generation_config`).
+fn check_generation_config(dir: &Path, vocab_size: usize) -> Result<()> {
+    let p = dir.join("generation_config.json");
+    if !p.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&p).at(&p)?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(&p, format!("not valid JSON: {e}")))?;
+    crate::model::hf_json::check_generation_config(&json, &p, vocab_size)
 }
 
 /// Reads `trainer_state.json` and the optimiser moments of a checkpoint.
