@@ -1292,3 +1292,137 @@ fn plain_kernels_train_the_same_models_as_the_fused_ones() {
     );
     assert!(err.contains("\"plain\""), "{err}");
 }
+
+/// The ledger of `run_dir`, one JSON value per record.
+fn ledger_records(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("ledger.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn num(v: &serde_json::Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("record without {key}: {v}"))
+}
+
+/// A run killed inside the student stage and resumed: every record bills its own time and
+/// work, the report's cost of each model is the sum of its records, the resumed segment's
+/// FLOPs per step equal the uninterrupted stage's (so its MFU is a real one), and the
+/// billed seconds add up to the lifetimes of the two processes.
+#[test]
+fn a_killed_and_resumed_run_bills_every_second_and_reports_the_sum_of_its_segments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bill.toml");
+    let body = std::fs::read_to_string(tiny())
+        .unwrap()
+        .replace("name = \"tiny\"", "name = \"bill\"")
+        .replace(
+            "[student.train]\nsteps = 30",
+            "[student.train]\nsteps = 30\nsave_every = 5",
+        )
+        + "\n[cost]\npeak_flops_per_device = 1e10\n";
+    std::fs::write(&cfg, body).unwrap();
+    run_variant(&cfg, &tmp.path().join("ref"), "bill");
+    let reference = ledger_records(&tmp.path().join("ref/bill"));
+
+    // Optimizer writes: the teacher's final checkpoint, then the student's at steps 5, 10
+    // and 15: the process aborts half-way through the last, inside the student stage.
+    let out = tmp.path().join("killed");
+    let run_dir = out.join("bill");
+    let t0 = std::time::Instant::now();
+    let first = run(bin()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out-dir")
+        .arg(&out)
+        .env("DISTILL_CRASH_IN_WRITE", "optimizer.safetensors:4"));
+    let first_life = t0.elapsed().as_secs_f64();
+    assert!(!first.status.success());
+    let t1 = std::time::Instant::now();
+    let (status, err) = resume_with(&run_dir, &[], None);
+    let second_life = t1.elapsed().as_secs_f64();
+    assert!(status.success(), "{err}");
+
+    let records = ledger_records(&run_dir);
+    let stages: Vec<String> = records
+        .iter()
+        .map(|r| {
+            format!(
+                "{}{}",
+                r["stage"].as_str().unwrap(),
+                if r["interrupted"] == true { " (killed)" } else { "" }
+            )
+        })
+        .collect();
+    assert!(stages.contains(&"student (killed)".to_string()), "{stages:?}");
+    assert!(stages.contains(&"resume".to_string()), "{stages:?}");
+
+    // Every second of both processes is billed, within 5%.
+    let billed: f64 = records.iter().map(|r| num(r, "wall_seconds")).sum();
+    let lives = first_life + second_life;
+    assert!(
+        billed <= lives && billed >= 0.95 * lives,
+        "billed {billed:.2} s of {lives:.2} s of process lifetime ({stages:?})"
+    );
+
+    // The resumed student segment did steps 11..=30 of the stage, the killed one steps
+    // 1..=15 (its last heartbeat): each record carries its own work, and the completed
+    // one also the whole stage's, exactly the uninterrupted stage's.
+    let student = |rs: &[serde_json::Value], killed: bool| {
+        rs.iter()
+            .find(|r| r["stage"] == "student" && (r["interrupted"] == true) == killed)
+            .cloned()
+            .unwrap()
+    };
+    let (whole, resumed, killed) = (
+        student(&reference, false),
+        student(&records, false),
+        student(&records, true),
+    );
+    let work = |r: &serde_json::Value| num(r, "flops") + num(r, "teacher_flops");
+    let stage_flops = resumed["stage_flops"].as_array().unwrap();
+    assert_eq!(
+        (stage_flops[0].as_f64().unwrap(), stage_flops[1].as_f64().unwrap()),
+        (num(&whole, "flops"), num(&whole, "teacher_flops")),
+        "the resumed stage's whole work: {resumed}"
+    );
+    // Steps differ a little in padded length, so the shares are checked to 10%.
+    let share = |r: &serde_json::Value| work(r) / work(&whole);
+    assert!(
+        (share(&resumed) - 20.0 / 30.0).abs() < 0.1 * 20.0 / 30.0,
+        "resumed: {resumed}"
+    );
+    assert!(
+        (share(&killed) - 15.0 / 30.0).abs() < 0.1 * 15.0 / 30.0,
+        "killed: {killed}"
+    );
+    let got = work(&resumed) / 20.0;
+    let mfu = |r: &serde_json::Value| r["mfu"].as_f64().unwrap();
+    let wall_per_step = num(&resumed, "wall_seconds") / 20.0;
+    assert!(
+        (mfu(&resumed) - got / wall_per_step / 1e10 / 2.0).abs() < 1e-9,
+        "MFU is the segment's FLOPs over its own wall time: {resumed}"
+    );
+
+    // The report prices each model at the sum of its records.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("report.json")).unwrap()).unwrap();
+    let md = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
+    for model in ["teacher", "student", "baseline"] {
+        let sum: f64 = records
+            .iter()
+            .filter(|r| r["stage"] == model)
+            .map(|r| num(r, "device_hours"))
+            .sum();
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {model} |")))
+            .unwrap_or_else(|| panic!("no row for {model} in\n{md}"));
+        assert!(
+            row.contains(&format!("| {sum:.4} |")),
+            "{model}: {sum:.4} device-hours expected in {row}"
+        );
+    }
+    assert_eq!(report["cost"]["stages"].as_array().unwrap().len(), records.len());
+}

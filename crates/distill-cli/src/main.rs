@@ -448,9 +448,20 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         let prompt = a.prompt.unwrap_or_default();
         let mut ids = vec![tok.bos];
         ids.extend(tok.encode(&prompt)?);
+        let context = model.cfg.max_position_embeddings;
+        if distill::model::generate::too_long(ids.len(), context) {
+            anyhow::bail!(
+                "the prompt is {} tokens (with the BOS token), which leaves no room for a new token in the \
+                 context of {} (max_position_embeddings) of {}; shorten the prompt",
+                ids.len(),
+                context,
+                a.checkpoint.display()
+            );
+        }
         let rows = vec![ids; a.samples];
         let mut rngs: Vec<_> = (0..a.samples as u64).map(|k| row_rng(a.seed, k)).collect();
-        let (out, _) = generate_rows(&model, &rows, tok.eos, &sampling, &mut rngs)?;
+        let (out, _) = generate_rows(&model, &rows, tok.eos, &sampling, &mut rngs)
+            .with_context(|| format!("generating with {}", a.checkpoint.display()))?;
         for g in out {
             println!("{prompt}{}", tok.decode(&g.ids)?);
         }
@@ -482,7 +493,8 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         &settings,
         shard.unwrap_or(Shard::WHOLE),
         &mut on_batch,
-    )?;
+    )
+    .with_context(|| format!("generating with {}", a.checkpoint.display()))?;
     bars.stage_end();
     let out = a.out.context("--out is required with --input")?;
     traces::write(&out, &records)?;
@@ -496,7 +508,21 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         100.0 * acc.acceptance_rate,
         acc.prompts_solved
     );
+    warn_too_long(&acc, a.checkpoint.as_path());
     Ok(())
+}
+
+/// Says how many prompts did not fit the model's context (their samples are recorded as
+/// `prompt_too_long`, not generated).
+fn warn_too_long(acc: &distill::teacher::traces::Acceptance, checkpoint: &std::path::Path) {
+    if acc.prompts_too_long > 0 {
+        eprintln!(
+            "warning: {} prompts leave no room for a new token in the context of {}; their samples are \
+             recorded with the verdict prompt_too_long. Shorten them, or use a model with a longer context",
+            acc.prompts_too_long,
+            checkpoint.display()
+        );
+    }
 }
 
 fn merge(
@@ -520,6 +546,12 @@ fn merge(
         acc.kept,
         100.0 * acc.acceptance_rate
     );
+    if acc.prompts_too_long > 0 {
+        eprintln!(
+            "warning: {} prompts were too long for the model's context (verdict prompt_too_long)",
+            acc.prompts_too_long
+        );
+    }
     Ok(())
 }
 

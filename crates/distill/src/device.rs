@@ -142,9 +142,16 @@ pub fn describe(device: &Device) -> DeviceInfo {
         Device::Cuda(_) => describe_cuda(device),
         _ => DeviceInfo {
             memory_bytes: host_memory_bytes(),
-            ..DeviceInfo::new("cpu", cpu_model_name(), rayon::current_num_threads())
+            ..DeviceInfo::new("cpu", cpu_model_name(), cpu_cores_available())
         },
     }
+}
+
+/// The CPU cores this process may run on (its affinity mask and cgroup quota, as the
+/// OS reports them): what a CPU run occupies and is billed for, whatever number of
+/// threads it starts.
+pub fn cpu_cores_available() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 const UNKNOWN_GPU: &str = "unknown NVIDIA GPU";
@@ -219,7 +226,8 @@ mod tests {
     fn cpu_inventory_has_ram_and_no_gpus() {
         let info = describe(&Device::Cpu);
         assert_eq!(info.kind, "cpu");
-        assert_eq!(info.count, rayon::current_num_threads());
+        assert_eq!(info.count, cpu_cores_available());
+        assert!(info.count >= 1);
         assert_eq!(
             (info.visible_gpus, info.ordinal, info.compute_capability),
             (None, None, None)

@@ -124,3 +124,65 @@ pub fn check_safetensors_header(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Bytes per element of a safetensors dtype name; None for a name the format does not have.
+fn dtype_size(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// The tensor shapes of a safetensors file, from its header alone (name -> shape), each
+/// checked against the file: a known dtype, and data offsets inside the file whose length
+/// is the shape's element count times the dtype's size. Nothing but the header is read,
+/// so a model's config can be checked against its weights before they are loaded.
+pub fn safetensors_shapes(path: &Path) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+    use std::io::Read;
+    check_safetensors_header(path)?;
+    let mut f = File::open(path).at(path)?;
+    let len = f.metadata().at(path)?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).at(path)?;
+    let n = u64::from_le_bytes(n); // <= MAX_HEADER and <= len - 8, checked above
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).at(path)?;
+    let bad = |msg: String| checkpoint_err(path, format!("not a valid safetensors file: {msg}"));
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("its header is not a JSON object ({e})")))?;
+    let data = len - 8 - n;
+    let mut out = std::collections::BTreeMap::new();
+    for (name, info) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let size = dtype_size(dtype).ok_or_else(|| bad(format!("tensor `{name}` has an unknown dtype {dtype:?}")))?;
+        let ints = |key: &str| -> Option<Vec<u64>> { info.get(key)?.as_array()?.iter().map(|x| x.as_u64()).collect() };
+        let shape = ints("shape")
+            .and_then(|s| {
+                s.into_iter()
+                    .map(|d| usize::try_from(d).ok())
+                    .collect::<Option<Vec<usize>>>()
+            })
+            .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
+        let bytes = shape
+            .iter()
+            .try_fold(size, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| bad(format!("tensor `{name}` has an impossible shape {shape:?}")))?;
+        let fits = match ints("data_offsets").as_deref() {
+            Some(&[start, end]) => start <= end && end <= data && end - start == bytes,
+            _ => false,
+        };
+        if !fits {
+            return Err(bad(format!(
+                "tensor `{name}` of shape {shape:?} does not fit its data offsets in the file ({len} bytes; truncated or corrupt?)"
+            )));
+        }
+        out.insert(name, shape);
+    }
+    Ok(out)
+}

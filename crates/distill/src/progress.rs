@@ -16,6 +16,12 @@ pub struct StepLog {
     pub eval_loss: Option<f32>,
     /// What the whole run has cost so far, in dollars; filled in by the pipeline.
     pub dollars: f64,
+    /// Tokens and FLOPs (trained model and teacher) this process has spent on the stage
+    /// so far: a killed segment is billed its work from them (`cost::heartbeat`).
+    #[serde(skip)]
+    pub segment_tokens: u64,
+    #[serde(skip)]
+    pub segment_flops: f64,
 }
 
 /// Receives progress; the CLI draws bars, tests stay silent.

@@ -654,6 +654,6 @@ fn a_gguf_file_is_a_teacher_checkpoint() -> R {
     assert!(max_abs_diff(&m.forward(&ids)?, &original.forward(&ids)?) <= 1e-5);
     assert_eq!(t.vocab_size(), tok.vocab_size());
     let id = distill::train::checkpoint::content_id(&path)?;
-    assert!(id.starts_with("sha256:") && id.len() == 23, "{id}");
+    assert!(id.starts_with("sha256:") && id.len() == "sha256:".len() + 64, "{id}");
     Ok(())
 }

@@ -303,7 +303,10 @@ fn damaged_checkpoints_are_clear_errors_not_panics() -> R {
     hf["intermediate_size"] = 50.into();
     std::fs::write(d.join("config.json"), serde_json::to_vec(&hf).unwrap()).unwrap();
     let e = load_err(&d);
-    assert!(e.contains("mlp.") && e.contains("has shape"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("`intermediate_size` is 50") && e.contains("gate_proj.weight` has 48"),
+        "{e}"
+    );
 
     let d = copy("vocab");
     hf["intermediate_size"] = 48.into();

@@ -451,8 +451,11 @@ pub struct CostConfig {
     /// Price of one GPU-hour when the GPU name is not in `gpu_hour`. Default $2.00.
     pub default_gpu_hour: f64,
     /// Price per GPU-hour by name fragment (matched case-insensitively against the
-    /// detected GPU name). Defaults: H800 $2.00 (DeepSeek-R1, Nature 2025,
-    /// supplementary), H100 $2.50, A100 $1.50.
+    /// detected GPU name; the longest matching fragment wins). Defaults: on-demand
+    /// rental prices, each with its source and date in docs/cost.md: H800 $2.00 (the
+    /// price DeepSeek-R1 assumed), H200 $6.31, B200 $8.60, H100 $6.16, A100 $2.70,
+    /// L40S $2.25, A10G $1.006, L4 $0.8048. A GPU matching none is billed at
+    /// `default_gpu_hour`, with a warning and a note in the ledger.
     pub gpu_hour: std::collections::BTreeMap<String, f64>,
     /// Peak FLOP/s of one device (one GPU, or one CPU core) for the MFU column
     /// of the ledger. Default: the datasheet f32 peak of known GPUs, and for
@@ -460,15 +463,24 @@ pub struct CostConfig {
     pub peak_flops_per_device: Option<f64>,
 }
 
+/// On-demand prices per GPU-hour; docs/cost.md gives each one's source and date.
+const DEFAULT_GPU_HOUR: [(&str, f64); 8] = [
+    ("H800", 2.0),
+    ("H200", 6.31),
+    ("B200", 8.60),
+    ("H100", 6.16),
+    ("A100", 2.70),
+    ("L40S", 2.25),
+    ("A10G", 1.006),
+    ("L4", 0.8048),
+];
+
 impl Default for CostConfig {
     fn default() -> Self {
         Self {
             cpu_core_hour: 0.05,
             default_gpu_hour: 2.0,
-            gpu_hour: [("H800", 2.0), ("H100", 2.5), ("A100", 1.5)]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            gpu_hour: DEFAULT_GPU_HOUR.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             peak_flops_per_device: None,
         }
     }

@@ -373,8 +373,19 @@ impl Validator<'_> {
                 kv,
             );
         }
-        self.check(m.rope_theta > 0.0, &k("rope_theta"), "must be > 0", m.rope_theta);
-        self.check(m.rms_norm_eps > 0.0, &k("rms_norm_eps"), "must be > 0", m.rms_norm_eps);
+        // The ranges `ModelConfig::check` holds every model to, config.json's included.
+        self.check(
+            m.rope_theta.is_finite() && m.rope_theta >= 1.0,
+            &k("rope_theta"),
+            "must be a finite number >= 1 (Llama uses 10000 or 500000)",
+            m.rope_theta,
+        );
+        self.check(
+            m.rms_norm_eps > 0.0 && m.rms_norm_eps < 1.0 && (m.rms_norm_eps as f32) > 0.0,
+            &k("rms_norm_eps"),
+            "must be in (0, 1) and above 1e-38 (f32), e.g. 1e-5",
+            m.rms_norm_eps,
+        );
         self.check(
             m.init_std > 0.0 && m.init_std < 1.0,
             &k("init_std"),

@@ -4,10 +4,13 @@
 //! used to price its training.
 //!
 //! Every finished stage is appended to `ledger.jsonl` (one JSON record per
-//! line, fsynced) and the whole table is rewritten to `cost.json`. A stage
-//! that was killed and later resumed adds one `interrupted` record for the
-//! time it ran before the kill (from the run's heartbeat file), so the totals
-//! count every second the run used.
+//! line, fsynced) and the whole table is rewritten to `cost.json`. Each record
+//! bills the time since the previous record of the process (or since the run
+//! started), so start-up, checkpoint loading and everything between stages is
+//! billed too. A stage that was killed and later resumed adds one `interrupted`
+//! record for the time and work of the segment before the kill (from the run's
+//! heartbeat, `cost::heartbeat`), so the totals count every second the run used,
+//! and each record's MFU is its own segment's FLOPs over its own wall time.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -62,6 +65,19 @@ pub struct StageCost {
     /// Optimiser steps, for the communication time per step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
+    /// When the billed time ended (Unix seconds), so that a resumed run can bill a
+    /// killed segment whose heartbeat is damaged from the last record on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_unix: Option<f64>,
+    /// On the completed record of a resumed stage: the whole stage's FLOPs (model,
+    /// teacher), where `flops` and `teacher_flops` are this segment's alone. Projections
+    /// scale from the whole stage's work (`StageCost::stage_work`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_flops: Option<(f64, f64)>,
+    /// Where the price came from when it is not the config's own figure for this device
+    /// (an unknown GPU billed at `[cost] default_gpu_hour`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_note: Option<String>,
 }
 
 fn one() -> usize {
@@ -70,15 +86,50 @@ fn one() -> usize {
 
 /// The price of one device-hour for `dev` under `prices`.
 pub fn price_per_hour(prices: &CostConfig, dev: &DeviceInfo) -> f64 {
+    priced(prices, dev).0
+}
+
+/// The price of one device-hour for `dev`, and a note when it is the default price of an
+/// unknown GPU: the note names the config key that sets the right one.
+pub fn priced(prices: &CostConfig, dev: &DeviceInfo) -> (f64, Option<String>) {
     if dev.kind == "cpu" {
-        return prices.cpu_core_hour;
+        return (prices.cpu_core_hour, None);
     }
     let name = dev.name.to_lowercase();
-    prices
+    // The longest matching fragment wins: "H100 NVL" before "H100".
+    let known = prices
         .gpu_hour
         .iter()
-        .find(|(k, _)| name.contains(&k.to_lowercase()))
-        .map_or(prices.default_gpu_hour, |(_, p)| *p)
+        .filter(|(k, _)| names_part(&name, &k.to_lowercase()))
+        .max_by_key(|(k, _)| k.len());
+    match known {
+        Some((_, p)) => (*p, None),
+        None => (
+            prices.default_gpu_hour,
+            Some(format!(
+                "no price for the GPU {:?} in [cost] gpu_hour; billed at [cost] default_gpu_hour = ${:.2}; \
+                 set [cost] gpu_hour.\"<name fragment>\" = <dollars per GPU-hour> for the right figure",
+                dev.name, prices.default_gpu_hour
+            )),
+        ),
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Whether `fragment` appears in `name` as a whole part, not inside a longer model
+/// number: "l4" names "nvidia l4" but not "nvidia l40s"; "a100" names "a100-sxm4-80gb".
+fn names_part(name: &str, fragment: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    !fragment.is_empty()
+        && name
+            .match_indices(fragment)
+            .any(|(i, _)| !alnum(name[..i].chars().next_back()) && !alnum(name[i + fragment.len()..].chars().next()))
 }
 
 impl StageCost {
@@ -92,7 +143,7 @@ impl StageCost {
         teacher_flops: f64,
     ) -> Self {
         let device_hours = wall_seconds / 3600.0 * dev.count as f64;
-        let price = price_per_hour(prices, dev);
+        let (price, price_note) = priced(prices, dev);
         Self {
             stage: stage.to_string(),
             device_kind: dev.kind.clone(),
@@ -116,7 +167,42 @@ impl StageCost {
             world_size: 1,
             comm_seconds: 0.0,
             steps: None,
+            ended_unix: None,
+            price_note,
+            stage_flops: None,
         }
+    }
+
+    /// The whole stage's (model, teacher) FLOPs: this record's, or on the completed
+    /// record of a resumed stage, the totals its checkpoint carried.
+    pub fn stage_work(&self) -> (f64, f64) {
+        self.stage_flops.unwrap_or((self.flops, self.teacher_flops))
+    }
+
+    /// The work a stage did in this process, priced for `dev`; `Ledger::record` adds
+    /// the wall time it took.
+    pub fn work(
+        stage: &str,
+        dev: &DeviceInfo,
+        prices: &CostConfig,
+        tokens: u64,
+        flops: f64,
+        teacher_flops: f64,
+    ) -> Self {
+        Self::new(stage, dev, prices, 0.0, tokens, flops, teacher_flops)
+    }
+
+    /// The same record over `wall_seconds`: device-hours, dollars and FLOP/s follow.
+    pub fn over(mut self, wall_seconds: f64) -> Self {
+        self.wall_seconds = wall_seconds;
+        self.device_hours = wall_seconds / 3600.0 * (self.device_count * self.world_size.max(1)) as f64;
+        self.dollars = self.device_hours * self.price_per_device_hour;
+        self.flops_per_second = if wall_seconds > 0.0 {
+            (self.flops + self.teacher_flops) / wall_seconds
+        } else {
+            0.0
+        };
+        self
     }
 
     /// The stage ran on `world` ranks, each billed like the one this record
@@ -131,13 +217,30 @@ impl StageCost {
         self
     }
 
-    /// The time a killed segment of `stage` ran; its work is counted when the stage completes.
-    pub fn interrupted(stage: &str, dev: &DeviceInfo, prices: &CostConfig, wall_seconds: f64) -> Self {
+    /// The time a killed segment of `stage` ran, and the work it did (`tokens` and
+    /// `flops` up to its last heartbeat; work after its last checkpoint is done again by
+    /// the segment that resumes it, and billed there too).
+    pub fn interrupted(
+        stage: &str,
+        dev: &DeviceInfo,
+        prices: &CostConfig,
+        wall_seconds: f64,
+        (tokens, flops): (u64, f64),
+    ) -> Self {
         Self {
             interrupted: true,
-            ..Self::new(stage, dev, prices, wall_seconds, 0, 0.0, 0.0)
+            ..Self::new(stage, dev, prices, wall_seconds, tokens, flops, 0.0)
         }
     }
+}
+
+/// What all the records of one stage add up to: killed segments and the completed one.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTotal {
+    pub wall_seconds: f64,
+    pub device_hours: f64,
+    pub dollars: f64,
+    pub flops: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -147,6 +250,21 @@ pub struct CostSummary {
     pub total_device_hours: f64,
     pub total_dollars: f64,
     pub total_flops: f64,
+}
+
+impl CostSummary {
+    /// The sum of every record of `stage` (its killed segments and the completed one);
+    /// None when the ledger has no record of it.
+    pub fn stage(&self, stage: &str) -> Option<StageTotal> {
+        let mut records = self.stages.iter().filter(|c| c.stage == stage).peekable();
+        records.peek()?;
+        Some(records.fold(StageTotal::default(), |t, c| StageTotal {
+            wall_seconds: t.wall_seconds + c.wall_seconds,
+            device_hours: t.device_hours + c.device_hours,
+            dollars: t.dollars + c.dollars,
+            flops: t.flops + c.flops + c.teacher_flops,
+        }))
+    }
 }
 
 /// The run's ledger, kept in `ledger.jsonl` and summarised in `cost.json`.
@@ -160,6 +278,9 @@ pub struct Ledger {
     persist: bool,
     /// Ranks of the run: a record made for one rank is billed for all of them.
     pub world: usize,
+    /// This process's unbilled time starts here: at the run's start, then at the end
+    /// of its last record (monotonic, and the same instant in Unix seconds).
+    billed_until: (std::time::Instant, f64),
 }
 
 impl Ledger {
@@ -170,7 +291,20 @@ impl Ledger {
             peak_flops: None,
             persist: true,
             world: 1,
+            billed_until: (std::time::Instant::now(), unix_now()),
         }
+    }
+
+    /// Bills this process's time from `start` on (the run's start, before the ledger
+    /// could be opened).
+    pub fn billing_from(mut self, start: (std::time::Instant, f64)) -> Self {
+        self.billed_until = start;
+        self
+    }
+
+    /// When this process's unbilled time began, in Unix seconds.
+    pub fn unbilled_since_unix(&self) -> f64 {
+        self.billed_until.1
     }
 
     /// A ledger that takes records in memory only: the copy a rank other than 0 keeps.
@@ -232,12 +366,17 @@ impl Ledger {
     }
 
     /// Appends a stage of this run to `ledger.jsonl` (fsynced) and rewrites `cost.json`,
-    /// billed on the run's ranks.
+    /// billed on the run's ranks for the time since this process's last record (or its
+    /// start): every second of the process is billed to some stage.
     pub fn record(&mut self, mut cost: StageCost) -> Result<()> {
         if cost.world_size != self.world {
             let (comm, steps) = (cost.comm_seconds, cost.steps);
             cost = cost.on_ranks(self.world, comm, steps);
         }
+        let now = (std::time::Instant::now(), unix_now());
+        cost = cost.over(now.0.duration_since(self.billed_until.0).as_secs_f64());
+        cost.ended_unix = Some(now.1);
+        self.billed_until = now;
         self.record_as_billed(cost)
     }
 
@@ -246,7 +385,7 @@ impl Ledger {
     pub fn record_as_billed(&mut self, mut cost: StageCost) -> Result<()> {
         if let (Some(peak), None) = (self.peak_flops, cost.peak_flops_per_second) {
             cost.peak_flops_per_second = Some(peak);
-            if !cost.interrupted && cost.flops_per_second > 0.0 && peak > 0.0 {
+            if cost.flops_per_second > 0.0 && peak > 0.0 {
                 cost.mfu = Some(cost.flops_per_second / peak);
             }
         }
@@ -368,8 +507,17 @@ mod tests {
     #[test]
     fn prices_match_gpu_names_and_fall_back_to_default() {
         let p = CostConfig::default();
-        assert_eq!(price_per_hour(&p, &gpu("NVIDIA A100-SXM4-80GB", 1)), 1.5);
-        assert_eq!(price_per_hour(&p, &gpu("NVIDIA L4", 1)), p.default_gpu_hour);
+        assert_eq!(price_per_hour(&p, &gpu("NVIDIA A100-SXM4-80GB", 1)), 2.70);
+        assert_eq!(price_per_hour(&p, &gpu("NVIDIA L4", 1)), 0.8048);
+        assert_eq!(price_per_hour(&p, &gpu("NVIDIA L40S", 1)), 2.25);
+        assert_eq!(price_per_hour(&p, &gpu("NVIDIA H200", 8)), 6.31);
+        // Unknown: the default price, and a note that names the key to set.
+        let (price, note) = priced(&p, &gpu("NVIDIA L40", 1));
+        assert_eq!(price, p.default_gpu_hour);
+        assert!(note.is_some_and(|n| n.contains("[cost] gpu_hour")));
+        assert!(priced(&p, &gpu("NVIDIA B200", 1)).1.is_none());
+        let unknown = StageCost::new("s", &gpu("Mystery GPU", 1), &p, 3600.0, 0, 0.0, 0.0);
+        assert!(unknown.price_note.is_some());
         let cpu = DeviceInfo {
             kind: "cpu".into(),
             name: "x".into(),
@@ -387,8 +535,9 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
         let mut l = Ledger::new(dir.path());
         let p = CostConfig::default();
-        l.record(StageCost::new("a", &gpu("H100", 8), &p, 1800.0, 5, 1.0, 0.0))?;
-        l.record(StageCost::new("b", &gpu("H100", 8), &p, 900.0, 5, 2.0, 0.5))?;
+        // Records of known duration (as a killed segment's is), billed as they say.
+        l.record_as_billed(StageCost::new("a", &gpu("H100", 8), &p, 1800.0, 5, 1.0, 0.0))?;
+        l.record_as_billed(StageCost::new("b", &gpu("H100", 8), &p, 900.0, 5, 2.0, 0.5))?;
         let lines =
             std::fs::read_to_string(dir.path().join("ledger.jsonl")).map_err(|e| Error::Invalid(e.to_string()))?;
         assert_eq!(lines.lines().count(), 2);
@@ -397,9 +546,54 @@ mod tests {
         )
         .map_err(|e| Error::Invalid(e.to_string()))?;
         assert!((s.total_device_hours - 6.0).abs() < 1e-9);
-        assert!((s.total_dollars - 15.0).abs() < 1e-9);
+        assert!((s.total_dollars - 6.0 * 6.16).abs() < 1e-9);
         assert_eq!(s.total_flops, 3.5);
         assert!(l.table().contains("total"));
         Ok(())
+    }
+
+    /// `record` bills the time since the process's last record (or the run's start), so
+    /// no second between records goes unbilled; MFU is the record's own FLOPs over it.
+    #[test]
+    fn records_bill_the_time_since_the_last_one() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let start = (std::time::Instant::now(), unix_now());
+        let mut l = Ledger::new(dir.path()).in_memory().billing_from(start);
+        l.peak_flops = Some(1e12);
+        let p = CostConfig::default();
+        let cpu = DeviceInfo {
+            kind: "cpu".into(),
+            name: "x".into(),
+            count: 2,
+            ..Default::default()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        l.record(StageCost::work("a", &cpu, &p, 10, 6e10, 0.0))?;
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        l.record(StageCost::work("b", &cpu, &p, 10, 0.0, 0.0))?;
+        let (a, b) = (&l.stages[0], &l.stages[1]);
+        assert!(a.wall_seconds >= 0.12 && b.wall_seconds >= 0.06, "{a:?} {b:?}");
+        let elapsed = start.0.elapsed().as_secs_f64();
+        assert!(
+            a.wall_seconds + b.wall_seconds <= elapsed,
+            "billed more than the time that passed"
+        );
+        assert!((a.device_hours - a.wall_seconds * 2.0 / 3600.0).abs() < 1e-12);
+        assert!((a.mfu.unwrap_or(0.0) - 6e10 / a.wall_seconds / 1e12).abs() < 1e-9);
+        assert!(b.ended_unix.unwrap_or(0.0) >= a.ended_unix.unwrap_or(f64::MAX));
+        // The report's stage cost sums a stage's records.
+        l.record_as_billed(StageCost::interrupted("a", &cpu, &p, 10.0, (5, 1e9)))?;
+        let total = l.summary().stage("a").unwrap_or_default();
+        assert!((total.wall_seconds - (a_wall(&l) + 10.0)).abs() < 1e-9);
+        assert!(l.summary().stage("c").is_none());
+        Ok(())
+    }
+
+    fn a_wall(l: &Ledger) -> f64 {
+        l.stages
+            .iter()
+            .filter(|c| c.stage == "a" && !c.interrupted)
+            .map(|c| c.wall_seconds)
+            .sum()
     }
 }

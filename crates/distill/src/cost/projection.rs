@@ -387,8 +387,8 @@ pub const UNSCALED_STAGES: &[&str] = &["eval"];
 /// distillation stage keeps its teacher-forward share.
 ///
 /// Stages without FLOPs (prepare, a teacher loaded from a checkpoint), killed
-/// segments (their work is in the resumed stage's record) and `UNSCALED_STAGES`
-/// are left out. One MFU serves every stage, so generation stages (traces),
+/// segments (the resumed stage's record carries the whole stage's work) and
+/// `UNSCALED_STAGES` are left out. One MFU serves every stage, so generation stages (traces),
 /// which reach a far lower MFU than training, are projected optimistically.
 pub fn scale_run(run: &CostSummary, target: &ScaleTarget) -> Result<Vec<Projection>> {
     let p = positive(
@@ -410,13 +410,14 @@ pub fn scale_run(run: &CostSummary, target: &ScaleTarget) -> Result<Vec<Projecti
             names.join(", ")
         ))
     })?;
-    if !(reference.flops.is_finite() && reference.flops > 0.0) {
+    let reference_flops = reference.stage_work().0;
+    if !(reference_flops.is_finite() && reference_flops > 0.0) {
         return Err(Error::Invalid(format!(
             "stage {:?} recorded no FLOPs (a loaded checkpoint?); scale from a stage that trained",
             reference.stage
         )));
     }
-    let scale = WorkKind::Training.flops_per_param_token() * p * n / reference.flops;
+    let scale = WorkKind::Training.flops_per_param_token() * p * n / reference_flops;
     let throughput = Throughput {
         mfu: target.mfu.unwrap_or(DEFAULT_TRAINING_MFU),
         precision: target.precision,
@@ -424,15 +425,16 @@ pub fn scale_run(run: &CostSummary, target: &ScaleTarget) -> Result<Vec<Projecti
     };
     done()
         .filter(|s| !UNSCALED_STAGES.contains(&s.stage.as_str()))
-        .filter(|s| s.flops + s.teacher_flops > 0.0)
-        .map(|s| {
+        .map(|s| (s, s.stage_work().0 + s.stage_work().1))
+        .filter(|(_, flops)| *flops > 0.0)
+        .map(|(s, flops)| {
             project(&ProjectionInput {
                 stage: s.stage.clone(),
                 device: target.device.clone(),
                 count: target.count,
                 price_per_device_hour: target.price_per_device_hour,
                 work: Work::Flops {
-                    flops: scale * (s.flops + s.teacher_flops),
+                    flops: scale * flops,
                     throughput,
                 },
             })
@@ -533,8 +535,9 @@ mod tests {
     fn prices_come_from_the_cost_config() {
         let p = CostConfig::default();
         assert_eq!(device_price("H800", &p), 2.0);
-        assert_eq!(device_price("NVIDIA A100-SXM4-80GB", &p), 1.5);
-        assert_eq!(device_price("NVIDIA L4", &p), p.default_gpu_hour);
+        assert_eq!(device_price("NVIDIA A100-SXM4-80GB", &p), 2.70);
+        assert_eq!(device_price("NVIDIA L4", &p), 0.8048);
+        assert_eq!(device_price("NVIDIA RTX PRO 6000", &p), p.default_gpu_hour);
         assert_eq!(device_price("cpu", &p), p.cpu_core_hour);
     }
 

@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::Serialize;
 
-use std::time::Instant;
-
 use crate::config::Config;
 use crate::cost::ledger::{Ledger, StageCost};
 use crate::device::DeviceInfo;
@@ -59,7 +57,6 @@ pub fn stage<'a>(
         enc: eval_enc,
         examples: eval_examples,
     } = *held_out;
-    let t0 = Instant::now();
     progress.stage_start("eval", 0);
     progress.message("evaluating on the held-out set");
     let mut reports = Vec::new();
@@ -70,10 +67,9 @@ pub fn stage<'a>(
         flops += f;
         reports.push(report);
     }
-    if !ledger.completed("eval") {
-        let secs = t0.elapsed().as_secs_f64();
-        ledger.record(StageCost::new("eval", info, &cfg.cost, secs, tokens, flops, 0.0))?;
-    }
+    // A resumed run that had finished is evaluated again (the figures are
+    // deterministic); that time is billed too, as every second of a run is.
+    ledger.record(StageCost::work("eval", info, &cfg.cost, tokens, flops, 0.0))?;
     Ok(reports)
 }
 
@@ -91,6 +87,16 @@ pub fn evaluate(
     comm: &dyn Collective,
 ) -> Result<(ModelReport, u64, f64)> {
     let eval_loss = train::eval_loss_on(model, eval_enc, cfg.eval.batch_size, tok.pad, comm)?;
+    if !eval_loss.is_finite() {
+        // A NaN or infinite loss is a broken model, never a figure to report.
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "{name}: the held-out loss is {eval_loss}, so the model's outputs are not finite; check its \
+                 config.json (rms_norm_eps, rope_theta) and weights against the model's source"
+            ),
+        });
+    }
     let tokens: u64 = eval_enc.iter().map(|e| (e.ids.len() - 1) as u64).sum();
     let mut flops: f64 = eval_enc
         .iter()
@@ -174,10 +180,25 @@ pub fn eval_checkpoint(dir: &Path, config: Option<&Config>, device: &Device) -> 
     model.set_kernels(cfg.kernels()?);
     let splits = data::load(&cfg.data, cfg.run.seed)?;
     let (eval_enc, _) = batch::encode(&tok, &splits.eval, cfg.data.seq_len)?;
+    let longest = eval_enc.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    if longest > model.cfg.max_position_embeddings {
+        return Err(Error::Checkpoint {
+            path: if dir.is_dir() {
+                dir.join("config.json")
+            } else {
+                dir.to_path_buf()
+            },
+            msg: format!(
+                "max_position_embeddings {} is shorter than the held-out sequences ({longest} tokens); \
+                 lower data.seq_len ({}) in the config, or check the model's context length",
+                model.cfg.max_position_embeddings, cfg.data.seq_len
+            ),
+        });
+    }
     let name = dir
         .file_name()
         .map_or("model".into(), |n| n.to_string_lossy().to_string());
-    Ok(evaluate(
+    let report = evaluate(
         &name,
         &model,
         &tok,
@@ -186,6 +207,13 @@ pub fn eval_checkpoint(dir: &Path, config: Option<&Config>, device: &Device) -> 
         &splits.eval,
         &cfg,
         &distributed::Single,
-    )?
-    .0)
+    );
+    // Errors of the model's forward or decoding (a shape, non-finite logits) name the checkpoint.
+    report.map(|r| r.0).map_err(|e| match e {
+        Error::Candle(_) | Error::Shape(_) | Error::Invalid(_) | Error::Tokenizer(_) => Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: e.to_string(),
+        },
+        other => other,
+    })
 }

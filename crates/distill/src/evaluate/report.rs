@@ -131,7 +131,8 @@ pub fn render(r: &Report) -> String {
             }
         );
     }
-    let stage = |n: &str| r.cost.stages.iter().find(|c| c.stage == n);
+    // A stage's cost is all of its records: killed segments and the completed one.
+    let stage = |n: &str| r.cost.stage(n);
     s += "| model | params | held-out loss | perplexity | held-out accuracy | trained in (device-h) | dollars |\n";
     s += "|---|---:|---:|---:|---:|---:|---:|\n";
     for m in &r.models {
@@ -179,6 +180,12 @@ pub fn render(r: &Report) -> String {
             a.prompts_solved,
             t.path.display()
         );
+        if a.prompts_too_long > 0 {
+            s += &format!(
+                "{} prompts were too long for the teacher's context and were not sampled (verdict prompt_too_long).\n\n",
+                a.prompts_too_long
+            );
+        }
         // The distilled student's full price, in the layout of the DeepSeek-R1
         // Nature paper's cost table (teacher / SFT data creation / student).
         s += "| cost of the distilled student | device-hours | dollars |\n|---|---:|---:|\n";

@@ -39,7 +39,7 @@ impl Sampling {
 }
 
 /// What one row of a batch produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Generated {
     /// New ids, without the final EOS.
     pub ids: Vec<u32>,
@@ -107,6 +107,7 @@ pub fn generate_rows(
         flops += model.cfg.forward_flops_per_token(ctx) * (b * t) as f64;
         let logits = model.forward_cached(&input, Some(&mut cache))?; // (B, t, V)
         let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.detach(); // (B, V)
+        check_finite(&last, cache.len())?;
         let next = pick(&last, s, rngs)?;
         if push(&mut out, &next, eos) {
             break;
@@ -144,6 +145,7 @@ pub fn generate_rows_uncached(
         let input = Tensor::from_vec(flat, (b, t), model.device())?;
         let logits = model.forward(&input)?;
         let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.detach();
+        check_finite(&last, t)?;
         let next = pick(&last, s, rngs)?;
         for (seq, &tok) in seqs.iter_mut().zip(&next) {
             seq.push(tok);
@@ -153,6 +155,24 @@ pub fn generate_rows_uncached(
         }
     }
     Ok(out)
+}
+
+/// Refuses logits with a NaN or an infinity (at position `pos`): no token drawn from
+/// them means anything, and argmax would still return one.
+fn check_finite(logits: &Tensor, pos: usize) -> Result<()> {
+    if !crate::model::llama::all_finite(logits)? {
+        return Err(crate::error::Error::Invalid(format!(
+            "the model's logits at position {pos} are not finite (NaN or infinite); its config.json or \
+             weights are damaged"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a prompt of `prompt_len` tokens leaves no room for a new token in a context
+/// of `max_positions`: its decoding would end before it began, with nothing to judge.
+pub fn too_long(prompt_len: usize, max_positions: usize) -> bool {
+    prompt_len >= max_positions
 }
 
 /// Appends each row's next token; returns true when every row has finished.

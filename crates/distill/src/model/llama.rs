@@ -131,118 +131,6 @@ impl ModelConfig {
         let attn = 4.0 * (self.num_hidden_layers * self.num_attention_heads * self.head_dim() * ctx) as f64;
         2.0 * self.matmul_params() as f64 + attn
     }
-
-    /// Hugging Face `config.json`. Loads in transformers (LlamaForCausalLM, or
-    /// Qwen2ForCausalLM when q/k/v have biases) and in candle-transformers.
-    pub fn to_hf_json(&self) -> serde_json::Value {
-        let (arch, model_type) = if self.attention_bias {
-            ("Qwen2ForCausalLM", "qwen2")
-        } else {
-            ("LlamaForCausalLM", "llama")
-        };
-        let mut v = serde_json::json!({
-            "architectures": [arch],
-            "model_type": model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim(),
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "mlp_bias": false,
-            "use_sliding_window": false,
-            "initializer_range": 0.02,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "torch_dtype": "float32",
-            "use_cache": true,
-        });
-        // Llama's `attention_bias` would also put a bias on o_proj; Qwen2 has
-        // q/k/v biases by definition, so the key is written for Llama only.
-        if !self.attention_bias {
-            v["attention_bias"] = false.into();
-        }
-        v
-    }
-
-    /// Reads a Hugging Face Llama or Qwen2 `config.json` (`path`, for the errors).
-    pub fn from_hf_json(v: &serde_json::Value, path: &std::path::Path) -> Result<Self> {
-        let bad = |msg: String| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let get = |k: &str| -> Result<usize> {
-            v.get(k)
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize)
-                .ok_or_else(|| bad(format!("key `{k}` is missing or not a non-negative integer")))
-        };
-        let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("llama");
-        let attention_bias = match model_type {
-            "llama" => {
-                if v.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(false) {
-                    return Err(bad(
-                        "Llama models with attention_bias = true (bias on o_proj too) are not supported".into(),
-                    ));
-                }
-                false
-            }
-            "qwen2" => true,
-            other => {
-                return Err(bad(format!(
-                    "model_type {other:?} is not supported; expected \"llama\" or \"qwen2\""
-                )))
-            }
-        };
-        let heads = get("num_attention_heads")?;
-        let hidden = get("hidden_size")?;
-        if heads == 0 || hidden % heads != 0 {
-            return Err(bad(format!(
-                "hidden_size {hidden} is not divisible by num_attention_heads {heads}"
-            )));
-        }
-        if let Some(hd) = v.get("head_dim").and_then(|x| x.as_u64()) {
-            if hd as usize != hidden / heads {
-                return Err(bad(format!(
-                    "head_dim {hd} != hidden_size / num_attention_heads; not supported"
-                )));
-            }
-        }
-        let kv = v
-            .get("num_key_value_heads")
-            .and_then(|x| x.as_u64())
-            .map_or(heads, |x| x as usize);
-        if kv == 0 || heads % kv != 0 {
-            return Err(bad(format!(
-                "num_key_value_heads {kv} does not divide num_attention_heads {heads}"
-            )));
-        }
-        let token = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
-        let eos = token("eos_token_id").ok_or_else(|| bad("key `eos_token_id` is missing or not an integer".into()))?;
-        Ok(Self {
-            vocab_size: get("vocab_size")?,
-            hidden_size: hidden,
-            intermediate_size: get("intermediate_size")?,
-            num_hidden_layers: get("num_hidden_layers")?,
-            num_attention_heads: heads,
-            num_key_value_heads: kv,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
-            rope_theta: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10_000.0),
-            max_position_embeddings: get("max_position_embeddings")?,
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
-            attention_bias,
-            bos_token_id: token("bos_token_id").unwrap_or(eos),
-            eos_token_id: eos,
-            pad_token_id: token("pad_token_id").unwrap_or(eos),
-        })
-    }
 }
 
 /// Per-layer key/value cache for incremental decoding.
@@ -295,8 +183,10 @@ pub struct Llama {
     kernels: Kernels,
     /// A frozen bf16/f16 model's head widened to f32 once, for `lm_head_weight`.
     head_f32: std::sync::OnceLock<Tensor>,
-    cos: Tensor, // (max_pos, D/2) f32
-    sin: Tensor, // (max_pos, D/2) f32
+    /// Rotary inverse frequencies, (1, D/2) f32. The cos/sin tables are built from them
+    /// for the positions a forward uses (`rope_cos_sin`), never for all
+    /// `max_position_embeddings`, which a config may set far beyond what it needs.
+    inv_freq: Tensor,
     device: Device,
 }
 
@@ -305,6 +195,7 @@ impl Llama {
     /// seeded). Each tensor has its own ChaCha stream keyed by its name, so the
     /// draw does not depend on the order in which tensors are made.
     pub fn init(cfg: ModelConfig, init_std: f64, seed: u64, device: &Device) -> Result<Self> {
+        cfg.check().map_err(|m| Error::Invalid(format!("model config: {m}")))?;
         let mut params = BTreeMap::new();
         for (name, shape) in cfg.param_shapes() {
             let n: usize = shape.iter().product();
@@ -321,9 +212,15 @@ impl Llama {
         Self::from_vars(cfg, params, device)
     }
 
-    /// Builds a model from named tensors (e.g. a loaded checkpoint), checking
-    /// that every expected tensor is present with its shape and nothing is left over.
+    /// Builds a model from named tensors (e.g. a loaded checkpoint), checking the
+    /// config's ranges (`ModelConfig::check`) and sizes against the tensors
+    /// (`ModelConfig::check_shapes`) before anything is built, that every expected
+    /// tensor is present with its shape and nothing is left over, and that every
+    /// weight is finite.
     pub fn from_tensors(cfg: ModelConfig, mut tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<Self> {
+        cfg.check().map_err(Error::Shape)?;
+        let shapes = tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+        cfg.check_shapes(&shapes).map_err(Error::Shape)?;
         let mut params = BTreeMap::new();
         for (name, shape) in cfg.param_shapes() {
             let t = tensors
@@ -336,6 +233,11 @@ impl Llama {
                 )));
             }
             let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            if !all_finite(&t)? {
+                return Err(Error::Shape(format!(
+                    "tensor `{name}` holds NaN or infinite values; the weights are damaged"
+                )));
+            }
             params.insert(name, Var::from_tensor(&t)?);
         }
         // A tied checkpoint saved by other tools may still carry lm_head.weight.
@@ -349,18 +251,9 @@ impl Llama {
     }
 
     fn from_vars(cfg: ModelConfig, params: BTreeMap<String, Var>, device: &Device) -> Result<Self> {
-        let half = cfg.head_dim() / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((cfg.max_position_embeddings, 1))?;
-        let freqs = pos.broadcast_mul(&inv_freq)?; // (max_pos, D/2)
+        let inv_freq = rope_inv_freq(&cfg, device)?;
         Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            inv_freq,
             cfg,
             params,
             frozen: BTreeMap::new(),
@@ -405,8 +298,15 @@ impl Llama {
 
     /// The rotary tables of positions 0..t as f32 vectors, (t, D/2) each.
     pub(crate) fn rope_tables(&self, t: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let table = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.narrow(0, 0, t)?.flatten_all()?.to_vec1()?) };
-        Ok((table(&self.cos)?, table(&self.sin)?))
+        let (cos, sin) = self.rope_cos_sin(0, t)?;
+        Ok((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?))
+    }
+
+    /// cos and sin of the rotary angles of positions `offset..offset + t`, (t, D/2) f32
+    /// each: built for these positions only (see `rope_angles`).
+    pub(crate) fn rope_cos_sin(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let freqs = rope_angles(&self.inv_freq, offset, t)?;
+        Ok((freqs.cos()?, freqs.sin()?))
     }
 
     /// Turns the model into a frozen one (a teacher) whose weights are stored in
@@ -535,8 +435,8 @@ impl Llama {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, d))?
             .to_dtype(DType::F32)?; // (B, T, d) f32
-        let cos = self.cos.narrow(0, offset, t)?.to_dtype(cdt)?; // (T, D/2)
-        let sin = self.sin.narrow(0, offset, t)?.to_dtype(cdt)?;
+        let (cos, sin) = self.rope_cos_sin(offset, t)?;
+        let (cos, sin) = (cos.to_dtype(cdt)?, sin.to_dtype(cdt)?); // (T, D/2)
         let fused = self.fused();
         // The fused attention is causal over the window it is given; decoding after
         // cached keys runs the plain ops.
@@ -689,6 +589,37 @@ impl Llama {
     }
 }
 
+/// Whether every value of `t` is finite: x * 0 is 0 for finite x and NaN for NaN and
+/// +-inf, so the sum is 0 exactly then (a plain sum could overflow).
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok((t * 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? == 0.0)
+}
+
+/// The rotary inverse frequencies of `cfg`, theta^(-2i/D) for i < D/2: (1, D/2) f32.
+pub(crate) fn rope_inv_freq(cfg: &ModelConfig, device: &Device) -> Result<Tensor> {
+    let (hd, half) = (cfg.head_dim(), cfg.head_dim() / 2);
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+        .collect();
+    Ok(Tensor::from_vec(inv_freq, (1, half), device)?)
+}
+
+/// The rotary angles of positions `offset..offset + t`: (t, D/2) f32, position times
+/// inverse frequency. The same products as a table of every position would hold, so the
+/// result does not depend on which positions are built together.
+pub(crate) fn rope_angles(inv_freq: &Tensor, offset: usize, t: usize) -> Result<Tensor> {
+    let end = u32::try_from(offset + t).map_err(|_| {
+        Error::Shape(format!(
+            "position {} is beyond the rotary embedding's range",
+            offset + t
+        ))
+    })?;
+    let pos = Tensor::arange(offset as u32, end, inv_freq.device())?
+        .to_dtype(DType::F32)?
+        .reshape((t, 1))?;
+    Ok(pos.broadcast_mul(inv_freq)?)
+}
+
 /// x (B, T, in) @ w^T (in, out) + b -> (B, T, out)
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = fused::linear_plain(x, w)?;
@@ -825,7 +756,7 @@ mod tests {
         let mut x = w("model.embed_tokens.weight")?
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden_size))?;
-        let (cos, sin) = (m.cos.narrow(0, 0, t)?, m.sin.narrow(0, 0, t)?);
+        let (cos, sin) = m.rope_cos_sin(0, t)?;
         let mask = causal_mask(t, 0, &Device::Cpu)?;
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -897,6 +828,18 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn all_finite_finds_nan_and_infinities() -> Result<()> {
+        let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &Device::Cpu);
+        assert!(all_finite(&t(vec![1.0, -3e38, 0.0, 3e38, 3e38])?)?);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert!(!all_finite(&t(vec![1.0, bad, 2.0])?)?, "{bad}");
+        }
+        let bf16 = t(vec![1.0, f32::INFINITY])?.to_dtype(DType::BF16)?;
+        assert!(!all_finite(&bf16)?);
         Ok(())
     }
 

@@ -61,25 +61,56 @@ impl Tokenizer {
     /// (SmolLM2's vocabulary has both `<|endoftext|>` and its real end of turn,
     /// `<|im_end|>`: only the config tells them apart.)
     pub fn load(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Checkpoint {
+        let bad = |msg: String| Error::Checkpoint {
             path: path.to_path_buf(),
-            msg: format!("not a valid tokenizer.json: {e}"),
-        })?;
+            msg: format!("not a valid tokenizer.json: {msg}"),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        // The JSON's syntax is checked first: tokenizers 0.23 panics (`expect("Helper")`)
+        // instead of returning an error on some malformed decoders. A panic it still
+        // raises on a well-formed file becomes an error too.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| bad("the tokenizers crate failed on it (a panic)".into()))?;
+        let inner = parsed.map_err(|e| bad(e.to_string()))?;
         // The config's names come first; the usual names are only a fallback, so a
         // vocabulary with none of them still loads when the config names its tokens.
         let config = path.with_file_name("tokenizer_config.json");
         let (mut bos, mut eos, mut pad) = (None, None, None);
-        if let Ok(text) = std::fs::read_to_string(&config) {
+        if config.is_file() {
+            // Present but unreadable (not UTF-8, say) is an error, not a file to skip.
+            let text = std::fs::read_to_string(&config).map_err(|e| Error::Checkpoint {
+                path: config.clone(),
+                msg: format!("cannot be read as text: {e}"),
+            })?;
             let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
                 path: config.clone(),
                 msg: format!("not valid JSON: {e}"),
             })?;
+            if !json.is_object() {
+                return Err(Error::Checkpoint {
+                    path: config.clone(),
+                    msg: "must be a JSON object {\"key\": value, ...}".into(),
+                });
+            }
+            // A token is its text, or an AddedToken object with the text in "content";
+            // absent or null means "not named here". Any other type is an error, not a
+            // silent fallback to the usual names.
             let named = |key: &str| -> Result<Option<u32>> {
                 let name = match &json[key] {
-                    serde_json::Value::String(s) => s.as_str(),
-                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or(""),
-                    _ => return Ok(None),
+                    serde_json::Value::Null => return Ok(None),
+                    serde_json::Value::String(s) => Some(s.as_str()),
+                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()),
+                    _ => None,
                 };
+                let name = name.ok_or_else(|| Error::Checkpoint {
+                    path: config.clone(),
+                    msg: format!(
+                        "key `{key}` must be the token's text (a string), an object with its text in \"content\", \
+                         or null; found {}",
+                        json[key].to_string().chars().take(60).collect::<String>()
+                    ),
+                })?;
                 inner.token_to_id(name).map(Some).ok_or_else(|| Error::Checkpoint {
                     path: config.clone(),
                     msg: format!("{key} {name:?} is not in the vocabulary of tokenizer.json"),

@@ -90,13 +90,16 @@ fn run_on(
 ) -> Result<Report> {
     run_dir::check(cfg, opts)?;
     comm.barrier()?; // every rank has looked before rank 0 makes the run directory
-    let t0 = Instant::now();
+    let start = (Instant::now(), crate::cost::ledger::unix_now()); // every second from here is billed
     let info = crate::device::describe(dev);
     let (dtype, kernels, world) = (cfg.compute_dtype(dev)?, cfg.kernels()?, comm.world());
     progress.message(&format!(
         "device: {} x {} ({}), compute in {dtype:?}",
         info.count, info.name, info.kind
     ));
+    if let (_, Some(note)) = crate::cost::ledger::priced(&cfg.cost, &info) {
+        progress.message(&format!("warning: {note}"));
+    }
     if world > 1 {
         progress.message(&format!(
             "distributed: {world} ranks ({} backend), each with a replica of the models and a slice of every batch",
@@ -106,11 +109,27 @@ fn run_on(
 
     // Stage: prepare (data, tokenizer, the teacher checkpoint if one is given).
     let mut prep = prepare(cfg, opts.resume, dev, comm, progress)?;
-    let mut ledger = run_dir::open(cfg, opts, &prep.tok, &info, comm, progress)?;
+    let mut ledger = run_dir::open(cfg, opts, &prep.tok, &info, comm, progress)?.billing_from(start);
     ledger.world = world;
-    ledger.peak_flops = crate::cost::peak::for_run(cfg, &info, dtype, progress)?.map(|p| p * world as f64);
+    // A resumed run's start-up is billed as its own stage, "resume".
+    let first = if ledger.completed("prepare") {
+        "resume"
+    } else {
+        "prepare"
+    };
     let run_dir = cfg.run_dir();
-    let heartbeat = Heartbeat::new(&run_dir, comm.is_root(), progress, &cfg.cost, &info, world, &ledger);
+    let heartbeat = Heartbeat::new(
+        &run_dir,
+        comm.is_root(),
+        progress,
+        &cfg.cost,
+        &info,
+        world,
+        &ledger,
+        first,
+    );
+    let peak = crate::cost::peak::for_run(cfg, &info, dtype, &heartbeat)?;
+    ledger.peak_flops = peak.map(|p| p * world as f64);
     let (teacher_train, student_train) = prep.train_slices(cfg);
     heartbeat.message(&format!(
         "data: {} train ({} for the teacher, {} for the students) / {} held-out examples, tokenizer: {} tokens",
@@ -120,10 +139,8 @@ fn run_on(
         prep.eval_enc.len(),
         prep.vocab
     ));
-    if !ledger.completed("prepare") {
-        let secs = t0.elapsed().as_secs_f64();
-        ledger.record(StageCost::new("prepare", &info, &cfg.cost, secs, 0, 0.0, 0.0))?;
-    }
+    ledger.record(StageCost::work(first, &info, &cfg.cost, 0, 0.0, 0.0))?;
+    heartbeat.clear_after(&ledger);
 
     let resolved = cfg.to_toml()?;
     let save_to = |dir: &Path, m: &Llama, opt: &crate::train::optim::AdamW, state: &checkpoint::TrainerState| {

@@ -3,7 +3,6 @@
 //! complete; rotate its periodic checkpoints; record its cost in the ledger.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::Device;
 
@@ -92,16 +91,14 @@ pub(crate) fn train_stage(
                 model.set_compute_dtype(env.dtype)?;
                 model.set_kernels(env.kernels);
                 if !ledger.completed(name) {
-                    // Killed after the final checkpoint, before its ledger line.
-                    ledger.record(StageCost::new(
-                        name,
-                        env.info,
-                        &env.cfg.cost,
-                        0.0,
-                        state.tokens_seen as u64,
-                        state.flops,
-                        state.teacher_flops,
-                    ))?;
+                    // Killed after the final checkpoint, before its ledger line: the
+                    // stage's work that no segment of it has billed yet, and the loading.
+                    let billed = ledger.summary().stage(name).unwrap_or_default();
+                    let flops = (state.flops + state.teacher_flops - billed.flops).max(0.0);
+                    let mut work = StageCost::work(name, env.info, &env.cfg.cost, 0, flops, 0.0);
+                    work.stage_flops = Some((state.flops, state.teacher_flops));
+                    ledger.record(work)?;
+                    progress.clear_after(ledger);
                 }
                 progress.message(&format!("{name}: complete, loaded from {}", dir.display()));
                 return Ok((model, dir));
@@ -132,12 +129,12 @@ pub(crate) fn train_stage(
     if env.comm.world() > 1 {
         same_on_every_rank(env.comm, &format!("{name} initial weights"), &weights_id(&model)?)?;
     }
-    let from_step = match &resume_from {
-        Some(d) => checkpoint::verify(d)?.step,
-        None => 0,
+    let resumed = match &resume_from {
+        Some(d) => Some(checkpoint::verify(d)?),
+        None => None,
     };
+    let from_step = resumed.as_ref().map_or(0, |s| s.step);
     progress.truncate_metrics(name, from_step)?;
-    let t0 = Instant::now();
     let keep = env.cfg.run.keep_checkpoints;
     let mut save = |m: &Llama, o: &crate::train::optim::AdamW, s: &checkpoint::TrainerState| {
         if !env.comm.is_root() {
@@ -164,18 +161,20 @@ pub(crate) fn train_stage(
         loss: data.teacher.map_or(LossSpec::CE_ONLY, |(_, l)| l),
     };
     let stats = train::train(&input, &model, data.spec, env.loss_impl, &mut save, progress)?;
-    ledger.record(
-        StageCost::new(
-            name,
-            env.info,
-            &env.cfg.cost,
-            t0.elapsed().as_secs_f64(),
-            stats.tokens,
-            stats.flops,
-            stats.teacher_flops,
-        )
-        .on_ranks(env.comm.world(), stats.comm_seconds, Some(stats.steps)),
-    )?;
+    // This segment's own work: a resumed stage restored the totals of the segments before.
+    let (tokens, flops, teacher_flops) = match &resumed {
+        Some(s) => (
+            stats.tokens - (s.tokens_seen as u64).min(stats.tokens),
+            stats.flops - s.flops,
+            stats.teacher_flops - s.teacher_flops,
+        ),
+        None => (stats.tokens, stats.flops, stats.teacher_flops),
+    };
+    let mut work = StageCost::work(name, env.info, &env.cfg.cost, tokens, flops, teacher_flops);
+    if resumed.is_some() {
+        work.stage_flops = Some((stats.flops, stats.teacher_flops));
+    }
+    ledger.record(work.on_ranks(env.comm.world(), stats.comm_seconds, Some(stats.steps)))?;
     progress.clear_after(ledger);
     Ok((model, dir))
 }
@@ -265,7 +264,7 @@ pub(crate) fn prune(
     if cfg.student.init == StudentInit::Random {
         return Ok(None);
     }
-    let t0 = Instant::now();
+    heartbeat.stage_start("prune", 0);
     let (model, flops, calib_tokens) = pruned_student(teacher, cfg, prep.train_slices(cfg).1, env.dev, heartbeat)?;
     // Every rank prunes the same way on the same calibration data (so that each holds
     // the student with no broadcast): the devices billed did world x one rank's work
@@ -273,17 +272,8 @@ pub(crate) fn prune(
     // peak the MFU divides by is the world's.
     let flops = flops * env.comm.world() as f64;
     let calib_tokens = calib_tokens * env.comm.world() as u64;
-    if !ledger.completed("prune") {
-        let secs = t0.elapsed().as_secs_f64();
-        ledger.record(StageCost::new(
-            "prune",
-            env.info,
-            &cfg.cost,
-            secs,
-            calib_tokens,
-            flops,
-            0.0,
-        ))?;
-    }
+    // A resumed run prunes again (the result is deterministic), and that time is billed too.
+    ledger.record(StageCost::work("prune", env.info, &cfg.cost, calib_tokens, flops, 0.0))?;
+    heartbeat.clear_after(ledger);
     Ok(Some(model))
 }

@@ -36,7 +36,9 @@ pub(crate) fn teacher_logit_cache(
     const STAGE: &str = "teacher-logits";
     let cfg = env.cfg;
     let dir = env.run_dir.join("logit-cache");
+    let id = checkpoint::content_id(teacher_dir)?;
     let expect = logit_cache::Expect {
+        teacher: id.clone(),
         data_fingerprint: logit_cache::fingerprint(data),
         k: cfg.distill.top_k,
         temperature: cfg.distill.temperature,
@@ -53,11 +55,9 @@ pub(crate) fn teacher_logit_cache(
             )),
         }
     }
-    let t0 = Instant::now();
     let comm = env.comm;
     let range = distributed::shard_range(data.len(), comm.rank(), comm.world());
     progress.stage_start(STAGE, range.len());
-    let id = checkpoint::content_id(teacher_dir)?;
     let batch = cfg.student.train.batch_size;
     // Each rank runs the teacher over its slice of the examples and writes its own
     // shards; rank 0 then writes the index over all of them, in example order.
@@ -85,7 +85,7 @@ pub(crate) fn teacher_logit_cache(
     comm.sum_f64(&mut flops)?;
     let flops = flops[0];
     let index = if comm.is_root() {
-        let index = logit_cache::write_index(&dir, &id, data, &expect, shards)?;
+        let index = logit_cache::write_index(&dir, data, &expect, shards)?;
         comm.barrier()?;
         index
     } else {
@@ -98,18 +98,9 @@ pub(crate) fn teacher_logit_cache(
         0.0
     };
     progress.stage_end();
-    ledger.record(
-        StageCost::new(
-            STAGE,
-            env.info,
-            &cfg.cost,
-            t0.elapsed().as_secs_f64(),
-            data.iter().map(|e| e.ids.len() as u64 - 1).sum(),
-            flops,
-            0.0,
-        )
-        .on_ranks(comm.world(), comm_seconds, None),
-    )?;
+    let tokens = data.iter().map(|e| e.ids.len() as u64 - 1).sum();
+    let work = StageCost::work(STAGE, env.info, &cfg.cost, tokens, flops, 0.0);
+    ledger.record(work.on_ranks(comm.world(), comm_seconds, None))?;
     progress.clear_after(ledger);
     progress.message(&format!(
         "{STAGE}: {} positions, top-{} at T = {}, {:.0} bytes per token ({:.2} MB) -> {}",
@@ -141,20 +132,12 @@ pub(crate) fn traces_stage(
         heartbeat.message(&format!("traces: complete, read from {}", path.display()));
         (records, acc)
     } else {
-        let t0 = Instant::now();
         let (records, acc) = write_traces(env.cfg, teacher, &prep.tok, examples, heartbeat, env.comm)?;
         if env.comm.is_root() {
             traces::write(&path, &records)?;
         }
-        ledger.record(StageCost::new(
-            "traces",
-            env.info,
-            &env.cfg.cost,
-            t0.elapsed().as_secs_f64(),
-            acc.tokens,
-            acc.flops,
-            0.0,
-        ))?;
+        let work = StageCost::work("traces", env.info, &env.cfg.cost, acc.tokens, acc.flops, 0.0);
+        ledger.record(work)?;
         heartbeat.clear_after(ledger);
         (records, acc)
     };

@@ -75,6 +75,8 @@ pub struct ShardEntry {
 /// What a stage expects of a cache; a cache that differs is refused.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Expect {
+    /// The teacher's content id (`checkpoint::content_id`): a cache of other weights is refused.
+    pub teacher: String,
     pub data_fingerprint: String,
     pub k: usize,
     pub temperature: f64,
@@ -116,7 +118,6 @@ pub fn fingerprint(data: &[Encoded]) -> String {
 pub fn write(
     dir: &Path,
     teacher: &Llama,
-    teacher_id: &str,
     data: &[Encoded],
     expect: &Expect,
     batch_size: usize,
@@ -124,7 +125,7 @@ pub fn write(
 ) -> Result<(Index, f64)> {
     prepare(dir, data)?;
     let part = write_part(dir, teacher, data, 0..data.len(), "", expect, batch_size, progress)?;
-    let index = write_index(dir, teacher_id, data, expect, part.shards)?;
+    let index = write_index(dir, data, expect, part.shards)?;
     Ok((index, part.flops))
 }
 
@@ -219,13 +220,7 @@ pub fn write_part(
 }
 
 /// Writes `index.json` over `shards` (every part, in example order), last, atomically.
-pub fn write_index(
-    dir: &Path,
-    teacher_id: &str,
-    data: &[Encoded],
-    expect: &Expect,
-    shards: Vec<ShardEntry>,
-) -> Result<Index> {
+pub fn write_index(dir: &Path, data: &[Encoded], expect: &Expect, shards: Vec<ShardEntry>) -> Result<Index> {
     let index_path = dir.join(INDEX);
     let mut bytes = 0u64;
     for s in &shards {
@@ -236,7 +231,7 @@ pub fn write_index(
     let index = Index {
         format: FORMAT.into(),
         version: VERSION,
-        teacher: teacher_id.into(),
+        teacher: expect.teacher.clone(),
         data_fingerprint: expect.data_fingerprint.clone(),
         k: expect.k,
         temperature: expect.temperature,
@@ -372,6 +367,13 @@ impl LogitCache {
                 ),
             )
         };
+        if index.teacher != expect.teacher {
+            return Err(mismatch(
+                "the teacher's content id",
+                index.teacher.clone(),
+                format!("{} (another teacher's weights)", expect.teacher),
+            ));
+        }
         if index.data_fingerprint != expect.data_fingerprint {
             return Err(mismatch(
                 "the dataset fingerprint",
@@ -379,7 +381,7 @@ impl LogitCache {
                 expect.data_fingerprint.clone(),
             ));
         }
-        if index.k != expect.k {
+        if index.k != expect.k || index.k == 0 {
             return Err(mismatch("k", index.k.to_string(), expect.k.to_string()));
         }
         if index.temperature != expect.temperature {
@@ -414,8 +416,10 @@ impl LogitCache {
         let mut next_example = 0;
         for s in &index.shards {
             let p = dir.join(&s.file);
-            let want_rows = offsets
-                .get(s.first_example + s.examples)
+            // Checked: a hostile index may give any counts.
+            let end = s.first_example.checked_add(s.examples);
+            let want_rows = end
+                .and_then(|end| offsets.get(end))
                 .zip(offsets.get(s.first_example))
                 .map(|(b, a)| b - a);
             if s.first_example != next_example || want_rows != Some(s.rows) {
@@ -425,12 +429,12 @@ impl LogitCache {
                         "shard {} covers examples {}..{} with {} rows, which does not follow the previous shard and the dataset",
                         s.file,
                         s.first_example,
-                        s.first_example + s.examples,
+                        s.first_example.saturating_add(s.examples),
                         s.rows
                     ),
                 ));
             }
-            next_example += s.examples;
+            next_example += s.examples; // <= data.len(): `end` was found in `offsets`
             check_safetensors_header(&p)?;
             if sha256_hex(&p)? != s.sha256 {
                 return Err(bad(
@@ -601,6 +605,7 @@ mod tests {
 
     fn expect(data: &[Encoded]) -> Expect {
         Expect {
+            teacher: "sha256:test".into(),
             data_fingerprint: fingerprint(data),
             k: 5,
             temperature: 2.0,
@@ -611,7 +616,7 @@ mod tests {
     #[test]
     fn cached_rows_equal_the_online_top_k_on_counted_positions() -> Result<()> {
         let (dir, model, data) = (tempfile::tempdir().unwrap(), teacher(), data());
-        let (index, flops) = write(dir.path(), &model, "sha256:test", &data, &expect(&data), 3, &|_, _| {})?;
+        let (index, flops) = write(dir.path(), &model, &data, &expect(&data), 3, &|_, _| {})?;
         assert!(flops > 0.0);
         assert_eq!(index.rows, data.iter().map(rows_of).sum::<usize>());
         // 8 bytes per k per row, plus the shard headers.
@@ -652,7 +657,7 @@ mod tests {
         let mine = dir.path().join("notes.txt");
         std::fs::write(&old, b"stale").unwrap();
         std::fs::write(&mine, b"the user's").unwrap();
-        let (index, _) = write(dir.path(), &model, "sha256:test", &data, &expect(&data), 3, &|_, _| {})?;
+        let (index, _) = write(dir.path(), &model, &data, &expect(&data), 3, &|_, _| {})?;
         assert!(!old.exists() && mine.exists());
         for s in &index.shards {
             assert!(dir.path().join(&s.file).exists(), "{}", s.file);
@@ -664,7 +669,7 @@ mod tests {
     #[test]
     fn damaged_or_foreign_caches_are_refused_with_the_reason() -> Result<()> {
         let (dir, model, data) = (tempfile::tempdir().unwrap(), teacher(), data());
-        write(dir.path(), &model, "sha256:test", &data, &expect(&data), 4, &|_, _| {})?;
+        write(dir.path(), &model, &data, &expect(&data), 4, &|_, _| {})?;
         let open_err = |e: &Expect| LogitCache::open(dir.path(), &data, e).err().map(|e| e.to_string());
         let mut other = expect(&data);
         other.k = 6;

@@ -27,7 +27,7 @@ use crate::progress::Progress;
 // The plain building blocks of `Llama`'s forward, so that `probe_forward` computes
 // exactly what `Llama::forward` does with `Kernels::Plain`.
 use crate::kernels::ops::rms_norm_plain as rms_norm;
-use crate::model::llama::{linear, repeat_kv, rope, softmax_last};
+use crate::model::llama::{linear, repeat_kv, rope, rope_angles, rope_inv_freq, softmax_last};
 use crate::model::{Llama, ModelConfig};
 
 /// The checks of `depth_prune`: `keep_layers` non-empty, in range of the teacher's
@@ -229,13 +229,12 @@ fn add_l2_mean(acc: &mut [f64], mag: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// The teacher's weights, detached, with its rotary tables (rebuilt here the
-/// way `Llama` builds them, since its own are private).
+/// The teacher's weights, detached, with its rotary inverse frequencies (the angles of
+/// the positions a forward uses are built from them, as `Llama` builds them).
 struct Weights {
     cfg: ModelConfig,
     w: BTreeMap<String, Tensor>,
-    cos: Tensor, // (max_pos, D/2)
-    sin: Tensor, // (max_pos, D/2)
+    inv_freq: Tensor, // (1, D/2)
     device: Device,
 }
 
@@ -243,19 +242,9 @@ impl Weights {
     fn of(model: &Llama) -> Result<Self> {
         let cfg = model.cfg.clone();
         let device = model.device().clone();
-        let (hd, half) = (cfg.head_dim(), cfg.head_dim() / 2);
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), &device)?;
-        let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, &device)?
-            .to_dtype(DType::F32)?
-            .reshape((cfg.max_position_embeddings, 1))?;
-        let freqs = pos.broadcast_mul(&inv_freq)?; // (max_pos, D/2)
         Ok(Self {
             w: model.tensors(),
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            inv_freq: rope_inv_freq(&cfg, &device)?,
             cfg,
             device,
         })
@@ -285,8 +274,8 @@ fn probe_forward(w: &Weights, ids: &Tensor, mut acc: Option<&mut Accum>) -> Resu
         .get("model.embed_tokens.weight")?
         .index_select(&ids.flatten_all()?, 0)?
         .reshape((b, t, d))?; // (B, T, d)
-    let cos = w.cos.narrow(0, 0, t)?; // (T, D/2)
-    let sin = w.sin.narrow(0, 0, t)?;
+    let freqs = rope_angles(&w.inv_freq, 0, t)?; // (T, D/2)
+    let (cos, sin) = (freqs.cos()?, freqs.sin()?);
     let mask = causal_mask(t, &w.device)?; // (T, T)
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");

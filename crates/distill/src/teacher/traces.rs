@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Keep;
 use crate::error::{Error, Result};
 use crate::fsio::write_file_atomic;
-use crate::model::generate::{generate_rows, row_rng, Sampling};
+use crate::model::generate::{self, generate_rows, row_rng, Generated, Sampling};
 use crate::model::Llama;
 use crate::prepare::data::{arithmetic, read_jsonl_records};
 use crate::prepare::tokenizer::Tokenizer;
@@ -57,8 +57,12 @@ pub enum Verdict {
     Wrong,
     /// The sample ended without a `#### N` line.
     NoAnswer,
-    /// The sample ran out of `max_new_tokens` before ending.
+    /// The sample ran out of `max_new_tokens` (or of the model's context) before ending.
     Unfinished,
+    /// The prompt leaves no room for a new token in the model's context
+    /// (`max_position_embeddings`), so nothing was generated. Shorten the prompt or use a
+    /// model with a longer context.
+    PromptTooLong,
     /// Correct, but longer than `max_completion_tokens`.
     TooLong,
     /// The prompt has no expected answer, so nothing can be verified.
@@ -135,6 +139,10 @@ pub struct Acceptance {
     /// Generated tokens, over all samples.
     pub tokens: u64,
     pub flops: f64,
+    /// Prompts too long for the model's context: sampled not at all, each of their
+    /// samples recorded as `prompt_too_long` (and counted in `samples`).
+    #[serde(default)]
+    pub prompts_too_long: usize,
 }
 
 impl Acceptance {
@@ -158,6 +166,12 @@ impl Acceptance {
             },
             tokens: records.iter().map(|r| r.tokens as u64).sum(),
             flops: 0.0,
+            prompts_too_long: records
+                .iter()
+                .filter(|r| r.verdict == Verdict::PromptTooLong)
+                .map(|r| r.id)
+                .collect::<BTreeSet<u64>>()
+                .len(),
         }
     }
 }
@@ -222,8 +236,17 @@ pub fn generate(
                 rngs.push(row_rng(s.sampling.seed, id * s.samples as u64 + k as u64));
             }
         }
-        let (out, f) = generate_rows(model, &rows, tok.eos, &s.sampling, &mut rngs)?;
-        flops += f;
+        // A batch holds prompts of one length: all of them fit the context, or none does.
+        let too_long = rows
+            .first()
+            .is_some_and(|r| generate::too_long(r.len(), model.cfg.max_position_embeddings));
+        let out = if too_long {
+            vec![Generated::default(); rows.len()]
+        } else {
+            let (out, f) = generate_rows(model, &rows, tok.eos, &s.sampling, &mut rngs)?;
+            flops += f;
+            out
+        };
         for (n, &i) in batch.iter().enumerate() {
             let p = by_id[&encoded[i].0];
             let mut kept_one = false;
@@ -233,6 +256,7 @@ pub fn generate(
                 let predicted = arithmetic::extract_answer(&completion);
                 let verdict = match (p.answer, predicted) {
                     (None, _) => Verdict::Unverifiable,
+                    _ if too_long => Verdict::PromptTooLong,
                     _ if !g.finished => Verdict::Unfinished,
                     (Some(_), None) => Verdict::NoAnswer,
                     (Some(a), Some(b)) if a != b => Verdict::Wrong,
@@ -282,11 +306,43 @@ pub fn write(path: &Path, records: &[TraceRecord]) -> Result<()> {
     write_file_atomic(path, to_jsonl(records)?.as_bytes())
 }
 
-/// Reads a trace file; a malformed line is an error naming the file and line.
+/// Reads a trace file; a malformed line, or a record no generation writes (a kept sample
+/// that is not correct, a sample number or sampling setting out of range), is an error
+/// naming the file and line.
 pub fn read(path: &Path) -> Result<Vec<TraceRecord>> {
-    read_jsonl_records(path, |e| {
+    let records: Vec<TraceRecord> = read_jsonl_records(path, |e| {
         format!("not a trace record ({e}); was it written by `distill generate --out`?")
-    })
+    })?;
+    for (i, r) in records.iter().enumerate() {
+        let problem = if r.kept && r.verdict != Verdict::Correct {
+            Some(format!("is kept but its verdict is {:?}, not correct", r.verdict))
+        } else if r.sample == u32::MAX {
+            Some(format!(
+                "has sample number {}, beyond the most samples a job draws",
+                r.sample
+            ))
+        } else if !(r.temperature.is_finite() && r.temperature >= 0.0) {
+            Some(format!("has temperature {}, not a finite number >= 0", r.temperature))
+        } else if !(r.top_p > 0.0 && r.top_p <= 1.0) {
+            Some(format!("has top_p {}, not in (0, 1]", r.top_p))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            // Lines are counted without blank ones here; name the record as well.
+            return Err(Error::Data {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "record {} (prompt {} sample {}) {p}; the file was not written by `distill generate --out`, \
+                     or was edited",
+                    i + 1,
+                    r.id,
+                    r.sample
+                ),
+            });
+        }
+    }
+    Ok(records)
 }
 
 /// Joins shard files into one trace file's records, sorted by (id, sample).
@@ -339,10 +395,12 @@ pub fn merge(shards: &[PathBuf], expected: Option<&[Prompt]>) -> Result<Vec<Trac
         for p in prompts.iter().filter(|p| p.answer.is_some()) {
             for k in 0..samples {
                 if !all.contains_key(&(p.id, k)) {
+                    let names: Vec<String> = shards.iter().map(|s| s.display().to_string()).collect();
                     return Err(Error::Invalid(format!(
-                        "prompt {} sample {k} is in no shard; is a shard missing? (got {} files)",
+                        "prompt {} sample {k} is in none of the {} shards ({}); is a shard missing?",
                         p.id,
-                        shards.len()
+                        shards.len(),
+                        names.join(", ")
                     )));
                 }
             }

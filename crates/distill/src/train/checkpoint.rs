@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsio::{check_safetensors_header, sha256_hex, sync_dir, write_file};
+use crate::fsio::{check_safetensors_header, safetensors_shapes, sha256_hex, sync_dir, write_file};
 use crate::model::{Llama, ModelConfig};
 use crate::prepare::tokenizer::Tokenizer;
 use crate::train::optim::AdamW;
@@ -199,25 +199,38 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// A short content id of a checkpoint: the first 16 hex digits of the
-/// SHA-256 of its `model.safetensors`. Records made from a checkpoint (teacher
-/// traces) carry it, so that they can be traced to the exact weights.
+/// The content id of a teacher: `sha256:` and the full SHA-256 of every byte of its
+/// weights, read in streams: the GGUF file, `model.safetensors`, or every shard the
+/// sharded index lists, in the index's order. Records made from a teacher (traces, the
+/// logit cache) carry it, so that they trace to the exact weights, and shards of
+/// different teachers are refused together (`distill merge`, a reopened cache).
 pub fn content_id(dir: &Path) -> Result<String> {
     use sha2::Digest;
-    // A GGUF teacher is one file; a sharded folder is identified by its index.
-    let p = if dir.is_file() {
-        dir.to_path_buf()
+    use std::io::Read;
+    let files: Vec<PathBuf> = if dir.is_file() {
+        vec![dir.to_path_buf()]
     } else if !dir.join("model.safetensors").is_file() && dir.join(crate::prepare::hub::SHARD_INDEX).is_file() {
-        dir.join(crate::prepare::hub::SHARD_INDEX)
+        let index = dir.join(crate::prepare::hub::SHARD_INDEX);
+        crate::prepare::hub::shard_files(&index)?
+            .iter()
+            .map(|f| require(dir, f))
+            .collect::<Result<_>>()?
     } else {
-        dir.join("model.safetensors")
+        vec![require(dir, "model.safetensors")?]
     };
-    let bytes = std::fs::read(&p).at(&p)?;
-    let digest = sha2::Sha256::digest(&bytes);
-    Ok(format!(
-        "sha256:{}",
-        digest.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()
-    ))
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for path in &files {
+        let mut f = File::open(path).at(path)?;
+        loop {
+            let n = f.read(&mut buf).at(path)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+        }
+    }
+    Ok(format!("sha256:{:x}", hash.finalize()))
 }
 
 fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
@@ -314,22 +327,54 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
             ),
         ));
     }
-    let tensors = if weights == index {
+    check_generation_config(dir, cfg.vocab_size)?;
+    let files = if weights == index {
         // Sharded (Hugging Face's layout for large models): the index lists the shards.
-        let mut all = BTreeMap::new();
+        let mut files = Vec::new();
         for shard in crate::prepare::hub::shard_files(&index)? {
             let p = dir.join(&shard);
             if !p.is_file() {
                 return Err(err(&index, format!("lists {shard}, which is not in {}", dir.display())));
             }
-            all.extend(read_safetensors(&p, device)?.0);
+            files.push(p);
         }
-        all
+        files
     } else {
-        read_safetensors(&weights, device)?.0
+        vec![weights.clone()]
     };
+    // Every size config.json gives is checked against the tensors' shapes, read from the
+    // headers, before any tensor is read or anything sized from the config.
+    let mut shapes = BTreeMap::new();
+    for p in &files {
+        shapes.extend(safetensors_shapes(p)?);
+    }
+    cfg.check_shapes(&shapes).map_err(|m| {
+        err(
+            &cfg_path,
+            format!(
+                "{m} in {}: config.json does not describe these weights (files of different models, or an edited \
+                 config.json); restore config.json from the model's source",
+                weights.display()
+            ),
+        )
+    })?;
+    let mut tensors = BTreeMap::new();
+    for p in &files {
+        tensors.extend(read_safetensors(p, device)?.0);
+    }
     let model = Llama::from_tensors(cfg, tensors, device).map_err(|e| err(&weights, e.to_string()))?;
     Ok((model, tokenizer))
+}
+
+/// Checks `generation_config.json`, when the directory has one (`hf_json::check_generation_config`).
+fn check_generation_config(dir: &Path, vocab_size: usize) -> Result<()> {
+    let p = dir.join("generation_config.json");
+    if !p.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&p).at(&p)?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(&p, format!("not valid JSON: {e}")))?;
+    crate::model::hf_json::check_generation_config(&json, &p, vocab_size)
 }
 
 /// Reads `trainer_state.json` and the optimiser moments of a checkpoint.

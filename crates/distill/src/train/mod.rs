@@ -135,6 +135,9 @@ pub fn train(
     progress.stage_start(input.name, spec.steps);
 
     let (comm, world) = (input.comm, input.comm.world());
+    // The work of this process's segment, for the heartbeat (a resumed stage starts from
+    // the totals its checkpoint restored).
+    let segment_start = (stats.tokens, stats.flops + stats.teacher_flops);
     let mut comm_timer = CommTimer::default();
     let mut skipped_in_a_row = 0;
     for step in start..spec.steps {
@@ -227,6 +230,8 @@ pub fn train(
             tokens_per_second: step_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             eval_loss,
             dollars: 0.0,
+            segment_tokens: stats.tokens - segment_start.0,
+            segment_flops: stats.flops + stats.teacher_flops - segment_start.1,
         });
         if last || (spec.save_every > 0 && (step + 1) % spec.save_every == 0) {
             save(model, &opt, &trainer_state(input, spec, step + 1, &stats, loss))?;
