@@ -460,7 +460,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         }
         let rows = vec![ids; a.samples];
         let mut rngs: Vec<_> = (0..a.samples as u64).map(|k| row_rng(a.seed, k)).collect();
-        let (out, _) = generate_rows(&model, &rows, tok.eos, &sampling, &mut rngs)
+        let (out, _) = generate_rows(&model, &rows, tok.eos, &sampling, &mut rngs, a.batch_size, &mut |_| {})
             .with_context(|| format!("generating with {}", a.checkpoint.display()))?;
         for g in out {
             println!("{prompt}{}", tok.decode(&g.ids)?);

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
-use distill::config::{ModelSpec, TrainSpec};
-use distill::model::{KvCache, Llama, ModelConfig};
+use distill::config::{Kernels, ModelSpec, TrainSpec};
+use distill::model::{Llama, ModelConfig};
 use distill::prepare::tokenizer::Tokenizer;
 use distill::train::checkpoint::{self, SaveExtras, TrainerState};
 use distill::train::optim::AdamW;
@@ -132,20 +132,47 @@ fn matches_candle_transformers_llama() -> R {
     Ok(())
 }
 
+/// Two sequences of different lengths share the slotted cache: one prefilled with 6
+/// tokens, the other with 3, then both decoded a token at a time in the same steps.
+/// Every position's hidden state equals the full forward's, on both kernel sets.
 #[test]
-fn kv_cache_gives_the_same_logits_as_a_full_forward() -> R {
-    let m = Llama::init(cfg(false, true, 2), 0.2, 3, &Device::Cpu)?;
-    let x = ids(2, 10, 5);
-    let full = m.forward(&x)?; // (B, T, V)
-    let mut cache = KvCache::new();
-    let mut parts = vec![m.forward_cached(&x.narrow(1, 0, 6)?, Some(&mut cache))?];
-    for t in 6..10 {
-        parts.push(m.forward_cached(&x.narrow(1, t, 1)?, Some(&mut cache))?);
+fn slotted_kv_cache_gives_the_same_hidden_states_as_a_full_forward() -> R {
+    use distill::kernels::decode::CacheRows;
+    use distill::model::slots::KvSlots;
+    for kernels in [Kernels::Fused, Kernels::Plain] {
+        let mut m = Llama::init(cfg(false, true, 2), 0.2, 3, &Device::Cpu)?;
+        m.set_kernels(kernels);
+        let x = ids(2, 10, 5);
+        let full = m.forward_hidden(&x)?; // (2, 10, d)
+        let seq = |b: usize| -> Vec<u32> { x.get(b).unwrap().to_vec1().unwrap() };
+        let (a, b) = (seq(0), seq(1));
+        let cache = KvSlots::new(&m, 3, 10)?;
+        // Slot 2 holds sequence a, slot 0 sequence b.
+        let mut tokens: Vec<u32> = a[..6].to_vec();
+        tokens.extend(&b[..3]);
+        let rows = CacheRows {
+            slot: [vec![2; 6], vec![0; 3]].concat(),
+            pos: (0..6).chain(0..3).collect(),
+            max_len: 10,
+        };
+        let mut got = vec![m.forward_slots(&tokens, &rows, &cache)?];
+        let mut want = vec![full.get(0)?.narrow(0, 0, 6)?, full.get(1)?.narrow(0, 0, 3)?];
+        for t in 0..4 {
+            let rows = CacheRows {
+                slot: vec![2, 0],
+                pos: vec![6 + t, 3 + t],
+                max_len: 10,
+            };
+            got.push(m.forward_slots(&[a[6 + t], b[3 + t]], &rows, &cache)?);
+            want.push(Tensor::stack(&[full.get(0)?.get(6 + t)?, full.get(1)?.get(3 + t)?], 0)?);
+        }
+        let diff = (Tensor::cat(&got, 0)? - Tensor::cat(&want, 0)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{kernels:?}: max |diff| = {diff}");
     }
-    assert_eq!(cache.len(), 10);
-    let inc = Tensor::cat(&parts, 1)?;
-    let diff = (full - inc)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    assert!(diff < 1e-4, "max |diff| = {diff}");
     Ok(())
 }
 
@@ -317,39 +344,84 @@ fn damaged_checkpoints_are_clear_errors_not_panics() -> R {
     Ok(())
 }
 
+/// Prompts of different lengths, some repeated (their prefill is shared), decoded two
+/// at a time with continuous batching: greedy tokens equal the uncached reference's,
+/// row by row, on both kernel sets; sampled rows equal the same rows decoded alone.
 #[test]
-fn cached_generation_gives_the_same_tokens_as_uncached() -> R {
+fn the_rollout_engine_gives_the_same_tokens_as_uncached_decoding() -> R {
     use distill::model::generate::{generate_rows, generate_rows_uncached, row_rng, Sampling};
     // A wide init gives peaked, varied logits, so the tokens are not all one id.
-    let m = Llama::init(cfg(false, true, 2), 0.5, 3, &Device::Cpu)?;
-    let prompts: Vec<Vec<u32>> = (0..3)
-        .map(|r| (0..5).map(|i| (r * 31 + i * 7 + 3) % 300).collect())
-        .collect();
+    let mut m = Llama::init(cfg(false, true, 2), 0.5, 3, &Device::Cpu)?;
+    let prompt = |r: u32, len: u32| -> Vec<u32> { (0..len).map(|i| (r * 31 + i * 7 + 3) % 300).collect() };
+    let prompts = vec![
+        prompt(0, 5),
+        prompt(0, 5),
+        prompt(1, 3),
+        prompt(0, 5),
+        prompt(2, 8),
+        prompt(1, 3),
+        prompt(3, 1),
+    ];
     let eos = 299; // Never the argmax here, so every row runs the full length.
     let greedy = Sampling::greedy(20);
-    let (cached, flops) = generate_rows(&m, &prompts, eos, &greedy, &mut [])?;
-    let uncached = generate_rows_uncached(&m, &prompts, eos, &greedy, &mut [])?;
-    assert_eq!(cached, uncached);
-    assert!(flops > 0.0);
-    let distinct: std::collections::BTreeSet<u32> = cached.iter().flat_map(|g| g.ids.clone()).collect();
-    assert!(distinct.len() > 3, "degenerate output: {cached:?}");
-    assert!(cached.iter().all(|g| g.ids.len() == 20 && !g.finished));
+    for kernels in [Kernels::Fused, Kernels::Plain] {
+        m.set_kernels(kernels);
+        let uncached = generate_rows_uncached(&m, &prompts, eos, &greedy, &mut [])?;
+        for rows in [1, 2, 7] {
+            let mut done = 0;
+            let (cached, flops) = generate_rows(&m, &prompts, eos, &greedy, &mut [], rows, &mut |d| done = d)?;
+            assert_eq!(cached, uncached, "{kernels:?}, {rows} rows at once");
+            assert!(flops > 0.0);
+            assert_eq!(done, prompts.len());
+        }
+        let distinct: std::collections::BTreeSet<u32> = uncached.iter().flat_map(|g| g.ids.clone()).collect();
+        assert!(distinct.len() > 3, "degenerate output: {uncached:?}");
+        assert!(uncached.iter().all(|g| g.ids.len() == 20 && !g.finished));
+    }
 
-    // Sampling: each row has its own stream, so the same seeds give the same
-    // samples whether a row is decoded alone or beside others.
+    // Sampling: each row has its own stream, so the same seeds give the same samples
+    // whether a row is decoded alone or beside others, and repeated prompts differ.
     let s = Sampling {
         max_new_tokens: 12,
         temperature: 1.0,
         top_p: 0.9,
         seed: 5,
     };
-    let mut rngs: Vec<_> = (0..3).map(|r| row_rng(5, r)).collect();
-    let (batch, _) = generate_rows(&m, &prompts, eos, &s, &mut rngs)?;
-    let (alone, _) = generate_rows(&m, &prompts[1..2], eos, &s, &mut [row_rng(5, 1)])?;
-    assert_eq!(batch[1], alone[0]);
-    let mut rngs: Vec<_> = (0..3).map(|r| row_rng(6, r)).collect();
-    let (other_seed, _) = generate_rows(&m, &prompts, eos, &s, &mut rngs)?;
+    let streams = |seed: u64| -> Vec<_> { (0..prompts.len() as u64).map(|r| row_rng(seed, r)).collect() };
+    let (batch, _) = generate_rows(&m, &prompts, eos, &s, &mut streams(5), 3, &mut |_| {})?;
+    let reference = generate_rows_uncached(&m, &prompts, eos, &s, &mut streams(5))?;
+    assert_eq!(batch, reference);
+    for r in [1, 4] {
+        let (alone, _) = generate_rows(
+            &m,
+            &prompts[r..r + 1],
+            eos,
+            &s,
+            &mut [row_rng(5, r as u64)],
+            1,
+            &mut |_| {},
+        )?;
+        assert_eq!(batch[r], alone[0]);
+    }
+    assert_ne!(batch[0], batch[1], "two samples of one prompt differ");
+    let (other_seed, _) = generate_rows(&m, &prompts, eos, &s, &mut streams(6), 3, &mut |_| {})?;
     assert_ne!(batch, other_seed, "the seed changes the samples");
+    Ok(())
+}
+
+/// A prompt that fills the context gets nothing, without stopping the others; one
+/// that leaves room for two tokens gets at most two.
+#[test]
+fn prompts_at_the_end_of_the_context_get_what_fits() -> R {
+    use distill::model::generate::{generate_rows, Sampling};
+    let mut c = cfg(false, true, 2);
+    c.max_position_embeddings = 8;
+    let m = Llama::init(c, 0.5, 3, &Device::Cpu)?;
+    let prompts = vec![vec![1; 8], vec![2; 6], vec![3; 2]];
+    let (out, _) = generate_rows(&m, &prompts, 299, &Sampling::greedy(4), &mut [], 2, &mut |_| {})?;
+    assert!(out[0].ids.is_empty() && !out[0].finished);
+    assert_eq!(out[1].ids.len(), 2);
+    assert_eq!(out[2].ids.len(), 4);
     Ok(())
 }
 

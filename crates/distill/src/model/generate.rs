@@ -1,18 +1,18 @@
-//! Decoding with a KV cache (each new token costs one single-position forward),
-//! greedy or sampled (temperature, top-p, one random stream per row), and the
-//! accuracy evaluation that decodes held-out prompts and runs the verifier on
-//! the answers. Rejection sampling of teacher traces builds on this in
-//! `traces.rs`.
+//! Sampling with the rollout engine: prompts of any lengths decode together with
+//! continuous batching over a KV cache allocated once (`engine`, `slots`), greedy or
+//! sampled (temperature, top-p, one random stream per row); the uncached reference it is
+//! tested against; and the accuracy evaluation that decodes held-out prompts and runs the
+//! verifier on the answers. Rejection sampling of teacher traces builds on this in
+//! `teacher::traces`.
 
-use std::collections::BTreeMap;
-
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::model::{KvCache, Llama};
+use crate::model::engine::Engine;
+use crate::model::Llama;
 use crate::prepare::data::{arithmetic, Example};
 use crate::prepare::tokenizer::Tokenizer;
 
@@ -56,69 +56,45 @@ pub fn row_rng(seed: u64, row: u64) -> ChaCha8Rng {
     rng
 }
 
-fn check_prompts(prompts: &[Vec<u32>]) -> Result<(usize, usize)> {
-    let b = prompts.len();
-    let t0 = prompts.first().map_or(0, |p| p.len());
-    if b == 0 || t0 == 0 || prompts.iter().any(|p| p.len() != t0) {
-        return Err(crate::error::Error::Invalid(
-            "generation needs non-empty prompts of one length".into(),
-        ));
-    }
-    Ok((b, t0))
-}
-
-/// Decodes continuations of `prompts`, which must all have the same length
-/// (callers group prompts by length, so no padding or attention mask is
-/// needed), with a KV cache: each new token costs one single-position forward.
-/// `rngs` holds one stream per row for sampling (unused when greedy).
-/// Returns each row's output and the FLOPs spent.
+/// Decodes continuations of `prompts` (of any lengths) with the rollout engine: at most
+/// `batch_rows` sequences decode together, each in its own slot of a KV cache that is
+/// allocated once; a finished sequence leaves its slot and the next waiting prompt takes
+/// it (continuous batching), prefilled in the same step as the others decode. Row r
+/// samples with `rngs[r]` (unused when greedy), so its output does not depend on which
+/// rows share its steps. A prompt that leaves no room in the model's context yields
+/// nothing (`too_long`). `on_done(rows_done)` is called as rows finish. Returns each
+/// row's output and the FLOPs spent.
 pub fn generate_rows(
     model: &Llama,
     prompts: &[Vec<u32>],
     eos: u32,
     s: &Sampling,
     rngs: &mut [ChaCha8Rng],
+    batch_rows: usize,
+    on_done: &mut dyn FnMut(usize),
 ) -> Result<(Vec<Generated>, f64)> {
-    let (b, t0) = check_prompts(prompts)?;
-    if s.temperature > 0.0 && rngs.len() != b {
+    if s.temperature > 0.0 && rngs.len() != prompts.len() {
         return Err(crate::error::Error::Invalid(format!(
             "sampling needs one random stream per row: {} rows, {} streams",
-            b,
+            prompts.len(),
             rngs.len()
         )));
     }
-    let max_new = s
-        .max_new_tokens
-        .min(model.cfg.max_position_embeddings.saturating_sub(t0));
-    let flat: Vec<u32> = prompts.iter().flatten().copied().collect();
-    let mut input = Tensor::from_vec(flat, (b, t0), model.device())?;
-    let mut cache = KvCache::new();
-    let mut out = vec![
-        Generated {
-            ids: Vec::new(),
-            finished: false
-        };
-        b
-    ];
-    let mut flops = 0.0;
-    for _ in 0..max_new {
-        let (_, t) = input.dims2()?;
-        let ctx = cache.len() + t;
-        flops += model.cfg.forward_flops_per_token(ctx) * (b * t) as f64;
-        let logits = model.forward_cached(&input, Some(&mut cache))?; // (B, t, V)
-        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.detach(); // (B, V)
-        check_finite(&last, cache.len())?;
-        let next = pick(&last, s, rngs)?;
-        if push(&mut out, &next, eos) {
-            break;
-        }
-        input = Tensor::from_vec(next, (b, 1), model.device())?;
+    if prompts.iter().any(|p| p.is_empty()) {
+        return Err(crate::error::Error::Invalid(
+            "generation needs non-empty prompts".into(),
+        ));
     }
-    Ok((out, flops))
+    let mut engine = Engine::new(model, prompts, eos, s, batch_rows)?;
+    while engine.step(rngs)? {
+        on_done(engine.done);
+    }
+    on_done(engine.done);
+    Ok((engine.out, engine.flops))
 }
 
-/// The same decoding without a cache: every step runs the whole sequence
-/// again (O(n^2) work). Kept as the reference that the cached path is tested
+/// The same decoding without a cache, one row at a time: every step runs the row's
+/// whole sequence again (O(n^2) work). Kept as the reference that the engine is tested
 /// against.
 pub fn generate_rows_uncached(
     model: &Llama,
@@ -127,46 +103,23 @@ pub fn generate_rows_uncached(
     s: &Sampling,
     rngs: &mut [ChaCha8Rng],
 ) -> Result<Vec<Generated>> {
-    let (b, t0) = check_prompts(prompts)?;
-    let max_new = s
-        .max_new_tokens
-        .min(model.cfg.max_position_embeddings.saturating_sub(t0));
-    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
-    let mut out = vec![
-        Generated {
-            ids: Vec::new(),
-            finished: false
-        };
-        b
-    ];
-    for _ in 0..max_new {
-        let t = seqs[0].len();
-        let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
-        let input = Tensor::from_vec(flat, (b, t), model.device())?;
-        let logits = model.forward(&input)?;
-        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.detach();
-        check_finite(&last, t)?;
-        let next = pick(&last, s, rngs)?;
-        for (seq, &tok) in seqs.iter_mut().zip(&next) {
+    let ctx = model.cfg.max_position_embeddings;
+    let mut out = vec![Generated::default(); prompts.len()];
+    for (r, prompt) in prompts.iter().enumerate() {
+        let mut seq = prompt.clone();
+        for _ in 0..s.max_new_tokens.min(ctx.saturating_sub(prompt.len())) {
+            let input = Tensor::from_vec(seq.clone(), (1, seq.len()), model.device())?;
+            let last = model.forward(&input)?.narrow(1, seq.len() - 1, 1)?.squeeze(1)?.detach();
+            let tok = pick(&last, s, rngs, &[r])?[0];
+            if tok == eos {
+                out[r].finished = true;
+                break;
+            }
+            out[r].ids.push(tok);
             seq.push(tok);
-        }
-        if push(&mut out, &next, eos) {
-            break;
         }
     }
     Ok(out)
-}
-
-/// Refuses logits with a NaN or an infinity (at position `pos`): no token drawn from
-/// them means anything, and argmax would still return one.
-fn check_finite(logits: &Tensor, pos: usize) -> Result<()> {
-    if !crate::model::llama::all_finite(logits)? {
-        return Err(crate::error::Error::Invalid(format!(
-            "the model's logits at position {pos} are not finite (NaN or infinite); its config.json or \
-             weights are damaged"
-        )));
-    }
-    Ok(())
 }
 
 /// Whether a prompt of `prompt_len` tokens leaves no room for a new token in a context
@@ -175,33 +128,44 @@ pub fn too_long(prompt_len: usize, max_positions: usize) -> bool {
     prompt_len >= max_positions
 }
 
-/// Appends each row's next token; returns true when every row has finished.
-fn push(out: &mut [Generated], next: &[u32], eos: u32) -> bool {
-    for (g, &tok) in out.iter_mut().zip(next) {
-        if g.finished {
-            continue;
-        }
-        if tok == eos {
-            g.finished = true;
-        } else {
-            g.ids.push(tok);
-        }
+/// The next token of each row of `logits` (m, V): argmax when greedy (the first of
+/// equal maxima), otherwise a draw from the tempered, nucleus-truncated distribution
+/// with the stream `rngs[rows[i]]`. Logits with a NaN or an infinity are an error: no
+/// token drawn from them means anything, and argmax would still return one.
+pub(crate) fn pick(logits: &Tensor, s: &Sampling, rngs: &mut [ChaCha8Rng], rows: &[usize]) -> Result<Vec<u32>> {
+    let (m, v) = logits.dims2()?;
+    let flat = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(bad) = flat.iter().position(|x| !x.is_finite()) {
+        return Err(crate::error::Error::Invalid(format!(
+            "the model's logits are not finite (NaN or infinite) in row {} of {m}; its config.json or \
+             weights are damaged",
+            bad / v.max(1)
+        )));
     }
-    out.iter().all(|g| g.finished)
+    let greedy = s.temperature <= 0.0;
+    let mut next = Vec::with_capacity(m);
+    for (i, row) in flat.chunks(v).enumerate() {
+        next.push(if greedy {
+            argmax(row)
+        } else {
+            let rng = rngs.get_mut(rows[i]).ok_or_else(|| {
+                crate::error::Error::Invalid(format!("sampling row {} has no random stream", rows[i]))
+            })?;
+            sample(row, s.temperature, s.top_p, rng)
+        });
+    }
+    Ok(next)
 }
 
-/// The next token of every row: argmax when greedy, otherwise a draw from the
-/// tempered, nucleus-truncated distribution with the row's own stream.
-fn pick(last: &Tensor, s: &Sampling, rngs: &mut [ChaCha8Rng]) -> Result<Vec<u32>> {
-    if s.temperature <= 0.0 {
-        return Ok(last.argmax(D::Minus1)?.to_vec1::<u32>()?);
+/// The index of the first maximum.
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
     }
-    let rows = last.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    Ok(rows
-        .iter()
-        .zip(rngs.iter_mut())
-        .map(|(r, rng)| sample(r, s.temperature, s.top_p, rng))
-        .collect())
+    best as u32
 }
 
 /// Draws an index from softmax(logits / temperature), restricted to the
@@ -216,16 +180,7 @@ pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut ChaCha8Rng
         .collect();
     let total: f64 = w.iter().map(|p| p.1).sum();
     if top_p < 1.0 {
-        w.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let mut mass = 0.0;
-        let mut keep = w.len();
-        for (n, p) in w.iter().enumerate() {
-            mass += p.1 / total;
-            if mass >= top_p {
-                keep = n + 1;
-                break;
-            }
-        }
+        let keep = nucleus(&mut w, total, top_p);
         w.truncate(keep);
     }
     let kept: f64 = w.iter().map(|p| p.1).sum();
@@ -237,6 +192,33 @@ pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut ChaCha8Rng
         }
     }
     w.last().map_or(0, |p| p.0)
+}
+
+/// Orders `w` by weight, largest first (ties: lower index first), far enough to hold the
+/// nucleus, and returns its size: the fewest tokens whose mass reaches `top_p`. Only the
+/// top of the vocabulary is sorted: the k largest are selected (k = 64, then 4 times
+/// more while their mass falls short), so the prefix and the draw are those of a full
+/// sort.
+fn nucleus(w: &mut [(u32, f64)], total: f64, top_p: f64) -> usize {
+    let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut k = w.len().min(64);
+    loop {
+        if k < w.len() {
+            w.select_nth_unstable_by(k - 1, order);
+        }
+        w[..k].sort_by(order);
+        let mut mass = 0.0;
+        for (n, p) in w[..k].iter().enumerate() {
+            mass += p.1 / total;
+            if mass >= top_p {
+                return n + 1;
+            }
+        }
+        if k == w.len() {
+            return k;
+        }
+        k = (k * 4).min(w.len());
+    }
 }
 
 /// One decoded held-out example.
@@ -290,27 +272,16 @@ pub fn accuracy(
     batch_size: usize,
 ) -> Result<Accuracy> {
     let chosen: Vec<&Example> = examples.iter().filter(|e| e.answer.is_some()).take(limit).collect();
-    // Group by prompt length so that each batch needs no padding.
-    let mut by_len: BTreeMap<usize, Vec<(usize, Vec<u32>)>> = BTreeMap::new();
-    for (i, e) in chosen.iter().enumerate() {
+    let mut prompts = Vec::with_capacity(chosen.len());
+    for e in &chosen {
         let mut ids = vec![tok.bos];
         ids.extend(tok.encode(&e.prompt)?);
-        by_len.entry(ids.len()).or_default().push((i, ids));
+        prompts.push(ids);
     }
-    let mut outputs = vec![String::new(); chosen.len()];
-    let (mut tokens, mut flops) = (0u64, 0.0);
     let greedy = Sampling::greedy(max_new_tokens);
-    for group in by_len.values() {
-        for chunk in group.chunks(batch_size.max(1)) {
-            let prompts: Vec<Vec<u32>> = chunk.iter().map(|(_, p)| p.clone()).collect();
-            let (gen, f) = generate_rows(model, &prompts, tok.eos, &greedy, &mut [])?;
-            flops += f;
-            for ((i, _), g) in chunk.iter().zip(gen) {
-                tokens += g.ids.len() as u64;
-                outputs[*i] = tok.decode(&g.ids)?;
-            }
-        }
-    }
+    let (gen, flops) = generate_rows(model, &prompts, tok.eos, &greedy, &mut [], batch_size, &mut |_| {})?;
+    let tokens = gen.iter().map(|g| g.ids.len() as u64).sum();
+    let outputs = gen.iter().map(|g| tok.decode(&g.ids)).collect::<Result<Vec<_>>>()?;
     let samples: Vec<Sample> = chosen
         .iter()
         .zip(outputs)

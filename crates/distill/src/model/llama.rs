@@ -133,28 +133,6 @@ impl ModelConfig {
     }
 }
 
-/// Per-layer key/value cache for incremental decoding.
-#[derive(Debug, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>, // each (B, H_kv, S, D)
-}
-
-impl KvCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Tokens already in the cache.
-    pub fn len(&self) -> usize {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
-            _ => 0,
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// The dtypes the forward can compute in (`Llama::set_compute_dtype`) and a
 /// frozen model can store its weights in (`Llama::into_frozen`).
 pub const COMPUTE_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
@@ -309,6 +287,15 @@ impl Llama {
         Ok((freqs.cos()?, freqs.sin()?))
     }
 
+    /// cos and sin of the rotary angles of arbitrary positions, (n, D/2) f32 each: the
+    /// same products as `rope_cos_sin` builds for a run of positions.
+    pub(crate) fn rope_cos_sin_at(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+        let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (positions.len(), 1), &self.device)?;
+        let freqs = pos.broadcast_mul(&self.inv_freq)?;
+        Ok((freqs.cos()?, freqs.sin()?))
+    }
+
     /// Turns the model into a frozen one (a teacher) whose weights are stored in
     /// `dtype` (F32, BF16 or F16), which also becomes the compute dtype, so the
     /// forward casts no weights; bf16 halves the weights' memory. The model then
@@ -340,7 +327,7 @@ impl Llama {
     }
 
     /// A stored weight: the f32 master `Var`, or a frozen model's tensor.
-    fn w(&self, name: &str) -> Result<&Tensor> {
+    pub(crate) fn w(&self, name: &str) -> Result<&Tensor> {
         self.params
             .get(name)
             .map(|v| v.as_tensor())
@@ -350,12 +337,12 @@ impl Llama {
 
     /// A weight in the compute dtype: a cast (differentiable) or, when the dtypes
     /// already agree, the stored tensor itself.
-    fn wc(&self, name: &str) -> Result<Tensor> {
+    pub(crate) fn wc(&self, name: &str) -> Result<Tensor> {
         Ok(self.w(name)?.to_dtype(self.compute_dtype)?)
     }
 
     /// A norm weight in f32 (RMSNorm runs in f32 whatever the compute dtype).
-    fn w32(&self, name: &str) -> Result<Tensor> {
+    pub(crate) fn w32(&self, name: &str) -> Result<Tensor> {
         Ok(self.w(name)?.to_dtype(DType::F32)?)
     }
 
@@ -363,13 +350,7 @@ impl Llama {
     /// compute dtype (the head's matmul runs in the compute dtype, its output is
     /// widened to f32).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        self.forward_cached(ids, None)
-    }
-
-    /// Like `forward`, but with a KV cache: `ids` are the new tokens that follow
-    /// the cached ones. Returns logits for the new positions only, (B, T_new, V).
-    pub fn forward_cached(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let x = self.hidden_cached(ids, cache)?; // (B, T_new, d) f32
+        let x = self.forward_hidden(ids)?; // (B, T, d) f32
         self.head_logits(&x)
     }
 
@@ -386,7 +367,50 @@ impl Llama {
     /// `x @ lm_head_weight()^T`; a fused head loss (`loss::head`) takes the two
     /// apart so that the (B, T, V) logits never exist at once.
     pub fn forward_hidden(&self, ids: &Tensor) -> Result<Tensor> {
-        self.hidden_cached(ids, None)
+        let (b, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::Shape(format!(
+                "sequence of {t} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let (d, cdt) = (self.cfg.hidden_size, self.compute_dtype);
+        // The residual stream x stays f32; each block reads it through an f32
+        // RMSNorm cast to the compute dtype and adds its output back widened to f32.
+        let mut x = self
+            .w("model.embed_tokens.weight")?
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, d))?
+            .to_dtype(DType::F32)?; // (B, T, d) f32
+        let (cos, sin) = self.rope_cos_sin(0, t)?;
+        let (cos, sin) = (cos.to_dtype(cdt)?, sin.to_dtype(cdt)?); // (T, D/2)
+        let fused = self.fused();
+        let mask = if fused {
+            None
+        } else {
+            Some(causal_mask(t, &self.device)?) // (T, T) f32
+        };
+        let eps = self.cfg.rms_norm_eps;
+        let norm = |x: &Tensor, name: &str| -> Result<Tensor> {
+            let w = self.w32(name)?;
+            if fused {
+                fused::rms_norm(x, &w, eps)
+            } else {
+                fused::rms_norm_plain(x, &w, eps)
+            }
+        };
+        for i in 0..self.cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let h = norm(&x, &format!("{p}.input_layernorm.weight"))?.to_dtype(cdt)?;
+            let a = match &mask {
+                None => self.attention_fused(&h, &p, &cos, &sin)?,
+                Some(mask) => self.attention(&h, &p, &cos, &sin, mask)?,
+            };
+            x = (x + a.to_dtype(DType::F32)?)?;
+            let h = norm(&x, &format!("{p}.post_attention_layernorm.weight"))?.to_dtype(cdt)?;
+            x = (x + self.mlp(&h, &p, fused)?.to_dtype(DType::F32)?)?;
+        }
+        norm(&x, "model.norm.weight") // (B, T, d) f32
     }
 
     /// The output projection, (V, d) f32: `lm_head.weight`, or with tied embeddings
@@ -412,64 +436,6 @@ impl Llama {
         } else {
             "lm_head.weight"
         }
-    }
-
-    fn hidden_cached(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
-        if offset + t > self.cfg.max_position_embeddings {
-            return Err(Error::Shape(format!(
-                "sequence of {} tokens exceeds max_position_embeddings {}",
-                offset + t,
-                self.cfg.max_position_embeddings
-            )));
-        }
-        if let Some(c) = cache.as_mut() {
-            c.layers.resize(self.cfg.num_hidden_layers, None);
-        }
-        let (d, cdt) = (self.cfg.hidden_size, self.compute_dtype);
-        // The residual stream x stays f32; each block reads it through an f32
-        // RMSNorm cast to the compute dtype and adds its output back widened to f32.
-        let mut x = self
-            .w("model.embed_tokens.weight")?
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, d))?
-            .to_dtype(DType::F32)?; // (B, T, d) f32
-        let (cos, sin) = self.rope_cos_sin(offset, t)?;
-        let (cos, sin) = (cos.to_dtype(cdt)?, sin.to_dtype(cdt)?); // (T, D/2)
-        let fused = self.fused();
-        // The fused attention is causal over the window it is given; decoding after
-        // cached keys runs the plain ops.
-        let fused_attention = fused && cache.is_none();
-        let mask = if fused_attention {
-            None
-        } else {
-            Some(causal_mask(t, offset, &self.device)?) // (T, S) f32
-        };
-        let eps = self.cfg.rms_norm_eps;
-        let norm = |x: &Tensor, name: &str| -> Result<Tensor> {
-            let w = self.w32(name)?;
-            if fused {
-                fused::rms_norm(x, &w, eps)
-            } else {
-                fused::rms_norm_plain(x, &w, eps)
-            }
-        };
-        for i in 0..self.cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let h = norm(&x, &format!("{p}.input_layernorm.weight"))?.to_dtype(cdt)?;
-            let a = match &mask {
-                None => self.attention_fused(&h, &p, &cos, &sin)?,
-                Some(mask) => {
-                    let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-                    self.attention(&h, &p, &cos, &sin, mask, layer_cache)?
-                }
-            };
-            x = (x + a.to_dtype(DType::F32)?)?;
-            let h = norm(&x, &format!("{p}.post_attention_layernorm.weight"))?.to_dtype(cdt)?;
-            x = (x + self.mlp(&h, &p, fused)?.to_dtype(DType::F32)?)?;
-        }
-        norm(&x, "model.norm.weight") // (B, T, d) f32
     }
 
     /// `attention` on the fused kernels, f32 on the CPU and without a cache: the
@@ -511,7 +477,6 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, hkv, hd) = (
@@ -531,15 +496,8 @@ impl Llama {
             Ok(y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?) // (B, heads, T, D)
         };
         let q = rope(&proj("q_proj", h)?, cos, sin)?;
-        let mut k = rope(&proj("k_proj", hkv)?, cos, sin)?;
-        let mut v = proj("v_proj", hkv)?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?; // (B, H_kv, S, D)
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
+        let k = rope(&proj("k_proj", hkv)?, cos, sin)?; // (B, H_kv, T, D)
+        let v = proj("v_proj", hkv)?;
         let k = repeat_kv(&k, h / hkv)?; // (B, H, S, D)
         let v = repeat_kv(&v, h / hkv)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -552,7 +510,7 @@ impl Llama {
     }
 
     /// x (B, T, in) @ w^T + b: the fused linear op where `fused()` holds.
-    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         if self.fused() {
             let y = fused::linear(x, w)?;
             Ok(match b {
@@ -565,7 +523,7 @@ impl Llama {
     }
 
     /// SwiGLU MLP, all in the compute dtype.
-    fn mlp(&self, x: &Tensor, p: &str, fused: bool) -> Result<Tensor> {
+    pub(crate) fn mlp(&self, x: &Tensor, p: &str, fused: bool) -> Result<Tensor> {
         let gate = self.linear(x, &self.wc(&format!("{p}.mlp.gate_proj.weight"))?, None)?; // (B, T, F)
         let up = self.linear(x, &self.wc(&format!("{p}.mlp.up_proj.weight"))?, None)?;
         let act = if fused {
@@ -656,13 +614,12 @@ pub(crate) fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?.expand((b, hkv, n, s, d))?.reshape((b, hkv * n, s, d))?)
 }
 
-/// Additive causal mask for `t` new queries after `offset` cached keys: (T, offset + T).
-fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
-    let s = offset + t;
+/// Additive causal mask for `t` queries over the same `t` keys: (T, T).
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    Ok(Tensor::from_vec(data, (t, s), device)?)
+    Ok(Tensor::from_vec(data, (t, t), device)?)
 }
 
 /// `n` draws from N(0, std^2), from a ChaCha8 stream keyed by (seed, name).

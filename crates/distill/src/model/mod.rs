@@ -1,12 +1,15 @@
 //! The model: a trainable Llama-family decoder with Hugging Face tensor names
 //! (`llama`), its Hugging Face config files read as hostile input (`hf_json`), its
-//! hand-written training backward (`tape`), GGUF import (`gguf`) and sampling with a
-//! KV cache (`generate`).
+//! hand-written training backward (`tape`), GGUF import (`gguf`) and the rollout
+//! engine: sampling (`generate`) with continuous batching (`engine`) over a slotted KV
+//! cache (`slots`).
 
+mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod hf_json;
 pub mod llama;
+pub mod slots;
 pub mod tape;
 
-pub use llama::{KvCache, Llama, ModelConfig};
+pub use llama::{Llama, ModelConfig};

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Keep;
 use crate::error::{Error, Result};
 use crate::fsio::write_file_atomic;
-use crate::model::generate::{self, generate_rows, row_rng, Generated, Sampling};
+use crate::model::generate::{self, generate_rows, row_rng, Sampling};
 use crate::model::Llama;
 use crate::prepare::data::{arithmetic, read_jsonl_records};
 use crate::prepare::tokenizer::Tokenizer;
@@ -176,25 +176,9 @@ impl Acceptance {
     }
 }
 
-/// The global batch plan: indexes into `encoded`, grouped by prompt length
-/// (no padding is then needed) and cut into batches of `per_batch` prompts,
-/// in order of length, then of prompt id.
-fn plan(encoded: &[(u64, Vec<u32>)], per_batch: usize) -> Vec<Vec<usize>> {
-    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, (_, ids)) in encoded.iter().enumerate() {
-        by_len.entry(ids.len()).or_default().push(i);
-    }
-    let mut batches = Vec::new();
-    for mut group in by_len.into_values() {
-        group.sort_by_key(|&i| encoded[i].0);
-        batches.extend(group.chunks(per_batch.max(1)).map(<[usize]>::to_vec));
-    }
-    batches
-}
-
 /// Samples K traces for each prompt of `shard` that has an expected answer,
 /// verifies them, and applies the keep policy. Returns the records sorted by
-/// (id, sample). `on_batch(done, total)` is called after each batch.
+/// (id, sample). `on_batch(done, total)` is called as samples finish.
 pub fn generate(
     model: &Llama,
     tok: &Tokenizer,
@@ -220,70 +204,67 @@ pub fn generate(
         e.extend(tok.encode(&p.prompt)?);
         encoded.push((p.id, e));
     }
+    // Prompt i (in order of id) belongs to shard i mod n. Each sample draws from its own
+    // stream, so what it writes does not depend on the shard or its batch neighbours.
+    encoded.sort_by_key(|(id, _)| *id);
+    let mine: Vec<&(u64, Vec<u32>)> = encoded.iter().skip(shard.index).step_by(shard.count).collect();
     let by_id: BTreeMap<u64, &Prompt> = prompts.iter().map(|p| (p.id, p)).collect();
-    let per_batch = (s.batch_rows / s.samples).max(1);
-    let batches = plan(&encoded, per_batch);
-    let mine: Vec<&Vec<usize>> = batches.iter().skip(shard.index).step_by(shard.count).collect();
-    let mut records = Vec::new();
-    let mut flops = 0.0;
-    for (done, batch) in mine.iter().enumerate() {
-        let mut rows = Vec::with_capacity(batch.len() * s.samples);
-        let mut rngs = Vec::with_capacity(rows.capacity());
-        for &i in batch.iter() {
-            let (id, ref e) = encoded[i];
-            for k in 0..s.samples {
-                rows.push(e.clone());
-                rngs.push(row_rng(s.sampling.seed, id * s.samples as u64 + k as u64));
-            }
+    let mut rows = Vec::with_capacity(mine.len() * s.samples);
+    let mut rngs = Vec::with_capacity(rows.capacity());
+    for (id, e) in &mine {
+        for k in 0..s.samples {
+            rows.push(e.clone());
+            rngs.push(row_rng(s.sampling.seed, id * s.samples as u64 + k as u64));
         }
-        // A batch holds prompts of one length: all of them fit the context, or none does.
-        let too_long = rows
-            .first()
-            .is_some_and(|r| generate::too_long(r.len(), model.cfg.max_position_embeddings));
-        let out = if too_long {
-            vec![Generated::default(); rows.len()]
-        } else {
-            let (out, f) = generate_rows(model, &rows, tok.eos, &s.sampling, &mut rngs)?;
-            flops += f;
-            out
-        };
-        for (n, &i) in batch.iter().enumerate() {
-            let p = by_id[&encoded[i].0];
-            let mut kept_one = false;
-            for k in 0..s.samples {
-                let g = &out[n * s.samples + k];
-                let completion = tok.decode(&g.ids)?;
-                let predicted = arithmetic::extract_answer(&completion);
-                let verdict = match (p.answer, predicted) {
-                    (None, _) => Verdict::Unverifiable,
-                    _ if too_long => Verdict::PromptTooLong,
-                    _ if !g.finished => Verdict::Unfinished,
-                    (Some(_), None) => Verdict::NoAnswer,
-                    (Some(a), Some(b)) if a != b => Verdict::Wrong,
-                    _ if s.max_completion_tokens.is_some_and(|m| g.ids.len() > m) => Verdict::TooLong,
-                    _ => Verdict::Correct,
-                };
-                let kept = verdict == Verdict::Correct && (s.keep == Keep::All || !kept_one);
-                kept_one |= kept;
-                records.push(TraceRecord {
-                    id: p.id,
-                    sample: k as u32,
-                    prompt: p.prompt.clone(),
-                    completion,
-                    answer: p.answer,
-                    predicted,
-                    verdict,
-                    kept,
-                    tokens: g.ids.len(),
-                    teacher: teacher_id.to_string(),
-                    temperature: s.sampling.temperature,
-                    top_p: s.sampling.top_p,
-                    max_new_tokens: s.sampling.max_new_tokens,
-                    seed: s.sampling.seed,
-                });
-            }
+    }
+    let total = rows.len();
+    let (out, flops) = generate_rows(
+        model,
+        &rows,
+        tok.eos,
+        &s.sampling,
+        &mut rngs,
+        s.batch_rows,
+        &mut |done| on_batch(done, total),
+    )?;
+    let context = model.cfg.max_position_embeddings;
+    let mut records = Vec::with_capacity(total);
+    for (n, (id, e)) in mine.iter().enumerate() {
+        let too_long = generate::too_long(e.len(), context);
+        let p = by_id[id];
+        let mut kept_one = false;
+        for k in 0..s.samples {
+            let g = &out[n * s.samples + k];
+            let completion = tok.decode(&g.ids)?;
+            let predicted = arithmetic::extract_answer(&completion);
+            let verdict = match (p.answer, predicted) {
+                (None, _) => Verdict::Unverifiable,
+                _ if too_long => Verdict::PromptTooLong,
+                _ if !g.finished => Verdict::Unfinished,
+                (Some(_), None) => Verdict::NoAnswer,
+                (Some(a), Some(b)) if a != b => Verdict::Wrong,
+                _ if s.max_completion_tokens.is_some_and(|m| g.ids.len() > m) => Verdict::TooLong,
+                _ => Verdict::Correct,
+            };
+            let kept = verdict == Verdict::Correct && (s.keep == Keep::All || !kept_one);
+            kept_one |= kept;
+            records.push(TraceRecord {
+                id: p.id,
+                sample: k as u32,
+                prompt: p.prompt.clone(),
+                completion,
+                answer: p.answer,
+                predicted,
+                verdict,
+                kept,
+                tokens: g.ids.len(),
+                teacher: teacher_id.to_string(),
+                temperature: s.sampling.temperature,
+                top_p: s.sampling.top_p,
+                max_new_tokens: s.sampling.max_new_tokens,
+                seed: s.sampling.seed,
+            });
         }
-        on_batch(done + 1, mine.len());
     }
     records.sort_by_key(|r| (r.id, r.sample));
     let mut acc = Acceptance::of(&records);

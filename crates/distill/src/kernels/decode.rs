@@ -1,0 +1,223 @@
+//! Attention of new tokens over a slotted KV cache: the decode step of the rollout
+//! engine (`model::generate`), fused for the CPU in f32 and beside it the plain candle
+//! composition that every device runs and that the fused kernel is tested against.
+//!
+//! The cache of one layer is two tensors of (slots * max_len, Hkv * D) rows: row
+//! `slot * max_len + j` holds the key (or value) of position j of the sequence that
+//! occupies `slot`. Each query r names its slot and its position `pos[r]`, and attends
+//! the keys 0..=pos[r] of that slot. A prompt being prefilled is T queries of one slot
+//! at positions 0..T; a sequence being decoded is one query at its current length. Both
+//! go through the same call, so a step may mix them (continuous batching).
+//!
+//! Each (query, head) pair is computed on its own, with a sequential sum over its keys,
+//! so a query's output does not depend on which other queries share the call.
+
+use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::kernels::cpu::with_cpu_f32;
+
+/// Where the queries of one call read: query r attends keys 0..=pos[r] of slot slot[r].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheRows {
+    pub slot: Vec<usize>,
+    pub pos: Vec<usize>,
+    /// Positions per slot in the cache tensors.
+    pub max_len: usize,
+}
+
+impl CacheRows {
+    pub fn len(&self) -> usize {
+        self.slot.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slot.is_empty()
+    }
+
+    /// The cache row that query r's own key and value are written to.
+    pub fn row(&self, r: usize) -> usize {
+        self.slot[r] * self.max_len + self.pos[r]
+    }
+}
+
+/// The sizes of one call: queries (n, h, d), cache (slots * max_len, hkv * d).
+fn dims(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRows) -> Result<(usize, usize, usize, usize)> {
+    let (n, h, d) = q.dims3()?;
+    let (cache_rows, width) = k.dims2()?;
+    let bad = n != rows.len()
+        || v.dims() != k.dims()
+        || d == 0
+        || width % d != 0
+        || h % (width / d).max(1) != 0
+        || cache_rows % rows.max_len.max(1) != 0
+        || rows.pos.len() != n
+        || rows
+            .slot
+            .iter()
+            .zip(&rows.pos)
+            .any(|(&s, &p)| p >= rows.max_len || s * rows.max_len >= cache_rows);
+    if bad {
+        return Err(Error::Shape(format!(
+            "decode attention: queries {:?}, cache {:?} / {:?}, {} query rows of slots {:?} at positions {:?} \
+             (max_len {})",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            rows.len(),
+            rows.slot,
+            rows.pos,
+            rows.max_len
+        )));
+    }
+    Ok((n, h, d, width / d))
+}
+
+/// softmax(q k^T * scale) v of each query over its slot's keys 0..=pos, fused: f32 on the
+/// CPU. q (n, H, D); k and v the layer's cache (slots * max_len, Hkv * D). Returns
+/// (n, H, D).
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRows, scale: f32) -> Result<Tensor> {
+    let (n, h, d, hkv) = dims(q, k, v, rows)?;
+    let group = h / hkv;
+    let out = with_cpu_f32(q, "decode-attention", |q| {
+        with_cpu_f32(k, "decode-attention", |k| {
+            with_cpu_f32(v, "decode-attention", |v| {
+                let mut out = vec![0f32; n * h * d];
+                out.par_chunks_mut(d).enumerate().for_each(|(rh, o)| {
+                    let (r, head) = (rh / h, rh % h);
+                    let base = rows.slot[r] * rows.max_len;
+                    let col = (head / group) * d;
+                    let key = |j: usize| &k[(base + j) * hkv * d + col..][..d];
+                    let value = |j: usize| &v[(base + j) * hkv * d + col..][..d];
+                    one_query(&q[rh * d..][..d], rows.pos[r] + 1, key, value, scale, o);
+                });
+                out
+            })
+        })
+    })???;
+    Ok(Tensor::from_vec(out, (n, h, d), q.device())?)
+}
+
+/// One (query, head): scores over `len` keys, their softmax, and the weighted sum of
+/// the values, written to `out`.
+fn one_query<'a>(
+    q: &[f32],
+    len: usize,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let scores: Vec<f32> = (0..len)
+        .map(|j| q.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f32>() * scale)
+        .collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0f32;
+    out.fill(0.0);
+    for (j, s) in scores.iter().enumerate() {
+        let p = (s - max).exp();
+        total += p;
+        for (o, x) in out.iter_mut().zip(value(j)) {
+            *o += p * x;
+        }
+    }
+    out.iter_mut().for_each(|o| *o /= total);
+}
+
+/// The plain composition of `decode_attention`, on any device and in the cache's dtype
+/// (scores and softmax in f32): gathers each query's slot, masks the keys past its
+/// position, and runs the two matmuls. q (n, H, D) -> (n, H, D).
+pub fn decode_attention_plain(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRows, scale: f32) -> Result<Tensor> {
+    let (n, h, d, hkv) = dims(q, k, v, rows)?;
+    let s = rows.pos.iter().max().map_or(0, |p| p + 1);
+    let dev = q.device();
+    let slots = Tensor::from_vec(rows.slot.iter().map(|&x| x as u32).collect::<Vec<_>>(), n, dev)?;
+    let gather = |c: &Tensor| -> Result<Tensor> {
+        let c = c.reshape((c.dim(0)? / rows.max_len, rows.max_len, hkv, d))?;
+        let c = c.index_select(&slots, 0)?.narrow(1, 0, s)?; // (n, S, Hkv, D)
+        let c = c.transpose(1, 2)?.contiguous()?; // (n, Hkv, S, D)
+        Ok(c.unsqueeze(2)?.expand((n, hkv, h / hkv, s, d))?.reshape((n, h, s, d))?)
+    };
+    let (keys, values) = (gather(k)?, gather(v)?);
+    let mask: Vec<f32> = rows
+        .pos
+        .iter()
+        .flat_map(|&p| (0..s).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (n, 1, 1, s), dev)?;
+    let q = q.unsqueeze(2)?; // (n, H, 1, D)
+    let scores = (q.matmul(&keys.t()?)?.to_dtype(DType::F32)? * scale as f64)?.broadcast_add(&mask)?;
+    let max = scores.max_keepdim(D::Minus1)?;
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(values.dtype())?;
+    Ok(p.matmul(&values)?.squeeze(2)?) // (n, H, D)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn tensor(n: usize, shape: &[usize], seed: u32) -> Tensor {
+        let data: Vec<f32> = (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Three queries of two slots, one of them a prefill of three positions, with
+    /// grouped-query heads: the fused kernel matches the plain ops.
+    #[test]
+    fn fused_decode_attention_matches_the_plain_ops() -> Result<()> {
+        let (slots, max_len, h, hkv, d) = (3, 6, 4, 2, 8);
+        let k = tensor(slots * max_len * hkv * d, &[slots * max_len, hkv * d], 1);
+        let v = tensor(slots * max_len * hkv * d, &[slots * max_len, hkv * d], 2);
+        let rows = CacheRows {
+            slot: vec![2, 0, 0, 0, 1],
+            pos: vec![5, 0, 1, 2, 3],
+            max_len,
+        };
+        let q = tensor(rows.len() * h * d, &[rows.len(), h, d], 3);
+        let fused = decode_attention(&q, &k, &v, &rows, 0.35)?;
+        let plain = decode_attention_plain(&q, &k, &v, &rows, 0.35)?;
+        let diff = (fused - plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max difference {diff}");
+        Ok(())
+    }
+
+    /// A query's output is the same bits whatever else shares the call.
+    #[test]
+    fn a_query_does_not_depend_on_the_other_queries() -> Result<()> {
+        let (max_len, h, hkv, d) = (5, 2, 1, 4);
+        let k = tensor(2 * max_len * hkv * d, &[2 * max_len, hkv * d], 4);
+        let v = tensor(2 * max_len * hkv * d, &[2 * max_len, hkv * d], 5);
+        let q = tensor(2 * h * d, &[2, h, d], 6);
+        let both = CacheRows {
+            slot: vec![0, 1],
+            pos: vec![4, 2],
+            max_len,
+        };
+        let alone = CacheRows {
+            slot: vec![1],
+            pos: vec![2],
+            max_len,
+        };
+        let b = decode_attention(&q, &k, &v, &both, 0.5)?.get(1)?;
+        let a = decode_attention(&q.narrow(0, 1, 1)?, &k, &v, &alone, 0.5)?.get(0)?;
+        assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn positions_past_the_slot_are_an_error() {
+        let k = tensor(2 * 4, &[2, 4], 0);
+        let q = tensor(4, &[1, 1, 4], 0);
+        let rows = CacheRows {
+            slot: vec![0],
+            pos: vec![2],
+            max_len: 2,
+        };
+        assert!(decode_attention(&q, &k, &k, &rows, 1.0).is_err());
+    }
+}
