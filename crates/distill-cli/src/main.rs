@@ -12,10 +12,22 @@ use distill::run::{self, RunOptions};
 use distill::Config;
 use indicatif::{ProgressBar, ProgressStyle};
 
-// Training allocates a fresh buffer for every op output; glibc returns large
-// ones to the OS and faults them back in on the next step. mimalloc keeps them.
+// Training and decoding allocate a fresh buffer for every op output; glibc returns large
+// ones to the OS and faults them back in on the next step. mimalloc can keep them: see
+// `keep_freed_memory`.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Tells mimalloc never to return freed memory to the OS. By default it purges memory
+/// that stays free for 10 ms, which is shorter than one training or decoding step, so
+/// every step faulted its buffers back in, zeroed by the kernel: measured on the small
+/// teacher's greedy rollout, 0.95 s instead of 2.4 s, at the same peak memory.
+fn keep_freed_memory() {
+    // `mi_option_purge_delay` in mimalloc's option enum (mimalloc.h); -1: never purge.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting an option is a plain store that mimalloc reads at its next purge.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+}
 
 /// Teacher -> student knowledge distillation on candle, with a cost ledger.
 ///
@@ -225,6 +237,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Run(args)) => run(args),

@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::kernels::cpu::with_cpu_f32;
+use crate::kernels::cpu::{exp_f32, lanes_max, with_cpu_f32, LANES};
 
 /// Where the queries of one call read: query r attends keys 0..=pos[r] of slot slot[r].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,11 +86,10 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRows, sc
                 let mut out = vec![0f32; n * h * d];
                 out.par_chunks_mut(d).enumerate().for_each(|(rh, o)| {
                     let (r, head) = (rh / h, rh % h);
-                    let base = rows.slot[r] * rows.max_len;
-                    let col = (head / group) * d;
-                    let key = |j: usize| &k[(base + j) * hkv * d + col..][..d];
-                    let value = |j: usize| &v[(base + j) * hkv * d + col..][..d];
-                    one_query(&q[rh * d..][..d], rows.pos[r] + 1, key, value, scale, o);
+                    // Key j of this head is keys[j * stride..][..d].
+                    let first = rows.slot[r] * rows.max_len * hkv * d + (head / group) * d;
+                    let (keys, values) = (&k[first..], &v[first..]);
+                    one_query(&q[rh * d..][..d], (keys, values, hkv * d), rows.pos[r] + 1, scale, o);
                 });
                 out
             })
@@ -99,30 +98,40 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRows, sc
     Ok(Tensor::from_vec(out, (n, h, d), q.device())?)
 }
 
-/// One (query, head): scores over `len` keys, their softmax, and the weighted sum of
-/// the values, written to `out`.
-fn one_query<'a>(
-    q: &[f32],
-    len: usize,
-    key: impl Fn(usize) -> &'a [f32],
-    value: impl Fn(usize) -> &'a [f32],
-    scale: f32,
-    out: &mut [f32],
-) {
-    let scores: Vec<f32> = (0..len)
-        .map(|j| q.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f32>() * scale)
-        .collect();
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+/// One (query, head): scores over the first `len` keys (key j is `keys[j * stride..]`,
+/// its value `values[j * stride..]`, `q.len()` floats each), their softmax, and the
+/// weighted sum of the values, written to `out`.
+fn one_query(q: &[f32], (keys, values, stride): (&[f32], &[f32], usize), len: usize, scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    let mut scores: Vec<f32> = (0..len).map(|j| dot(q, &keys[j * stride..][..d]) * scale).collect();
+    let max = lanes_max(&scores);
     let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = exp_f32(*s - max);
+        total += *s;
+    }
     out.fill(0.0);
-    for (j, s) in scores.iter().enumerate() {
-        let p = (s - max).exp();
-        total += p;
-        for (o, x) in out.iter_mut().zip(value(j)) {
+    for (j, &p) in scores.iter().enumerate() {
+        for (o, x) in out.iter_mut().zip(&values[j * stride..][..d]) {
             *o += p * x;
         }
     }
-    out.iter_mut().for_each(|o| *o /= total);
+    let inv = 1.0 / total;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+/// `sum_i a_i b_i` in LANES independent accumulators, so that it vectorises.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// The plain composition of `decode_attention`, on any device and in the cache's dtype

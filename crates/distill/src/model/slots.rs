@@ -63,7 +63,7 @@ impl KvSlots {
             return Ok(());
         }
         for c in self.k.iter().chain(&self.v) {
-            let src = c.narrow(0, from * self.max_len, len)?.copy()?; // its own storage
+            let src = c.narrow(0, from * self.max_len, len)?.force_contiguous()?; // a copy of these rows only
             c.slice_set(&src, 0, to * self.max_len)?;
         }
         Ok(())
