@@ -714,7 +714,7 @@ mod tests {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden_size))?;
         let (cos, sin) = m.rope_cos_sin(0, t)?;
-        let mask = causal_mask(t, 0, &Device::Cpu)?;
+        let mask = causal_mask(t, &Device::Cpu)?;
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let hn = fused::rms_norm_plain(&x, w(&format!("{p}.input_layernorm.weight"))?, c.rms_norm_eps)?;
@@ -932,25 +932,34 @@ mod tests {
         Ok(())
     }
 
-    /// Decoding token by token with a bf16 KV cache gives the full forward's
+    /// Decoding token by token over a bf16 slotted KV cache gives the full forward's
     /// logits (same dtype), for a bf16-compute trainable model and a frozen one.
     #[test]
     fn bf16_kv_cache_matches_the_full_forward() -> Result<()> {
+        use crate::kernels::decode::CacheRows;
+        use crate::model::slots::KvSlots;
         let mut m = Llama::init(tiny(false), 0.2, 9, &Device::Cpu)?;
         m.set_compute_dtype(DType::BF16)?;
         let frozen = Llama::init(tiny(true), 0.2, 9, &Device::Cpu)?.into_frozen(DType::BF16)?;
         for model in [&m, &frozen] {
             let x = ids(1, 10)?;
-            let full = model.forward(&x)?; // (1, 10, V)
-            let mut cache = KvCache::new();
-            let mut steps = vec![model.forward_cached(&x.narrow(1, 0, 6)?, Some(&mut cache))?];
+            let full = model.forward(&x)?.squeeze(0)?; // (10, V)
+            let tokens: Vec<u32> = x.squeeze(0)?.to_vec1()?;
+            let cache = KvSlots::new(model, 1, 10)?;
+            assert_eq!(
+                cache.bytes(),
+                2 * model.cfg.num_hidden_layers * 10 * model.cfg.num_key_value_heads * model.cfg.head_dim() * 2
+            );
+            let rows = |pos: Vec<usize>| CacheRows {
+                slot: vec![0; pos.len()],
+                pos,
+                max_len: 10,
+            };
+            let mut steps = vec![model.forward_slots(&tokens[..6], &rows((0..6).collect()), &cache)?];
             for i in 6..10 {
-                steps.push(model.forward_cached(&x.narrow(1, i, 1)?, Some(&mut cache))?);
+                steps.push(model.forward_slots(&tokens[i..i + 1], &rows(vec![i]), &cache)?);
             }
-            assert_eq!(cache.len(), 10);
-            let cached_dtype = cache.layers[0].as_ref().map(|(k, _)| k.dtype());
-            assert_eq!(cached_dtype, Some(DType::BF16));
-            let cached = Tensor::cat(&steps, 1)?;
+            let cached = model.head_logits(&Tensor::cat(&steps, 0)?)?;
             assert_eq!(cached.dtype(), DType::F32);
             let (d, scale) = max_diff(&cached, &full)?;
             eprintln!("bf16 kv cache vs full: max |diff| {d:.5}, max |logit| {scale:.3}");

@@ -444,12 +444,6 @@ mod tests {
     }
 
     #[test]
-    fn plan_groups_by_length_and_orders_by_id() {
-        let enc = vec![(5, vec![1, 2]), (1, vec![1]), (3, vec![1, 2]), (0, vec![1, 2])];
-        assert_eq!(plan(&enc, 2), vec![vec![1], vec![3, 2], vec![0]]);
-    }
-
-    #[test]
     fn acceptance_counts_kept_and_solved() {
         let rec = |id, sample, verdict, kept| TraceRecord {
             id,
