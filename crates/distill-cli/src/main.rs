@@ -496,7 +496,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             bars.stage_start("generate", total);
             started = true;
         }
-        bars.advance(done, "batches");
+        bars.advance(done, "samples");
     };
     let (records, acc) = traces::generate(
         &model,

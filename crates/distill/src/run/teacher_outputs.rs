@@ -214,8 +214,8 @@ fn write_traces(
     let id = checkpoint::content_id(teacher_dir)?;
     let total = prompts.iter().filter(|p| p.answer.is_some()).count();
     progress.stage_start("traces", total);
-    let per_batch = (tc.batch_size / tc.samples).max(1);
-    let mut on_batch = |done: usize, _of: usize| progress.advance((done * per_batch).min(total), "prompts sampled");
+    let samples = tc.samples.max(1);
+    let mut on_batch = |done: usize, _of: usize| progress.advance((done / samples).min(total), "prompts sampled");
     let shard = traces::Shard {
         index: comm.rank(),
         count: comm.world(),
