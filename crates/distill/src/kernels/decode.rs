@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::kernels::cpu::{exp_f32, lanes_max, with_cpu_f32, LANES};
+use crate::kernels::cpu::{avx2_dispatch, exp_f32, lanes_max, with_cpu_f32, Isa, LANES};
 
 /// Where the queries of one call read: query r attends keys 0..=pos[r] of slot slot[r].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +163,41 @@ pub fn decode_attention_plain(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRo
     Ok(p.matmul(&values)?.squeeze(2)?) // (n, H, D)
 }
 
+/// Rows up to which `linear_rows` beats `gemm`: gemm packs the whole weight on every
+/// call, which costs as much as the product itself when only a few rows decode.
+pub const SKINNY_ROWS: usize = 16;
+
+/// y (n, o) = x (n, i) @ w^T, w (o, i), for a few rows of x (n <= `SKINNY_ROWS`),
+/// reading each weight row once: the decode step of a small batch, which is bound by
+/// reading the weights. `ops::linear_fwd` calls it for such n. Each output is one `dot`
+/// with a fixed order, so a row's result does not depend on the other rows.
+pub(crate) fn linear_rows(x: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)) -> Vec<f32> {
+    let isa = Isa::detect();
+    const CHUNK: usize = 64; // weight rows per task
+    let mut yt = vec![0f32; o * n]; // (o, n): each task owns whole weight rows
+    yt.par_chunks_mut(n * CHUNK).enumerate().for_each(|(c, out)| {
+        for (j, y) in out.chunks_mut(n).enumerate() {
+            rows_dot(isa, x, &w[(c * CHUNK + j) * i..][..i], y);
+        }
+    });
+    let mut y = vec![0f32; n * o];
+    for (j, col) in yt.chunks(n).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            y[r * o + j] = v;
+        }
+    }
+    y
+}
+
+/// out[r] = x_r . w for every row r of x (rows of `w.len()` floats).
+#[inline(always)]
+fn rows_dot_kernel(x: &[f32], w: &[f32], out: &mut [f32]) {
+    for (y, xr) in out.iter_mut().zip(x.chunks_exact(w.len())) {
+        *y = dot(xr, w);
+    }
+}
+avx2_dispatch!(rows_dot, rows_dot_avx2, rows_dot_kernel, <>, (x: &[f32], w: &[f32], out: &mut [f32]) -> ());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +250,25 @@ mod tests {
         let b = decode_attention(&q, &k, &v, &both, 0.5)?.get(1)?;
         let a = decode_attention(&q.narrow(0, 1, 1)?, &k, &v, &alone, 0.5)?.get(0)?;
         assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    /// The few-row linear (through the fused op) matches the plain matmul, and a row's
+    /// result is the same bits alone or beside others.
+    #[test]
+    fn linear_rows_matches_the_plain_matmul_row_by_row() -> Result<()> {
+        use crate::kernels::ops::{linear, linear_plain};
+        let (m, o, i) = (5, 130, 70);
+        let x = tensor(m * i, &[1, m, i], 7);
+        let w = tensor(o * i, &[o, i], 8);
+        let fast = linear(&x, &w)?;
+        let diff = (&fast - linear_plain(&x, &w)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "max difference {diff}");
+        let alone = linear(&x.narrow(1, 3, 1)?, &w)?;
+        assert_eq!(
+            alone.flatten_all()?.to_vec1::<f32>()?,
+            fast.narrow(1, 3, 1)?.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 

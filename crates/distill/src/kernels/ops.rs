@@ -23,6 +23,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::{exp_f32, f32_slice, with_cpu_f32};
+use crate::kernels::decode::{linear_rows, SKINNY_ROWS};
 
 /// Elements per rayon task: enough to amortise scheduling, few enough to balance two
 /// to sixteen threads on the model's activations.
@@ -190,8 +191,11 @@ pub(crate) fn gemm_f32(
     Ok(())
 }
 
-/// y (n, o) = x (n, i) @ w^T, w (o, i).
+/// y (n, o) = x (n, i) @ w^T, w (o, i): `gemm`, or for a few rows `decode::linear_rows`.
 pub(crate) fn linear_fwd(x: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)) -> candle_core::Result<Vec<f32>> {
+    if n <= SKINNY_ROWS && x.len() == n * i && w.len() == o * i {
+        return Ok(linear_rows(x, w, (n, o, i)));
+    }
     let mut y = vec![0f32; n * o];
     // w^T's (k, j) element is w[j * i + k].
     gemm_f32((n, o, i), &mut y, (o, 1), x, (i, 1), w, (1, i), false)?;
