@@ -545,17 +545,18 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def print_table(summaries, tokchecks, args):
-    print()
-    print(f"rounds: {args.rounds}, threads: {THREADS}, distill: {args.distill_bin}")
-    print("tok/s: new tokens (EOS included) per second. distill: whole process (load included), and in")
-    print("brackets an estimate of generation alone (whole minus a 1-prompt, 1-token run). transformers")
-    print("and llama.cpp: their timed generate/decode calls only. peak: peak RSS of the process. load: the")
-    print("machine's 1-minute load average as the process ended (2 cores: above 2, others competed). Medians.")
-    print()
-    head = f"{'':2} {'workload':<66} {'engine':<13} {'tokens':>7} {'tok/s':>17} {'wall s':>7} {'sys s':>6} {'peak MB':>8} {'load':>5}"
-    print(head)
-    print("-" * len(head))
+def print_table(summaries, tokchecks, args, file=None):
+    file = file or sys.stdout
+    print(file=file)
+    print(f"rounds: {args.rounds}, threads: {THREADS}, distill: {args.distill_bin}", file=file)
+    print("tok/s: new tokens (EOS included) per second. distill: whole process (load included), and in", file=file)
+    print("brackets an estimate of generation alone (whole minus a 1-prompt, 1-token run). transformers", file=file)
+    print("and llama.cpp: their timed generate/decode calls only. peak: peak RSS of the process. load: the", file=file)
+    print("machine's 1-minute load average as the process ended (2 cores: above 2, others competed). Medians.", file=file)
+    print(file=file)
+    head = f"{'':2} {'workload':<68} {'engine':<13} {'tokens':>7} {'tok/s':>17} {'wall s':>7} {'sys s':>6} {'peak MB':>8} {'load':>5}"
+    print(head, file=file)
+    print("-" * len(head), file=file)
     for name, s in summaries.items():
         for i, (engine, e) in enumerate(s["engines"].items()):
             label = "llama.cpp" if engine == "llama" else engine
@@ -563,11 +564,12 @@ def print_table(summaries, tokchecks, args):
             if engine == "distill":
                 tps += f" [{fmt(e['tok_s_gen_est'], ',.0f')}]"
             print(
-                f"{name if i == 0 else '':2} {s['title'] if i == 0 else '':<66} {label:<13} {e['tokens']:>7,} "
-                f"{tps:>17} {fmt(e['wall_s'], '.1f'):>7} {fmt(e['sys_s'], '.1f'):>6} {fmt(e['peak_mb'], ',.0f'):>8} {fmt(e['load'], '.1f'):>5}"
+                f"{name if i == 0 else '':2} {s['title'] if i == 0 else '':<68} {label:<13} {e['tokens']:>7,} "
+                f"{tps:>17} {fmt(e['wall_s'], '.1f'):>7} {fmt(e['sys_s'], '.1f'):>6} {fmt(e['peak_mb'], ',.0f'):>8} {fmt(e['load'], '.1f'):>5}",
+                file=file,
             )
-    print()
-    print("ratios (distill / other; tok/s: distill whole process [generation estimate]; memory: peak RSS)")
+    print(file=file)
+    print("ratios (distill / other; tok/s: distill whole process [generation estimate]; memory: peak RSS)", file=file)
     d_batch1 = summaries.get("d", {}).get("engines", {}).get("distill")
     for name, s in summaries.items():
         d = s["engines"].get("distill")
@@ -584,7 +586,7 @@ def print_table(summaries, tokchecks, args):
                 line += "; sampled, parity not checkable"
             if "stable" in s:
                 line += f"; same output every round: {', '.join(f'{k} {v}' for k, v in s['stable'].items())}"
-            print(line)
+            print(line, file=file)
         lc = s["engines"].get("llama")
         if lc:
             if d_batch1:
@@ -592,22 +594,24 @@ def print_table(summaries, tokchecks, args):
                     f"  {name}: distill (d, f32, batch 1) / llama.cpp (Q4_1) tok/s "
                     f"{fmt(ratio(d_batch1['tok_s'], lc['tok_s']), '.2f')} "
                     f"[{fmt(ratio(d_batch1['tok_s_gen_est'], lc['tok_s']), '.2f')}], peak memory "
-                    f"{fmt(ratio(d_batch1['peak_mb'], lc['peak_mb']), '.2f')}"
+                    f"{fmt(ratio(d_batch1['peak_mb'], lc['peak_mb']), '.2f')}",
+                    file=file,
                 )
             else:
-                print(f"  {name}: run workload d too for distill / llama.cpp")
+                print(f"  {name}: run workload d too for distill / llama.cpp", file=file)
     for name, s in summaries.items():
         if "agree_llama" in s:
-            print(f"  {name}: llama.cpp (Q4_1) greedy text equal to distill's (f32): {s['agree_llama']}/{s['samples']}")
+            print(f"  {name}: llama.cpp (Q4_1) greedy text equal to distill's (f32): {s['agree_llama']}/{s['samples']}", file=file)
     if tokchecks:
-        print()
-        print("transformers' own tokenizer (AutoTokenizer) against the ids distill feeds the model:")
+        print(file=file)
+        print("transformers' own tokenizer (AutoTokenizer) against the ids distill feeds the model:", file=file)
         for model, c in tokchecks.items():
             print(
                 f"  {model}: {c['same_without_bos']}/{c['prompts']} prompts encode alike without special "
                 f"tokens; with transformers' default special tokens {c['same_with_default_special_tokens']}/"
                 f"{c['prompts']} (distill prepends BOS id {c['distill_bos']}; the tokenizer's bos_token_id is "
-                f"{c['hf_bos']})"
+                f"{c['hf_bos']})",
+                file=file,
             )
 
 
@@ -672,16 +676,27 @@ def main():
                 print(f"    {r['tokens']:,} tokens, {r['tok_s']:,.1f} tok/s{extra}, peak {r['peak_mb']:,.0f} MB",
                       file=sys.stderr, flush=True)
 
+        # After each round: the results so far, so that a run cut short still leaves them.
+        summaries = save_results(ws, runs, tokchecks, args, rnd + 1)
+        if rnd + 1 < args.rounds:
+            print(f"\nafter round {rnd + 1} of {args.rounds}:", file=sys.stderr)
+            print_table(summaries, tokchecks, args, file=sys.stderr)
+    print_table(summaries, tokchecks, args)
+    if args.json:
+        print(f"\nresults: {args.json}")
+
+
+def save_results(ws, runs, tokchecks, args, rounds_done):
     summaries = {n: summarize(n, ws[n], runs[n]) for n in ws}
     if "e" in runs and "d" in runs and "distill" in runs["d"]:
         summaries["e"]["agree_llama"] = min(
             agreement(d["rows"], o["rows"]) for d in runs["d"]["distill"] for o in runs["e"]["llama"]
         )
-    print_table(summaries, tokchecks, args)
     if args.json:
         raw = {n: {e: [{k: v for k, v in r.items() if k != "rows"} for r in rs] for e, rs in runs[n].items()} for n in runs}
-        json.dump({"summaries": summaries, "tokenizer_checks": tokchecks, "raw": raw}, open(args.json, "w"), indent=1)
-        print(f"\nresults: {args.json}")
+        out = {"rounds_done": rounds_done, "summaries": summaries, "tokenizer_checks": tokchecks, "raw": raw}
+        json.dump(out, open(args.json, "w"), indent=1)
+    return summaries
 
 
 if __name__ == "__main__":
