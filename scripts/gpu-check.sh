@@ -126,13 +126,9 @@ part_setup() {
     else
         note "--no-gpu: no GPU is used; libcuda is the link-only stand-in of scripts/cuda-stubs.py"
     fi
-    if ! command -v cargo >/dev/null 2>&1; then
-        [ -x "$HOME/.cargo/bin/cargo" ] || {
-            echo "installing Rust with rustup"
-            curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-        }
-        export PATH="$HOME/.cargo/bin:$PATH"
-    fi
+    # The release pinned in rust-toolchain.toml (rustup installs it where Rust is missing).
+    scripts/rust-toolchain.sh
+    command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
     # nvcc compiles candle's kernels with the host C++ compiler, and several dependencies'
     # build scripts (ring, mimalloc, libffi) need cc.
     if ! command -v g++ >/dev/null 2>&1; then
