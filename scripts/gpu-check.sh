@@ -29,7 +29,7 @@
 # Everything goes to one folder (default runs/gpu-check-<time>/, --out DIR): summary.txt,
 # and a log per part. The whole script stops at GPU_CHECK_BUDGET_S (default 480 s): a part
 # gets the smaller of its own limit and what is left, and a part with under 10 s left is
-# recorded as not run. Limits and the estimates behind them: README, "Running on a GPU box".
+# recorded as not run. Limits and the estimates behind them: docs/gpu.md.
 #
 # --no-gpu: for a machine without a GPU (CI's, a laptop). The driver is faked with the link
 # stand-in of scripts/cuda-stubs.py (cuBLAS, cuRAND, NCCL are the real wheels), the tests run
@@ -42,7 +42,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SELF="$ROOT/scripts/gpu-check.sh"
 cd "$ROOT"
 
-# Limits per part, in seconds (the estimates are in README).
+# Limits per part, in seconds (the estimates are in docs/gpu.md).
 LIMIT_SETUP=${GPU_CHECK_LIMIT_SETUP:-100}
 LIMIT_BUILD=${GPU_CHECK_LIMIT_BUILD:-300}
 LIMIT_TESTS=${GPU_CHECK_LIMIT_TESTS:-60}

@@ -94,6 +94,14 @@ fn help_lists_the_exit_codes() {
             "{code} missing from --help:\n{help}"
         );
     }
+    let guide = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/guide.md");
+    let guide = std::fs::read_to_string(guide).unwrap();
+    for (code, meaning) in distill::error::EXIT_CODES {
+        assert!(
+            guide.contains(&format!("| {code} | {meaning} |")),
+            "docs/guide.md's exit-code table lacks `| {code} | {meaning} |`"
+        );
+    }
 }
 
 #[test]

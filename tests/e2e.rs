@@ -351,7 +351,8 @@ fn bad_input_is_a_clear_error() {
 #[test]
 fn cuda_request_without_cuda_build_is_refused_not_run_on_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = fails(
+    let err = fails_with(
+        distill::error::exit::DEVICE,
         bin()
             .arg("--config")
             .arg(tiny())
@@ -368,7 +369,7 @@ fn cuda_request_without_cuda_build_is_refused_not_run_on_cpu() {
 }
 
 /// A `cuda` build on a machine without a GPU (CI, with scripts/cuda-stubs.py's libcuda,
-/// or a driver that sees no GPU): `--device cuda` exits 1 naming the missing driver or
+/// or a driver that sees no GPU): `--device cuda` exits 5 naming the missing driver or
 /// device and the way out, and nothing runs on the CPU instead. Skipped where a GPU
 /// opens (scripts/gpu-check.sh runs the tiny config there).
 #[cfg(feature = "cuda")]
@@ -380,7 +381,8 @@ fn cuda_request_without_a_gpu_is_refused_not_run_on_cpu() {
     }
     let tmp = tempfile::tempdir().unwrap();
     for device in ["cuda", "cuda:0"] {
-        let err = fails(
+        let err = fails_with(
+            distill::error::exit::DEVICE,
             bin()
                 .arg("--config")
                 .arg(tiny())

@@ -16,7 +16,10 @@ fn doc_path() -> PathBuf {
 fn configuration_md_is_the_generated_reference() {
     let generated = reference::markdown().unwrap();
     if std::env::var_os("DISTILL_WRITE_DOCS").is_some() {
-        std::fs::write(doc_path(), &generated).unwrap();
+        // Renamed into place, so that the other test never reads a half-written file.
+        let tmp = doc_path().with_extension("md.tmp");
+        std::fs::write(&tmp, &generated).unwrap();
+        std::fs::rename(&tmp, doc_path()).unwrap();
     }
     let committed = std::fs::read_to_string(doc_path()).unwrap_or_default();
     assert!(
