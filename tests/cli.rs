@@ -206,3 +206,37 @@ fn distributed_launch_errors_exit_6() {
     );
     assert!(err.contains("--features mpi"), "{err}");
 }
+
+/// Interrupted: `distill` keeps the default action of SIGINT and SIGTERM, so the run ends
+/// at once by the signal (a shell reports 128 + its number: 130, 143) and the run
+/// directory stays resumable.
+#[cfg(unix)]
+#[test]
+fn sigint_and_sigterm_end_a_run_by_the_signal() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    for (signal, number) in [("INT", 2), ("TERM", 15)] {
+        let mut child = bin()
+            .arg("--config")
+            .arg(tiny())
+            .arg("--out-dir")
+            .arg(tmp.path())
+            .args(["--name", signal])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(number), "SIG{signal}: {status:?}");
+        if signal == "INT" {
+            assert_eq!(i32::from(exit::INTERRUPTED), 128 + number, "the documented code");
+        }
+    }
+}
