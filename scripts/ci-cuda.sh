@@ -8,7 +8,7 @@
 #     the link and the tests use stand-ins made by scripts/cuda-stubs.py from cudarc's
 #     own declarations (every call fails; docs/gpu.md). Tests that need a GPU skip
 #     themselves with a message; `distill --device cuda` must fail naming the driver.
-# A separate target dir keeps the CPU build cache valid. Measured times: README, GPU section.
+# A separate target dir keeps the CPU build cache valid. Measured times: docs/gpu.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # (Assigned first: `eval "$(...)"` alone would hide the script's failure from set -e.)
@@ -62,8 +62,11 @@ bin="$CARGO_TARGET_DIR/debug/distill"
 echo "ci-cuda: $bin needs:"
 ldd "$bin" | grep -E 'libcuda|libcublas|libcurand|libnccl|libnvrtc|libcudart' | sed 's/^/    /'
 out=$(mktemp -d)
-if "$bin" --config configs/tiny.toml --device cuda --out-dir "$out" 2>"$out/stderr"; then
-    echo "ci-cuda: distill --device cuda succeeded without a GPU; it must refuse" >&2
+rc=0
+"$bin" --config configs/tiny.toml --device cuda --out-dir "$out" 2>"$out/stderr" || rc=$?
+if [ "$rc" -ne 5 ]; then
+    echo "ci-cuda: distill --device cuda exited $rc without a GPU; it must refuse with 5 (a device error)" >&2
+    cat "$out/stderr" >&2
     exit 1
 fi
 echo "ci-cuda: distill --device cuda, as expected without a GPU: $(cat "$out/stderr")"

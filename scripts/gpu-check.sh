@@ -29,7 +29,7 @@
 # Everything goes to one folder (default runs/gpu-check-<time>/, --out DIR): summary.txt,
 # and a log per part. The whole script stops at GPU_CHECK_BUDGET_S (default 480 s): a part
 # gets the smaller of its own limit and what is left, and a part with under 10 s left is
-# recorded as not run. Limits and the estimates behind them: README, "Running on a GPU box".
+# recorded as not run. Limits and the estimates behind them: docs/gpu.md.
 #
 # --no-gpu: for a machine without a GPU (CI's, a laptop). The driver is faked with the link
 # stand-in of scripts/cuda-stubs.py (cuBLAS, cuRAND, NCCL are the real wheels), the tests run
@@ -42,7 +42,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SELF="$ROOT/scripts/gpu-check.sh"
 cd "$ROOT"
 
-# Limits per part, in seconds (the estimates are in README).
+# Limits per part, in seconds (the estimates are in docs/gpu.md).
 LIMIT_SETUP=${GPU_CHECK_LIMIT_SETUP:-100}
 LIMIT_BUILD=${GPU_CHECK_LIMIT_BUILD:-300}
 LIMIT_TESTS=${GPU_CHECK_LIMIT_TESTS:-60}
@@ -126,13 +126,9 @@ part_setup() {
     else
         note "--no-gpu: no GPU is used; libcuda is the link-only stand-in of scripts/cuda-stubs.py"
     fi
-    if ! command -v cargo >/dev/null 2>&1; then
-        [ -x "$HOME/.cargo/bin/cargo" ] || {
-            echo "installing Rust with rustup"
-            curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-        }
-        export PATH="$HOME/.cargo/bin:$PATH"
-    fi
+    # The release pinned in rust-toolchain.toml (rustup installs it where Rust is missing).
+    scripts/rust-toolchain.sh
+    command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
     # nvcc compiles candle's kernels with the host C++ compiler, and several dependencies'
     # build scripts (ring, mimalloc, libffi) need cc.
     if ! command -v g++ >/dev/null 2>&1; then

@@ -38,16 +38,27 @@ fn ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// Runs distill expecting failure; returns stderr.
+/// Runs distill expecting it to fail with an error (an exit code of `distill --help`'s
+/// table, not a signal or a panic); returns stderr.
 fn fails(cmd: &mut Command) -> String {
     let out = run(cmd);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected exit code 1; stdout:\n{}",
-        String::from_utf8_lossy(&out.stdout)
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(1..=6)),
+        "expected an error exit (1 to 6), got {:?}; stdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Runs distill expecting exit code `code` (`distill::error::exit`); returns stderr.
+fn fails_with(code: u8, cmd: &mut Command) -> String {
+    let out = run(cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(i32::from(code)), "{stderr}");
+    stderr
 }
 
 /// Runs `cfg` as run `name` under `out_dir`; the results land in `out_dir/name`.
@@ -275,8 +286,9 @@ fn bad_input_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("bad.toml");
 
+    use distill::error::exit;
     std::fs::write(&cfg, "[student.train]\nlearning_rate = 0.1\n").unwrap();
-    let err = fails(bin().arg("--config").arg(&cfg));
+    let err = fails_with(exit::USAGE, bin().arg("--config").arg(&cfg));
     assert!(err.contains("bad.toml") && err.contains("learning_rate"), "{err}");
 
     std::fs::write(&cfg, "[student.train]\nsteps = -3\n").unwrap();
@@ -287,7 +299,7 @@ fn bad_input_is_a_clear_error() {
     let err = fails(bin().arg("--config").arg(&cfg));
     assert!(err.contains("distill.temperature"), "{err}");
 
-    let err = fails(bin().arg("--config").arg(tmp.path().join("nope.toml")));
+    let err = fails_with(exit::USAGE, bin().arg("--config").arg(tmp.path().join("nope.toml")));
     assert!(err.contains("nope.toml"), "{err}");
 
     std::fs::write(
@@ -298,10 +310,14 @@ fn bad_input_is_a_clear_error() {
         ),
     )
     .unwrap();
-    let err = fails(bin().arg("--config").arg(&cfg).arg("--out-dir").arg(tmp.path()));
+    let err = fails_with(
+        exit::DATA,
+        bin().arg("--config").arg(&cfg).arg("--out-dir").arg(tmp.path()),
+    );
     assert!(err.contains("missing.jsonl"), "{err}");
 
-    let err = fails(
+    let err = fails_with(
+        exit::CHECKPOINT,
         bin()
             .arg("eval")
             .arg("--checkpoint")
@@ -311,7 +327,8 @@ fn bad_input_is_a_clear_error() {
 
     // A run name cannot put the run directory (which --force replaces) outside --out-dir.
     for name in ["../escape", "..", "a/b", "/abs"] {
-        let err = fails(
+        let err = fails_with(
+            exit::USAGE,
             bin()
                 .arg("--config")
                 .arg(tiny())
@@ -334,7 +351,8 @@ fn bad_input_is_a_clear_error() {
 #[test]
 fn cuda_request_without_cuda_build_is_refused_not_run_on_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = fails(
+    let err = fails_with(
+        distill::error::exit::DEVICE,
         bin()
             .arg("--config")
             .arg(tiny())
@@ -351,7 +369,7 @@ fn cuda_request_without_cuda_build_is_refused_not_run_on_cpu() {
 }
 
 /// A `cuda` build on a machine without a GPU (CI, with scripts/cuda-stubs.py's libcuda,
-/// or a driver that sees no GPU): `--device cuda` exits 1 naming the missing driver or
+/// or a driver that sees no GPU): `--device cuda` exits 5 naming the missing driver or
 /// device and the way out, and nothing runs on the CPU instead. Skipped where a GPU
 /// opens (scripts/gpu-check.sh runs the tiny config there).
 #[cfg(feature = "cuda")]
@@ -363,7 +381,8 @@ fn cuda_request_without_a_gpu_is_refused_not_run_on_cpu() {
     }
     let tmp = tempfile::tempdir().unwrap();
     for device in ["cuda", "cuda:0"] {
-        let err = fails(
+        let err = fails_with(
+            distill::error::exit::DEVICE,
             bin()
                 .arg("--config")
                 .arg(tiny())
@@ -1069,7 +1088,12 @@ fn crashes_inside_checkpoint_writes_and_a_full_disk_lose_nothing() {
     // The disk fills up: resuming from step 3, the teacher's optimizer state (about 1 MB)
     // no longer fits (the limit is in KiB), so the step-6 checkpoint fails to write.
     let (status, err) = resume_with(&run_dir, &[], Some("ulimit -f 700; trap '' XFSZ"));
-    assert_eq!(status.code(), Some(1), "{err}");
+    // A checkpoint that cannot be written exits with the checkpoint code.
+    assert_eq!(
+        status.code(),
+        Some(i32::from(distill::error::exit::CHECKPOINT)),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     assert!(
         err.contains("step-000006")

@@ -1,5 +1,9 @@
 //! The `distill` command line: parses arguments, draws progress, prints the
-//! report, and maps errors to exit codes with the full error chain.
+//! report, and maps errors to exit codes by their kind (`exit`), printing the full
+//! error chain.
+
+mod exit;
+mod init;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +14,7 @@ use distill::config::Backend;
 use distill::progress::{Progress, StepLog};
 use distill::run::{self, RunOptions};
 use distill::Config;
+use exit::{bad_flag, usage};
 use indicatif::{ProgressBar, ProgressStyle};
 
 // Training and decoding allocate a fresh buffer for every op output; glibc returns large
@@ -38,7 +43,12 @@ fn keep_freed_memory() {
 /// it runs the DeepSeek-R1 recipe instead: the teacher writes solutions, the
 /// verified ones are kept, and students learn from them.
 #[derive(Parser)]
-#[command(name = "distill", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "distill",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = exit::help()
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -50,6 +60,16 @@ struct Cli {
 enum Command {
     /// Run the whole pipeline (the same as `distill --config FILE`).
     Run(RunArgs),
+    /// Write a complete, commented config: every key at its default, with its meaning,
+    /// type and valid values. It runs as it is: `distill --config distill.toml`.
+    Init {
+        /// The file to write; `-` prints to standard output.
+        #[arg(default_value = init::DEFAULT_FILE)]
+        file: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Continue an interrupted run where it stopped: completed stages are kept,
     /// the stage that was running continues from its last valid checkpoint, and
     /// the time the killed segment ran is added to the cost ledger. On CPU the
@@ -234,6 +254,10 @@ struct RunArgs {
     /// Continue the config's existing run directory instead of starting anew (see `distill resume`).
     #[arg(long)]
     resume: bool,
+    /// Check the config, the flags and the device, print the resolved config, and stop
+    /// before any work.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 fn main() -> ExitCode {
@@ -242,6 +266,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
+        Some(Command::Init { file, force }) => init::init(&file, force),
         Some(Command::Resume { run_dir, device }) => resume(&run_dir, device),
         Some(Command::Cost(args)) => cost(args),
         Some(Command::Peak { size, repeats }) => peak(size, repeats),
@@ -263,30 +288,33 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::code(&e))
         }
     }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let path = args
-        .config
-        .context("no config given; run `distill --config configs/small.toml` (see `distill --help`)")?;
+    let path = args.config.ok_or_else(|| {
+        usage(
+            "no config given; run `distill --config configs/small.toml`, or write one with `distill init` \
+             (see `distill --help`)",
+        )
+    })?;
     let mut cfg = Config::load(&path)?;
     if let Some(d) = args.device {
-        distill::config::parse_device_name(&d)?;
+        distill::config::parse_device_name(&d).map_err(|e| bad_flag("--device", e))?;
         cfg.run.device = d;
     }
     if let Some(d) = args.dtype {
-        distill::config::parse_dtype(&d)?;
+        distill::config::parse_dtype(&d).map_err(|e| bad_flag("--dtype", e))?;
         cfg.run.dtype = d;
     }
     if let Some(k) = args.kernels {
         cfg.run.kernels = k;
-        cfg.kernels()?;
+        cfg.kernels().map_err(|e| bad_flag("--kernels", e))?;
     }
     if let Some(n) = args.name {
-        cfg.set_run_name(&n)?;
+        cfg.set_run_name(&n).map_err(|e| bad_flag("--name", e))?;
     }
     if let Some(o) = args.out_dir {
         cfg.run.out_dir = o;
@@ -298,6 +326,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         force: args.force,
         resume: args.resume,
     };
+    if args.dry_run {
+        return dry_run(&path, &cfg);
+    }
     run_pipeline(&cfg, &opts)
 }
 
@@ -314,24 +345,39 @@ fn run_pipeline(cfg: &Config, opts: &RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--dry-run`: the config and flags are valid (they were loaded above) and the device
+/// opens; prints the resolved config, every default written out.
+fn dry_run(path: &std::path::Path, cfg: &Config) -> anyhow::Result<()> {
+    let dev = open_device(&cfg.run.device)?;
+    print!("{}", cfg.to_toml()?);
+    eprintln!(
+        "{}: valid; device {} opens ({:?}); the run would write {} (dry run: nothing was run)",
+        path.display(),
+        cfg.run.device,
+        cfg.compute_dtype(&dev)?,
+        cfg.run_dir().display()
+    );
+    Ok(())
+}
+
 fn resume(run_dir: &std::path::Path, device: Option<String>) -> anyhow::Result<()> {
     let cfg_path = run_dir.join("config.toml");
     if !cfg_path.is_file() {
-        anyhow::bail!(
+        return Err(usage(format!(
             "{} has no config.toml, so it is not a run directory; pass the folder a run wrote, e.g. runs/small",
             run_dir.display()
-        );
+        )));
     }
     let mut cfg = Config::load(&cfg_path)?;
     let name = run_dir
         .file_name()
-        .context("the run directory has no folder name")?
+        .ok_or_else(|| usage("the run directory has no folder name; pass the folder a run wrote, e.g. runs/small"))?
         .to_string_lossy()
         .to_string();
     cfg.run.name = name;
     cfg.run.out_dir = run_dir.parent().map(PathBuf::from).unwrap_or_default();
     if let Some(d) = device {
-        distill::config::parse_device_name(&d)?;
+        distill::config::parse_device_name(&d).map_err(|e| bad_flag("--device", e))?;
         cfg.run.device = d;
     }
     run_pipeline(
@@ -347,7 +393,7 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
     use distill::cost::projection::{self, Precision, ProjectionInput, Throughput, Work, WorkKind};
     let prices = distill::config::CostConfig::default();
     let price = a.price.unwrap_or_else(|| projection::device_price(&a.device, &prices));
-    let precision: Precision = a.precision.parse()?;
+    let precision: Precision = a.precision.parse().map_err(|e| bad_flag("--precision", e))?;
     let throughput = Throughput {
         mfu: a.mfu.unwrap_or(projection::DEFAULT_TRAINING_MFU),
         precision,
@@ -380,10 +426,12 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
             },
             (None, None, Some(h), None) => Work::DeviceHours(h),
             (None, None, None, Some(h)) => Work::WallHours(h),
-            _ => anyhow::bail!(
-                "give --params and --tokens (with --mfu), or --device-hours, or --wall-hours; \
-                 e.g. distill cost --params 1.5e9 --tokens 1e10 --device H100 --count 64"
-            ),
+            _ => {
+                return Err(usage(
+                    "give --params and --tokens (with --mfu), or --device-hours, or --wall-hours; \
+                     e.g. distill cost --params 1.5e9 --tokens 1e10 --device H100 --count 64",
+                ))
+            }
         };
         vec![projection::project(&ProjectionInput {
             stage: "projection".into(),
@@ -417,7 +465,8 @@ fn report(run_dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn open_device(name: &str) -> anyhow::Result<distill::candle::Device> {
-    Ok(distill::device::open(distill::config::parse_device_name(name)?)?)
+    let parsed = distill::config::parse_device_name(name).map_err(|e| bad_flag("--device", e))?;
+    Ok(distill::device::open(parsed)?)
 }
 
 fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::Result<()> {
@@ -439,15 +488,25 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     use distill::model::generate::{generate_rows, row_rng, Sampling};
     use distill::teacher::traces::{self, Shard, TraceSettings};
     if a.samples == 0 || a.batch_size == 0 {
-        anyhow::bail!("--samples and --batch-size must be at least 1");
+        return Err(usage("--samples and --batch-size must be at least 1"));
     }
     let valid = a.top_p > 0.0 && a.top_p <= 1.0 && a.temperature >= 0.0 && a.temperature.is_finite();
     if !valid {
-        anyhow::bail!("--top-p must be in (0, 1] and --temperature >= 0 (0 decodes greedily)");
+        return Err(usage(
+            "--top-p must be in (0, 1] and --temperature >= 0 (0 decodes greedily)",
+        ));
     }
-    let shard = a.shard.as_deref().map(Shard::parse).transpose()?;
+    let shard = a
+        .shard
+        .as_deref()
+        .map(Shard::parse)
+        .transpose()
+        .map_err(|e| bad_flag("--shard", e))?;
     if let Some(out) = a.out.as_deref().filter(|o| o.exists() && !a.force) {
-        anyhow::bail!("{} already exists; pass --force to replace it", out.display());
+        return Err(usage(format!(
+            "{} already exists; pass --force to replace it",
+            out.display()
+        )));
     }
     let dev = open_device(&a.device)?;
     let (model, tok) = distill::train::checkpoint::load(&a.checkpoint, &dev)?;
@@ -463,13 +522,13 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         ids.extend(tok.encode(&prompt)?);
         let context = model.cfg.max_position_embeddings;
         if distill::model::generate::too_long(ids.len(), context) {
-            anyhow::bail!(
+            return Err(usage(format!(
                 "the prompt is {} tokens (with the BOS token), which leaves no room for a new token in the \
                  context of {} (max_position_embeddings) of {}; shorten the prompt",
                 ids.len(),
                 context,
                 a.checkpoint.display()
-            );
+            )));
         }
         let rows = vec![ids; a.samples];
         let mut rngs: Vec<_> = (0..a.samples as u64).map(|k| row_rng(a.seed, k)).collect();
@@ -509,7 +568,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("generating with {}", a.checkpoint.display()))?;
     bars.stage_end();
-    let out = a.out.context("--out is required with --input")?;
+    let out = a.out.ok_or_else(|| usage("--out is required with --input"))?;
     traces::write(&out, &records)?;
     eprintln!(
         "{}: {} samples on {} prompts, {} correct, {} kept (acceptance {:.1}%), {} prompts solved",
@@ -545,7 +604,10 @@ fn merge(
     shards: &[PathBuf],
 ) -> anyhow::Result<()> {
     if out.exists() && !force {
-        anyhow::bail!("{} already exists; pass --force to replace it", out.display());
+        return Err(usage(format!(
+            "{} already exists; pass --force to replace it",
+            out.display()
+        )));
     }
     let prompts = input.map(distill::teacher::traces::read_prompts).transpose()?;
     let records = distill::teacher::traces::merge(shards, prompts.as_deref())?;

@@ -18,7 +18,7 @@
 //! order) followed by an all-gather: the same 2(N-1)/N x bytes per rank as a ring
 //! all-reduce. On NCCL it is `ncclAllReduce`, whose order is fixed for a given
 //! topology and world size when the algorithm is pinned (`NCCL_ALGO=Ring`,
-//! `NCCL_PROTO=Simple`); see README.
+//! `NCCL_PROTO=Simple`); see docs/distributed.md.
 //!
 //! **Shared files.** The run directory must be on a filesystem every rank sees (one
 //! host, or NFS/Lustre across hosts): ranks resume from the same checkpoint and read

@@ -10,8 +10,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
+mod keys;
+pub mod reference;
+pub mod schema;
 mod sections;
 mod validate;
 
@@ -69,7 +72,10 @@ impl Config {
     /// Reads, parses and validates a config file. Relative data, tokenizer and
     /// teacher paths are resolved against the file's folder.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).at(path)?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: format!("cannot read it ({e}); `distill init FILE` writes a config with every key at its default"),
+        })?;
         let mut cfg = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut Option<PathBuf>| {

@@ -72,7 +72,7 @@ pub fn run(cfg: &Config, opts: &RunOptions, progress: &dyn Progress) -> Result<R
         Ok(Ok(report)) => Ok(report),
         Ok(Err(e)) => {
             eprintln!("error: rank {} of {}: {e}", comm.rank(), comm.world());
-            comm.abort(1)
+            comm.abort(i32::from(e.exit_code()))
         }
         Err(_) => {
             eprintln!("error: rank {} of {} panicked", comm.rank(), comm.world());

@@ -17,7 +17,7 @@ use super::RunOptions;
 pub(crate) fn check(cfg: &Config, opts: &RunOptions) -> Result<()> {
     let dir = cfg.run_dir();
     if opts.resume && !dir.join("config.toml").is_file() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "{} is not a run directory (it has no config.toml); nothing to resume",
             dir.display()
         )));

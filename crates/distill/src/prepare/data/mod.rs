@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DataConfig, DataSource};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// One training or evaluation example. The loss covers the completion only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,7 +97,7 @@ pub(crate) fn read_jsonl_records<T: serde::de::DeserializeOwned>(
     path: &Path,
     expected: impl Fn(&serde_json::Error) -> String,
 ) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).at(path)?;
+    let text = read_data_file(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -137,7 +137,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
 /// (4 characters per token is a safe over-estimate; pieces are truncated to
 /// `seq_len` tokens when batched). The whole piece is trained on.
 pub fn read_text(path: &Path, seq_len: usize) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).at(path)?;
+    let text = read_data_file(path)?;
     let budget = seq_len * 4;
     let mut out = Vec::new();
     let mut cur = String::new();
@@ -162,9 +162,18 @@ pub fn read_text(path: &Path, seq_len: usize) -> Result<Vec<Example>> {
         .collect())
 }
 
+/// The text of a data file; a file that cannot be read is a data error naming it.
+fn read_data_file(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Data {
+        path: path.to_path_buf(),
+        msg: format!("cannot read it ({e}); check data.path in the config, or the --input flag"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::IoContext;
 
     #[test]
     fn arithmetic_eval_never_overlaps_train() -> Result<()> {
