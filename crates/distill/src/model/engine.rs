@@ -17,6 +17,11 @@ use crate::model::generate::{pick, Generated, Sampling};
 use crate::model::slots::KvSlots;
 use crate::model::Llama;
 
+/// Prompt tokens prefilled per step at most (one longer prompt still goes alone): bounds
+/// the step's activations, and so the peak memory, when a whole batch of prompts
+/// arrives at once.
+const PREFILL_TOKENS: usize = 512;
+
 /// A sequence in a slot.
 #[derive(Clone, Copy)]
 struct Active {
@@ -109,12 +114,12 @@ impl<'a> Engine<'a> {
         if tokens.is_empty() {
             return Ok(false);
         }
+        // forward_flops_per_token(ctx) is 2 * matmul params + (its attention part) * ctx.
         let cfg = &self.model.cfg;
-        self.flops += rows
-            .pos
-            .iter()
-            .map(|&p| cfg.forward_flops_per_token(p + 1))
-            .sum::<f64>();
+        let per_token = cfg.forward_flops_per_token(0);
+        let per_ctx = cfg.forward_flops_per_token(1) - per_token;
+        let contexts: usize = rows.pos.iter().map(|&p| p + 1).sum();
+        self.flops += per_token * rows.len() as f64 + per_ctx * contexts as f64;
         let hidden = self.model.forward_slots(&tokens, &rows, cache)?;
         let idx: Vec<u32> = heads.iter().map(|&(_, q)| q as u32).collect();
         let idx = candle_core::Tensor::from_vec(idx, heads.len(), hidden.device())?;
@@ -149,12 +154,22 @@ impl<'a> Engine<'a> {
     /// Fills free slots from the waiting rows; returns each new slot and how it is filled.
     fn admit(&mut self, cache: &KvSlots) -> Result<Vec<(usize, Prefill)>> {
         let mut admitted = Vec::new();
+        let mut budget = PREFILL_TOKENS;
         for slot in 0..self.slots.len() {
             if self.slots[slot].is_some() {
                 continue;
             }
-            let Some(row) = self.waiting.pop_front() else { break };
+            let Some(&row) = self.waiting.front() else { break };
             let prompt = self.prompts[row].as_slice();
+            let cost = match self.holder.get(prompt) {
+                None => prompt.len(),
+                Some(&(_, ready)) => usize::from(ready),
+            };
+            if cost > budget && !admitted.is_empty() {
+                break; // the next step takes it
+            }
+            budget = budget.saturating_sub(cost);
+            self.waiting.pop_front();
             let ctx = self.model.cfg.max_position_embeddings;
             let budget = self.sampling.max_new_tokens.min(ctx - prompt.len());
             let prefill = match self.holder.get(prompt) {
