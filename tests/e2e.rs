@@ -1427,10 +1427,10 @@ fn a_killed_and_resumed_run_bills_every_second_and_reports_the_sum_of_its_segmen
     // MFU is a timing, so it is printed rather than asserted (the machines are shared):
     // `cargo test -p distill-cli --test e2e -- a_killed_and_resumed --nocapture`.
     eprintln!(
-        "student MFU: uninterrupted {:.3e}, killed segment {:.3e}, resumed segment {:.3e}",
-        mfu(&whole),
-        mfu(&killed),
-        mfu(&resumed)
+        "student MFU: uninterrupted {:?}, killed segment {:?}, resumed segment {:?}",
+        whole["mfu"].as_f64(),
+        killed["mfu"].as_f64(),
+        resumed["mfu"].as_f64()
     );
     assert!(
         (mfu(&resumed) - got / wall_per_step / 1e10 / 2.0).abs() < 1e-9,
