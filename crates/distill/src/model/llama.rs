@@ -341,6 +341,17 @@ impl Llama {
         Ok(self.w(name)?.to_dtype(self.compute_dtype)?)
     }
 
+    /// RMSNorm of the f32 residual stream with the norm weight `name`: the fused kernel
+    /// where `fused()` holds, else the plain ops.
+    pub(crate) fn rms_norm(&self, x: &Tensor, name: &str) -> Result<Tensor> {
+        let w = self.w32(name)?;
+        if self.fused() {
+            fused::rms_norm(x, &w, self.cfg.rms_norm_eps)
+        } else {
+            fused::rms_norm_plain(x, &w, self.cfg.rms_norm_eps)
+        }
+    }
+
     /// A norm weight in f32 (RMSNorm runs in f32 whatever the compute dtype).
     pub(crate) fn w32(&self, name: &str) -> Result<Tensor> {
         Ok(self.w(name)?.to_dtype(DType::F32)?)
@@ -390,15 +401,7 @@ impl Llama {
         } else {
             Some(causal_mask(t, &self.device)?) // (T, T) f32
         };
-        let eps = self.cfg.rms_norm_eps;
-        let norm = |x: &Tensor, name: &str| -> Result<Tensor> {
-            let w = self.w32(name)?;
-            if fused {
-                fused::rms_norm(x, &w, eps)
-            } else {
-                fused::rms_norm_plain(x, &w, eps)
-            }
-        };
+        let norm = |x: &Tensor, name: &str| self.rms_norm(x, name);
         for i in 0..self.cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let h = norm(&x, &format!("{p}.input_layernorm.weight"))?.to_dtype(cdt)?;

@@ -69,14 +69,19 @@ impl KvSlots {
         Ok(())
     }
 
-    /// Writes the keys (or values) `x` (n, Hkv * D) of the queries to their cache rows.
-    fn write(cache: &Tensor, x: &Tensor, rows: &CacheRows) -> Result<()> {
-        let width = x.dim(1)?;
+    /// The scatter index of a step's cache writes: (n, Hkv * D), row r all `rows.row(r)`.
+    /// The same for every layer and for keys and values, so a step builds it once.
+    fn row_index(rows: &CacheRows, width: usize, device: &candle_core::Device) -> Result<Tensor> {
         let idx: Vec<u32> = (0..rows.len())
             .flat_map(|r| std::iter::repeat_n(rows.row(r) as u32, width))
             .collect();
-        let idx = Tensor::from_vec(idx, x.dims(), x.device())?;
-        cache.scatter_set(&idx, &x.to_dtype(cache.dtype())?.contiguous()?, 0)?;
+        Ok(Tensor::from_vec(idx, (rows.len(), width), device)?)
+    }
+
+    /// Writes the keys (or values) `x` (n, Hkv * D) of the queries to their cache rows
+    /// (`idx` from `row_index`).
+    fn write(cache: &Tensor, x: &Tensor, idx: &Tensor) -> Result<()> {
+        cache.scatter_set(idx, &x.to_dtype(cache.dtype())?.contiguous()?, 0)?;
         Ok(())
     }
 }
@@ -105,19 +110,13 @@ impl Llama {
             .to_dtype(DType::F32)?; // (1, n, d): the queries as one row of n positions
         let (cos, sin) = self.rope_cos_sin_at(&rows.pos)?;
         let (cos, sin) = (cos.to_dtype(cdt)?, sin.to_dtype(cdt)?); // (n, D/2)
-        let eps = self.cfg.rms_norm_eps;
-        let norm = |x: &Tensor, name: &str| -> Result<Tensor> {
-            let w = self.w32(name)?;
-            if fused {
-                fused::rms_norm(x, &w, eps)
-            } else {
-                fused::rms_norm_plain(x, &w, eps)
-            }
-        };
+        let norm = |x: &Tensor, name: &str| self.rms_norm(x, name);
+        let rows_idx = KvSlots::row_index(rows, self.cfg.num_key_value_heads * self.cfg.head_dim(), self.device())?;
         for i in 0..self.cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let h = norm(&x, &format!("{p}.input_layernorm.weight"))?.to_dtype(cdt)?;
-            let a = self.slot_attention(&h, &p, (&cos, &sin), rows, (&cache.k[i], &cache.v[i]))?;
+            let kv = (&cache.k[i], &cache.v[i]);
+            let a = self.slot_attention(&h, &p, (&cos, &sin), (rows, &rows_idx), kv)?;
             x = (x + a.to_dtype(DType::F32)?)?;
             let h = norm(&x, &format!("{p}.post_attention_layernorm.weight"))?.to_dtype(cdt)?;
             x = (x + self.mlp(&h, &p, fused)?.to_dtype(DType::F32)?)?;
@@ -132,7 +131,7 @@ impl Llama {
         x: &Tensor,
         p: &str,
         (cos, sin): (&Tensor, &Tensor),
-        rows: &CacheRows,
+        (rows, rows_idx): (&CacheRows, &Tensor),
         (k_cache, v_cache): (&Tensor, &Tensor),
     ) -> Result<Tensor> {
         let n = rows.len();
@@ -161,8 +160,8 @@ impl Llama {
         let q = rope(proj("q_proj", h)?)?.reshape((n, h, hd))?;
         let k = rope(proj("k_proj", hkv)?)?.reshape((n, hkv * hd))?;
         let v = proj("v_proj", hkv)?.reshape((n, hkv * hd))?;
-        KvSlots::write(k_cache, &k, rows)?;
-        KvSlots::write(v_cache, &v, rows)?;
+        KvSlots::write(k_cache, &k, rows_idx)?;
+        KvSlots::write(v_cache, &v, rows_idx)?;
         let scale = 1.0 / (hd as f32).sqrt();
         let y = if fused {
             decode_attention(&q, k_cache, v_cache, rows, scale)?
