@@ -14,6 +14,12 @@ pub struct StepLog {
     pub grad_norm: f64,
     pub tokens_per_second: f64,
     pub eval_loss: Option<f32>,
+    /// Greedy accuracy on the curve's held-out problems (`[eval] curve_examples`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Mean verifier reward of an RL step's samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<f64>,
     /// What the whole run has cost so far, in dollars; filled in by the pipeline.
     pub dollars: f64,
     /// Tokens and FLOPs (trained model and teacher) this process has spent on the stage

@@ -80,6 +80,7 @@ fn write_checkpoint(dir: &Path) {
         last_loss: Some(1.0),
         flops: 1.0,
         teacher_flops: 0.0,
+        rollout: Default::default(),
         checksums: Default::default(),
     };
     let extras = SaveExtras {

@@ -213,6 +213,7 @@ fn checkpoint_reloads_model_tokenizer_and_optimizer() -> R {
         last_loss: Some(1.5),
         flops: 1e9,
         teacher_flops: 0.0,
+        rollout: Default::default(),
         checksums: Default::default(),
     };
     let dir = tempfile::tempdir().unwrap();

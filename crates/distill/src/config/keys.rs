@@ -128,10 +128,27 @@ pub static DOCS: &[KeyDoc] = &[
     k("traces.batch_size", "> 0", "Samples decoded together."),
     k("traces.logit_kd", "", "Also train student-kd: the traces plus logit distillation with the [distill] settings."),
     k("traces.oracle", "", "Also train oracle on the task's gold solutions, without the teacher."),
+    // [onpolicy]
+    k("onpolicy.enabled", "", "Train student-onpolicy: the trained student learns from its own samples, graded token by token by the teacher (GKD; docs/onpolicy.md)."),
+    k("onpolicy.lambda", "in [0, 1]", "Fraction of steps on the student's own samples; the others take the student's training data with the same loss."),
+    k("onpolicy.beta", "in [0, 1]", "Generalized JSD(beta) between teacher and student: 0 is forward KL, 1 reverse KL."),
+    k("onpolicy.estimator", "\"full\" or \"sampled_token\"", "full: the divergence over the teacher's distribution; sampled_token: the reverse KL of the sampled token as a per-token advantage (needs only the teacher's log-probabilities)."),
+    k("onpolicy.top_k", ">= 0; estimator = \"full\" only", "The teacher's k most likely tokens per position plus a tail bucket; 0 takes its whole distribution."),
+    k("onpolicy.temperature", "> 0", "Sampling temperature of the student's rollouts."),
+    k("onpolicy.max_new_tokens", "> 0", "Most tokens per rollout."),
+    // [rl]
+    k("rl.enabled", "needs [traces] enabled", "Train student-rl with GRPO on the verifier's reward, the RL of DeepSeek-R1-Zero (docs/onpolicy.md)."),
+    k("rl.start", "\"baseline\" or \"student\"", "The trained stage RL starts from: the baseline (no teacher, the R1-Zero side of the comparison) or the student (RL after SFT)."),
+    k("rl.group", "2 to 1024", "Samples per prompt (G); advantages are normalised within each group."),
+    k("rl.clip", "in [0, 1)", "Clip range of the probability ratio."),
+    k("rl.kl", ">= 0", "Weight of the KL penalty to the starting model; 0 runs no reference model."),
+    k("rl.temperature", "> 0", "Sampling temperature of the rollouts."),
+    k("rl.max_new_tokens", "> 0", "Most tokens per rollout."),
     // [eval]
     k("eval.examples", "0 skips accuracy", "Held-out problems decoded greedily for the accuracy figure."),
     k("eval.max_new_tokens", "> 0", "Decoding stops after this many new tokens."),
     k("eval.batch_size", "> 0", "Prompts decoded together."),
+    k("eval.curve_examples", "0 draws no curve", "The first N held-out problems are also solved at every eval_every step of the student stages, for the report's accuracy-against-dollars chart."),
     // [cost]
     k("cost.cpu_core_hour", ">= 0", "Dollars per CPU core-hour; a CPU run bills one device-hour per core it may use. Set your own."),
     k("cost.default_gpu_hour", ">= 0", "Dollars per GPU-hour for a GPU whose name matches no entry of gpu_hour (with a warning)."),
@@ -141,13 +158,22 @@ pub static DOCS: &[KeyDoc] = &[
     k("distributed.backend", "\"mpi\" needs a build with --features mpi, \"nccl\" one with --features cuda", "Data parallelism across processes started by a launcher (mpirun, srun): none, MPI (CPU) or NCCL (GPUs); docs/distributed.md."),
 ];
 
-/// The entry of a dotted key (`student.train.lr` -> `train.lr`).
+/// The entry of a dotted key (`student.train.lr` -> `train.lr`): the `model` and
+/// `train` tables of every stage share one set of entries.
 pub fn doc_for(key: &str) -> Option<&'static KeyDoc> {
-    let shared = ["teacher.model.", "student.model.", "teacher.train.", "student.train."]
-        .iter()
-        .find_map(|p| key.strip_prefix(p).map(|rest| (&p[8..], rest)));
-    let wanted = match shared {
-        Some((group, rest)) => format!("{group}{rest}"),
+    const SHARED: [&str; 6] = [
+        "teacher.model.",
+        "student.model.",
+        "teacher.train.",
+        "student.train.",
+        "onpolicy.train.",
+        "rl.train.",
+    ];
+    let wanted = match SHARED.iter().find_map(|p| key.strip_prefix(p).map(|rest| (p, rest))) {
+        Some((prefix, rest)) => {
+            let table = prefix.trim_end_matches('.').rsplit('.').next().unwrap_or("");
+            format!("{table}.{rest}")
+        }
         None => key.to_string(),
     };
     DOCS.iter().find(|d| d.key == wanted)

@@ -13,11 +13,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 mod keys;
+mod onpolicy;
 pub mod reference;
 pub mod schema;
 mod sections;
 mod validate;
 
+pub use onpolicy::*;
 pub use sections::*;
 use validate::is_plain_name;
 pub use validate::{check_repo_id, check_revision};
@@ -32,6 +34,8 @@ pub struct Config {
     pub student: StudentConfig,
     pub distill: DistillConfig,
     pub traces: TracesConfig,
+    pub onpolicy: OnPolicyConfig,
+    pub rl: RlConfig,
     pub eval: EvalConfig,
     pub cost: CostConfig,
     /// Data parallelism across processes: `backend = "none" | "mpi" | "nccl"`.

@@ -429,6 +429,10 @@ pub struct EvalConfig {
     pub max_new_tokens: usize,
     /// Prompts decoded together. Default 32.
     pub batch_size: usize,
+    /// The first N held-out problems are also solved at every `eval_every` step of the
+    /// students' stages, for the accuracy-against-dollars curve of the report; 0 draws
+    /// no curve. Default 0.
+    pub curve_examples: usize,
 }
 
 impl Default for EvalConfig {
@@ -437,6 +441,7 @@ impl Default for EvalConfig {
             examples: 100,
             max_new_tokens: 96,
             batch_size: 32,
+            curve_examples: 0,
         }
     }
 }

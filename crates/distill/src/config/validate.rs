@@ -15,6 +15,8 @@ impl Config {
         v.student(self);
         v.distill(self);
         v.traces(self);
+        v.onpolicy(self);
+        v.rl(self);
         v.eval(&self.eval);
         v.cost(&self.cost);
         v.finish()
@@ -284,6 +286,83 @@ impl Validator<'_> {
             t.enabled,
         );
         }
+    }
+
+    fn onpolicy(&mut self, cfg: &Config) {
+        let o = &cfg.onpolicy;
+        if !o.enabled {
+            return;
+        }
+        self.check(
+            (0.0..=1.0).contains(&o.lambda),
+            "onpolicy.lambda",
+            "must be in [0, 1]",
+            o.lambda,
+        );
+        self.check(
+            (0.0..=1.0).contains(&o.beta),
+            "onpolicy.beta",
+            "must be in [0, 1]",
+            o.beta,
+        );
+        self.rollouts(o.temperature, o.max_new_tokens, "onpolicy");
+        self.check(
+            o.top_k == 0 || o.estimator == Estimator::Full,
+            "onpolicy.top_k",
+            "applies to estimator = \"full\" only; the sampled-token estimator reads one log-probability per token",
+            o.top_k,
+        );
+        self.check(
+            cfg.distill.fused || o.estimator == Estimator::SampledToken,
+            "distill.fused",
+            "must be true for [onpolicy] (the plain reference loss implements forward_kl only)",
+            cfg.distill.fused,
+        );
+        self.train(&o.train, "onpolicy.train");
+    }
+
+    fn rl(&mut self, cfg: &Config) {
+        let r = &cfg.rl;
+        if !r.enabled {
+            return;
+        }
+        self.check(
+            cfg.traces.enabled,
+            "rl.enabled",
+            "needs [traces] enabled = true: the reward is the verifier's, and the baseline it starts from is the R1 recipe's",
+            r.enabled,
+        );
+        self.check(
+            (2..=1024).contains(&r.group),
+            "rl.group",
+            "must be in 2..=1024",
+            r.group,
+        );
+        self.check((0.0..1.0).contains(&r.clip), "rl.clip", "must be in [0, 1)", r.clip);
+        self.check(r.kl >= 0.0 && r.kl.is_finite(), "rl.kl", "must be >= 0", r.kl);
+        self.rollouts(r.temperature, r.max_new_tokens, "rl");
+        self.check(
+            r.group > 0 && r.train.batch_size % r.group.max(1) == 0,
+            "rl.train.batch_size",
+            "must be a multiple of rl.group (whole groups of samples per micro-batch)",
+            r.train.batch_size,
+        );
+        self.train(&r.train, "rl.train");
+    }
+
+    fn rollouts(&mut self, temperature: f64, max_new_tokens: usize, section: &str) {
+        self.check(
+            temperature > 0.0 && temperature.is_finite(),
+            &format!("{section}.temperature"),
+            "must be > 0 (the stage learns from samples, not from greedy decoding)",
+            temperature,
+        );
+        self.check(
+            max_new_tokens > 0,
+            &format!("{section}.max_new_tokens"),
+            "must be > 0",
+            max_new_tokens,
+        );
     }
 
     fn eval(&mut self, e: &EvalConfig) {

@@ -74,6 +74,11 @@ pub struct StageCost {
     /// scale from the whole stage's work (`StageCost::stage_work`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_flops: Option<(f64, f64)>,
+    /// A stage that samples or scores (on-policy, RL, online KD): how much of this
+    /// segment went to the student's sampling and to the teacher's scoring; the rest of
+    /// its time and FLOPs is the update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<WorkSplit>,
     /// Where the price came from when it is not the config's own figure for this device
     /// (an unknown GPU billed at `[cost] default_gpu_hour`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +175,7 @@ impl StageCost {
             ended_unix: None,
             price_note,
             stage_flops: None,
+            split: None,
         }
     }
 
@@ -231,6 +237,24 @@ impl StageCost {
             interrupted: true,
             ..Self::new(stage, dev, prices, wall_seconds, tokens, flops, 0.0)
         }
+    }
+}
+
+/// The sampling and scoring inside a stage's record (seconds and FLOPs of this segment).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkSplit {
+    pub sample_seconds: f64,
+    pub sample_flops: f64,
+    pub score_seconds: f64,
+    pub score_flops: f64,
+}
+
+impl WorkSplit {
+    /// (seconds, FLOPs) of the update: the record's time and work less sampling and scoring.
+    pub fn update(&self, c: &StageCost) -> (f64, f64) {
+        let seconds = (c.wall_seconds - self.sample_seconds - self.score_seconds).max(0.0);
+        let flops = (c.flops + c.teacher_flops - self.sample_flops - self.score_flops).max(0.0);
+        (seconds, flops)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Training losses. `reference` holds plain candle compositions; fused kernels
 //! with analytic backward sit beside them and are checked against them:
+//! `policy` (the policy-gradient loss of the on-policy and RL stages, on candle's graph),
 //! `full` (the full teacher distribution; its ops in `ops`, its row kernels in `rows`),
 //! `topk` (the teacher's top k plus a tail), `head` (from hidden states, never
 //! materialising the logits) and `cuda` (the same kernels on the GPU).
@@ -13,6 +14,7 @@ pub mod family;
 pub mod full;
 pub mod head;
 pub mod ops;
+pub mod policy;
 pub mod reference;
 pub mod rows;
 pub mod topk;

@@ -4,6 +4,8 @@
 //! DeepSeek-R1 recipe (`[traces] enabled`) trains the students on the teacher's verified
 //! traces (`run::students`).
 //!
+//! `[onpolicy]` and `[rl]` then train students on their own samples (`run::onpolicy`).
+//!
 //! Run directory layout (`runs/<name>/`):
 //! ```text
 //! config.toml     resolved config     teacher/ student/ baseline/ ...  checkpoints
@@ -12,6 +14,7 @@
 //! traces.jsonl    every teacher sample with its verdict (R1 recipe)
 //! ```
 
+mod onpolicy;
 mod prepare;
 mod run_dir;
 mod stage;
@@ -152,6 +155,13 @@ fn run_on(
         };
         checkpoint::save(dir, m, &extras)
     };
+    let curve = crate::train::Curve {
+        tok: &prep.tok,
+        examples: &prep.splits.eval,
+        limit: cfg.eval.curve_examples,
+        max_new_tokens: cfg.eval.max_new_tokens,
+        batch_size: cfg.eval.batch_size,
+    };
     let env = StageEnv {
         cfg,
         run_dir: &run_dir,
@@ -165,6 +175,7 @@ fn run_on(
         comm,
         dtype,
         kernels,
+        curve: (cfg.eval.curve_examples > 0).then_some(&curve),
     };
 
     let teacher_model = prep.teacher.take();
@@ -175,8 +186,9 @@ fn run_on(
     teacher.set_kernels(kernels);
     let teacher = (&teacher, teacher_dir.as_path());
     let (plans, traces) = students::plans(&env, &prep, teacher, &mut ledger, &heartbeat)?;
-    let (students, logit_cache) =
+    let (mut students, logit_cache) =
         students::train_students(&env, &prep, &plans, teacher, pruned.as_ref(), &mut ledger, &heartbeat)?;
+    onpolicy::stages(&env, &prep, &plans, teacher, &mut students, &mut ledger, &heartbeat)?;
 
     // Stage: evaluation of every model on the held-out set.
     let all = std::iter::once(("teacher", teacher.0, teacher_dir.clone()))

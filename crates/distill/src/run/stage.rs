@@ -10,7 +10,7 @@ use super::prepare::Prepared;
 use super::sub_seed;
 use crate::config::{Config, StudentInit};
 use crate::cost::heartbeat::Heartbeat;
-use crate::cost::ledger::{Ledger, StageCost};
+use crate::cost::ledger::{Ledger, StageCost, WorkSplit};
 use crate::device::DeviceInfo;
 use crate::distributed::Collective;
 use crate::error::{Error, IoContext, Result};
@@ -21,6 +21,7 @@ use crate::prepare::data::batch;
 use crate::progress::Progress;
 use crate::teacher::prune::{prune_plan, pruned_student};
 use crate::train::checkpoint;
+use crate::train::rollout::RolloutTotals;
 use crate::train::{self, LossImpl, StageInput, TeacherSource};
 
 /// What every training stage shares.
@@ -40,6 +41,8 @@ pub(crate) struct StageEnv<'a> {
     pub(crate) dtype: candle_core::DType,
     /// Fused CPU kernels or plain ops (`[run] kernels`).
     pub(crate) kernels: crate::config::Kernels,
+    /// Held-out accuracy at every `eval_every` step of the student stages.
+    pub(crate) curve: Option<&'a crate::train::Curve<'a>>,
 }
 
 /// What one training stage learns from.
@@ -50,6 +53,8 @@ pub(crate) struct StageData<'a> {
     /// The teacher it distils from, and the loss; None trains on the labels alone.
     pub(crate) teacher: Option<(TeacherSource<'a>, LossSpec)>,
     pub(crate) spec: &'a crate::config::TrainSpec,
+    /// An on-policy stage's rollouts.
+    pub(crate) rollouts: Option<&'a crate::train::rollout::Rollouts<'a>>,
 }
 
 /// Where a stage keeps its periodic checkpoints: `checkpoints/<stage>/step-NNNNNN`.
@@ -159,6 +164,8 @@ pub(crate) fn train_stage(
         comm: env.comm,
         teacher: data.teacher.map(|(t, _)| t),
         loss: data.teacher.map_or(LossSpec::CE_ONLY, |(_, l)| l),
+        rollouts: data.rollouts,
+        curve: env.curve,
     };
     let stats = train::train(&input, &model, data.spec, env.loss_impl, &mut save, progress)?;
     // This segment's own work: a resumed stage restored the totals of the segments before.
@@ -174,9 +181,23 @@ pub(crate) fn train_stage(
     if resumed.is_some() {
         work.stage_flops = Some((stats.flops, stats.teacher_flops));
     }
+    work.split = work_split(&stats.rollout, resumed.as_ref().map(|s| &s.rollout));
     ledger.record(work.on_ranks(env.comm.world(), stats.comm_seconds, Some(stats.steps)))?;
     progress.clear_after(ledger);
     Ok((model, dir))
+}
+
+/// This segment's sampling and scoring (the stage's totals less those a resumed
+/// checkpoint restored); None for a stage that did neither.
+fn work_split(total: &RolloutTotals, before: Option<&RolloutTotals>) -> Option<WorkSplit> {
+    let b = before.copied().unwrap_or_default();
+    let split = WorkSplit {
+        sample_seconds: total.sample_seconds - b.sample_seconds,
+        sample_flops: total.sample_flops - b.sample_flops,
+        score_seconds: total.score_seconds - b.score_seconds,
+        score_flops: total.score_flops - b.score_flops,
+    };
+    (split != WorkSplit::default()).then_some(split)
 }
 
 /// SHA-256 of a model's weights, in name order.
@@ -247,6 +268,7 @@ pub(crate) fn teacher(
         seed: sub_seed(seed, "teacher-data"),
         teacher: None,
         spec: &cfg.teacher.train,
+        rollouts: None,
     };
     train_stage(env, &data, init, ledger, heartbeat)
 }

@@ -148,6 +148,7 @@ pub(crate) fn train_students(
             seed: sub_seed(cfg.run.seed, "student-data"),
             teacher: p.with_teacher.then_some((source, LossSpec::of(&cfg.distill))),
             spec: &cfg.student.train,
+            rollouts: None,
         };
         let (model, dir) = train_stage(env, &data, init, ledger, heartbeat)?;
         students.push((p.name, model, dir));

@@ -48,10 +48,17 @@ pub struct TrainerState {
     pub flops: f64,
     #[serde(default)]
     pub teacher_flops: f64,
+    /// The sampling and scoring of an on-policy stage so far.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rollout: crate::train::rollout::RolloutTotals,
     /// SHA-256 of `model.safetensors` and `optimizer.safetensors` as written,
     /// so that a damaged checkpoint is detected before training resumes from it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checksums: BTreeMap<String, String>,
+}
+
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
 }
 
 fn err(path: &Path, msg: impl Into<String>) -> Error {

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod rollout;
 pub mod step;
 
 use std::collections::BTreeMap;
@@ -17,11 +18,12 @@ use crate::distributed::{shard_range, Collective, CommTimer};
 use crate::error::{Error, Result};
 use crate::loss::{Divergence, LossSpec};
 use crate::model::Llama;
-use crate::prepare::data::batch::{make_batch, Batch, Encoded, Order};
+use crate::prepare::data::batch::{make_batch, Encoded, Order};
 use crate::progress::{Progress, StepLog};
 use crate::teacher::logit_cache::LogitCache;
 use crate::train::checkpoint::TrainerState;
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW};
+use crate::train::rollout::{RolloutTotals, Rollouts, StepBatch};
 
 /// With `on_nonfinite = "skip"`, a stage still stops after this many skipped steps in a row.
 pub const MAX_SKIPS_IN_A_ROW: usize = 10;
@@ -55,6 +57,34 @@ pub struct StageInput<'a> {
     pub teacher: Option<TeacherSource<'a>>,
     /// The loss (`LossSpec::CE_ONLY` without a teacher).
     pub loss: LossSpec,
+    /// On-policy stages: the steps that sample train on the model's own samples
+    /// (`rollout`), the others on `train`.
+    pub rollouts: Option<&'a Rollouts<'a>>,
+    /// Held-out accuracy at every `eval_every` step, for the report's curve.
+    pub curve: Option<&'a Curve<'a>>,
+}
+
+/// The held-out problems a stage solves at every `eval_every` step (greedy decoding).
+pub struct Curve<'a> {
+    pub tok: &'a crate::prepare::tokenizer::Tokenizer,
+    pub examples: &'a [crate::prepare::data::Example],
+    pub limit: usize,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+}
+
+impl Curve<'_> {
+    fn accuracy(&self, model: &Llama) -> Result<f64> {
+        let a = crate::model::generate::accuracy(
+            model,
+            self.tok,
+            self.examples,
+            self.limit,
+            self.max_new_tokens,
+            self.batch_size,
+        )?;
+        Ok(a.accuracy)
+    }
 }
 
 /// What a stage did, for the ledger and the report.
@@ -73,6 +103,8 @@ pub struct StageStats {
     pub skipped_steps: usize,
     /// Wall time spent summing gradients and counters over the ranks (0 for one process).
     pub comm_seconds: f64,
+    /// Sampling and scoring of an on-policy stage (included in `flops` and `teacher_flops`).
+    pub rollout: RolloutTotals,
 }
 
 /// Which implementation computes the loss.
@@ -121,6 +153,15 @@ pub fn train(
     let params = model.params();
     let mut opt = AdamW::new(spec, params)?;
     let mut order = Order::new(input.train.len(), input.seed);
+    let mut prompt_order = input
+        .rollouts
+        .map(|r| Order::new(r.prompts.len(), input.seed ^ 0x7072_6f6d_7074));
+    if input.rollouts.is_some() && input.comm.world() > 1 {
+        return Err(Error::Invalid(format!(
+            "stage {}: the on-policy and RL stages run in one process; run them without [distributed]",
+            input.name
+        )));
+    }
     let (start, mut stats) = match input.resume_from {
         Some(dir) => resumed(input, spec, dir, &mut opt, &device)?,
         None => (0, StageStats::default()),
@@ -143,16 +184,24 @@ pub fn train(
     for step in start..spec.steps {
         let t0 = Instant::now();
         let lr = lr_at(spec, step);
-        let (batches, denom) = step_batches(input, spec, &mut order, step, &device)?;
+        let (batches, denom, reward) = match (input.rollouts, prompt_order.as_mut()) {
+            (Some(r), Some(po)) if r.on_policy(input.seed, step) => {
+                r.step_batches(model, spec, po, step, input.pad, &mut stats)?
+            }
+            _ => {
+                let (b, d) = step_batches(input, spec, &mut order, step, &device)?;
+                (b, d, None)
+            }
+        };
         let (flops_before, teacher_flops_before) = (stats.flops, stats.teacher_flops);
 
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let (mut loss, mut ce, mut kd) = (0f32, 0f32, 0f32);
         let mut step_tokens = 0u64;
         let mut fault: Option<(&'static str, f32)> = None;
-        for (b, idx) in &batches {
-            let teacher = input.teacher.as_ref();
-            let micro = step::micro_batch(model, (b, idx), teacher, &loss_spec, loss_impl, denom, &mut stats)?;
+        for sb in &batches {
+            let (b, teacher) = (&sb.batch, input.teacher.as_ref());
+            let micro = step::micro_batch(model, sb, teacher, &loss_spec, loss_impl, denom, &mut stats)?;
             fault = [("loss", micro.total), ("ce", micro.ce), ("kd", micro.kd)]
                 .into_iter()
                 .find(|(_, v)| !v.is_finite());
@@ -212,12 +261,17 @@ pub fn train(
         stats.final_loss = loss;
 
         let last = step + 1 == spec.steps;
-        let eval_loss = if last || (spec.eval_every > 0 && (step + 1) % spec.eval_every == 0) {
+        let evaluate = last || (spec.eval_every > 0 && (step + 1) % spec.eval_every == 0);
+        let eval_loss = if evaluate {
             let l = eval_loss_on(model, input.eval, spec.batch_size, input.pad, comm)?;
             stats.final_eval_loss = l;
             Some(l)
         } else {
             None
+        };
+        let accuracy = match input.curve {
+            Some(c) if evaluate => Some(c.accuracy(model)?),
+            _ => None,
         };
         progress.step(&StepLog {
             step: step + 1,
@@ -229,6 +283,8 @@ pub fn train(
             grad_norm,
             tokens_per_second: step_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             eval_loss,
+            accuracy,
+            reward,
             dollars: 0.0,
             segment_tokens: stats.tokens - segment_start.0,
             segment_flops: stats.flops + stats.teacher_flops - segment_start.1,
@@ -271,6 +327,7 @@ fn resumed(
         tokens: state.tokens_seen as u64,
         flops: state.flops,
         teacher_flops: state.teacher_flops,
+        rollout: state.rollout,
         final_loss: state.last_loss.unwrap_or(0.0),
         ..StageStats::default()
     };
@@ -301,9 +358,6 @@ fn check_loss(input: &StageInput, loss: &LossSpec, loss_impl: LossImpl) -> Resul
     Ok(())
 }
 
-/// One micro-batch of this rank: the padded batch and the training examples it holds.
-type RankBatch = (Batch, Vec<usize>);
-
 /// This rank's slice of each micro-batch of `step` (with more ranks than examples some
 /// get none), and the step's valid tokens on every rank: normalising by those, not per
 /// micro-batch, makes the sum of the ranks' gradients the gradient of the global batch.
@@ -313,7 +367,7 @@ fn step_batches(
     order: &mut Order,
     step: usize,
     device: &candle_core::Device,
-) -> Result<(Vec<RankBatch>, f64)> {
+) -> Result<(Vec<StepBatch>, f64)> {
     let (rank, world) = (input.comm.rank(), input.comm.world());
     let global: Vec<Vec<usize>> = (0..spec.grad_accum)
         .map(|a| order.micro_batch(step * spec.grad_accum + a, spec.batch_size))
@@ -325,9 +379,13 @@ fn step_batches(
         .filter(|idx| !idx.is_empty())
         .map(|idx| {
             let items: Vec<&Encoded> = idx.iter().map(|&i| &input.train[i]).collect();
-            Ok((make_batch(&items, input.pad, device)?, idx))
+            Ok(StepBatch {
+                batch: make_batch(&items, input.pad, device)?,
+                idx,
+                policy: None,
+            })
         })
-        .collect::<Result<Vec<RankBatch>>>()?;
+        .collect::<Result<Vec<StepBatch>>>()?;
     Ok((batches, denom as f64))
 }
 
@@ -368,6 +426,7 @@ fn trainer_state(input: &StageInput, spec: &TrainSpec, step: usize, stats: &Stag
         last_loss: Some(loss),
         flops: stats.flops,
         teacher_flops: stats.teacher_flops,
+        rollout: stats.rollout,
         checksums: Default::default(),
     }
 }
@@ -504,6 +563,8 @@ mod tests {
             comm,
             teacher: None,
             loss: LossSpec::CE_ONLY,
+            rollouts: None,
+            curve: None,
         };
         let ts = TrainSpec {
             steps: 2,
@@ -553,6 +614,8 @@ mod tests {
             comm: &crate::distributed::Single,
             teacher: None,
             loss: LossSpec::CE_ONLY,
+            rollouts: None,
+            curve: None,
         };
         let poisoned = || -> Result<Llama> {
             let m = Llama::init(ModelConfig::from_spec(&spec, 48, 1, 2, 0), 0.1, 3, &Device::Cpu)?;

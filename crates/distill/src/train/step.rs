@@ -12,12 +12,14 @@ use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
 
+use super::rollout::StepBatch;
 use super::{LossImpl, StageStats, TeacherSource};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::with_cpu_f32;
 use crate::kernels::ops::{gemm_f32, linear_fwd};
 use crate::loss::full::{distill_loss_with, loss_and_grad_slices, LossValues, SliceTeacher};
 use crate::loss::head::{default_chunk_rows, fused_linear_distill_loss};
+use crate::loss::policy::policy_loss;
 use crate::loss::{distill_loss, top_k_of_logits, LossParts, LossSpec, Teacher, TopK};
 use crate::model::tape::{Tape, Weights};
 use crate::model::Llama;
@@ -32,17 +34,30 @@ pub(crate) struct Micro {
     pub(crate) grads: MicroGrads,
 }
 
-/// The loss of one micro-batch `b` (the examples `idx` of the training set) and how to
-/// get its gradients. `denom` is the step's count of valid tokens on every rank.
+/// The loss of one micro-batch (the examples `idx` of the training set, or samples of
+/// the model with what the policy loss needs) and how to get its gradients. `denom` is
+/// the step's count of valid tokens on every rank.
 pub(crate) fn micro_batch(
     model: &Llama,
-    (b, idx): (&Batch, &[usize]),
+    sb: &StepBatch,
     teacher: Option<&TeacherSource>,
     spec: &LossSpec,
     loss_impl: LossImpl,
     denom: f64,
     stats: &mut StageStats,
 ) -> Result<Micro> {
+    let (b, idx) = (&sb.batch, sb.idx.as_slice());
+    if let Some((targets, policy)) = &sb.policy {
+        // The policy-gradient loss, on candle's graph (through the tape's leaf on the fused path).
+        let fwd = Forward::run(model, &b.inputs, false)?;
+        let parts = policy_loss(&fwd.out, &b.targets, &b.mask, targets, policy, denom)?;
+        return Ok(Micro {
+            total: parts.total.to_scalar::<f32>()?,
+            ce: parts.surrogate,
+            kd: parts.kl,
+            grads: MicroGrads::Graph(fwd, parts.total),
+        });
+    }
     let (_, t) = b.inputs.dims2()?;
     let head = loss_impl == LossImpl::FusedHead;
     let out = match teacher {
@@ -212,7 +227,10 @@ fn teacher_out(
 ) -> Result<TeacherOut> {
     match *source {
         TeacherSource::Online { model, top_k } => {
-            stats.teacher_flops += model.cfg.forward_flops_per_token(t) * b.positions as f64;
+            let flops = model.cfg.forward_flops_per_token(t) * b.positions as f64;
+            stats.teacher_flops += flops;
+            stats.rollout.score_flops += flops;
+            let _timer = ScoreTimer::start(&mut stats.rollout.score_seconds);
             if head && top_k.is_none() {
                 let hidden = model.forward_hidden(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, Ht)
                 return Ok(TeacherOut::Hidden(hidden, model.lm_head_weight()?.detach()));
@@ -224,6 +242,21 @@ fn teacher_out(
             })
         }
         TeacherSource::Cache(cache) => Ok(TeacherOut::TopK(cache.batch(idx, t, b.inputs.device())?)),
+    }
+}
+
+/// Adds the time until it is dropped to a scoring total.
+struct ScoreTimer<'a>(&'a mut f64, std::time::Instant);
+
+impl<'a> ScoreTimer<'a> {
+    fn start(total: &'a mut f64) -> Self {
+        Self(total, std::time::Instant::now())
+    }
+}
+
+impl Drop for ScoreTimer<'_> {
+    fn drop(&mut self) {
+        *self.0 += self.1.elapsed().as_secs_f64();
     }
 }
 
