@@ -298,3 +298,279 @@ fn verify_all(tok: &Tokenizer, prompts: &[&RolloutPrompt], out: &[Generated]) ->
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelSpec;
+    use crate::distributed::Single;
+    use crate::loss::{Divergence, LossSpec};
+    use crate::model::ModelConfig;
+    use crate::progress::Silent;
+    use crate::train::checkpoint::{self, SaveExtras, TrainerState};
+    use crate::train::optim::AdamW;
+    use crate::train::{train, LossImpl, StageInput, TeacherSource};
+    use candle_core::Device;
+
+    const TEXT: &str = "Ava has 3 apples. Then Ava buys 4 more.\n3 + 4 = 7\n#### 7";
+
+    fn tok() -> Tokenizer {
+        Tokenizer::train([TEXT; 8].iter().copied(), 300).unwrap()
+    }
+
+    fn model(tok: &Tokenizer, hidden: usize, seed: u64) -> Llama {
+        let spec = ModelSpec {
+            hidden_size: hidden,
+            intermediate_size: 2 * hidden,
+            num_layers: 1,
+            num_heads: 2,
+            max_position_embeddings: 64,
+            ..ModelSpec::default()
+        };
+        let cfg = ModelConfig::from_spec(&spec, tok.vocab_size(), tok.bos, tok.eos, tok.pad);
+        Llama::init(cfg, 0.3, seed, &Device::Cpu).unwrap()
+    }
+
+    fn prompts(tok: &Tokenizer) -> Vec<RolloutPrompt> {
+        (1..=6)
+            .map(|i| {
+                let mut ids = vec![tok.bos];
+                ids.extend(
+                    tok.encode(&format!("Ava has {i} apples. Then Ava buys 4 more.\n"))
+                        .unwrap(),
+                );
+                RolloutPrompt {
+                    ids,
+                    answer: Some(i + 4),
+                }
+            })
+            .collect()
+    }
+
+    fn rollouts<'a>(prompts: &'a [RolloutPrompt], objective: Objective<'a>) -> Rollouts<'a> {
+        let eos = tok().eos;
+        Rollouts {
+            prompts,
+            sampling: Sampling {
+                max_new_tokens: 16,
+                temperature: 1.0,
+                top_p: 1.0,
+                seed: 5,
+            },
+            objective,
+            seq_len: 48,
+            eos,
+            batch_rows: 8,
+        }
+    }
+
+    fn spec(steps: usize) -> TrainSpec {
+        TrainSpec {
+            steps,
+            batch_size: 4,
+            grad_accum: 2,
+            lr: 1e-2,
+            warmup_steps: Some(0),
+            save_every: 2,
+            ..TrainSpec::default()
+        }
+    }
+
+    fn weights(m: &Llama) -> Vec<Vec<f32>> {
+        m.tensors()
+            .values()
+            .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    }
+
+    /// The samples of a step are a pure function of the weights, the seed and the step.
+    #[test]
+    fn sampling_is_deterministic_for_a_seed() -> Result<()> {
+        let tok = tok();
+        let (m, p) = (model(&tok, 16, 1), prompts(&tok));
+        let r = rollouts(&p, Objective::Distill { lambda: 1.0 });
+        let ids = |step: usize| -> Vec<u32> {
+            let mut stats = StageStats::default();
+            let mut order = Order::new(p.len(), 9);
+            let (b, _, _) = r
+                .step_batches(&m, &spec(1), &mut order, step, tok.pad, &mut stats)
+                .unwrap();
+            b.iter()
+                .flat_map(|b| b.batch.inputs.flatten_all().unwrap().to_vec1::<u32>().unwrap())
+                .collect()
+        };
+        assert_eq!(ids(3), ids(3));
+        assert_ne!(ids(3), ids(4), "two steps drew the same samples");
+        // lambda picks a fraction of the steps, the same ones every time.
+        let half = rollouts(&p, Objective::Distill { lambda: 0.5 });
+        let picked: Vec<bool> = (0..200).map(|s| half.on_policy(3, s)).collect();
+        let n = picked.iter().filter(|&&x| x).count();
+        assert!((70..130).contains(&n), "{n} of 200 steps on-policy at lambda 0.5");
+        assert_eq!(picked, (0..200).map(|s| half.on_policy(3, s)).collect::<Vec<_>>());
+        Ok(())
+    }
+
+    /// On fixed samples the on-policy loss is the off-policy loss: the micro-batches a
+    /// rollout step builds, scored by the stage's JSD, give what the same sequences give
+    /// as fixed training data.
+    #[test]
+    fn the_on_policy_loss_is_the_off_policy_loss_on_the_same_samples() -> Result<()> {
+        let tok = tok();
+        let (student, teacher, p) = (model(&tok, 16, 1), model(&tok, 24, 2), prompts(&tok));
+        let r = rollouts(&p, Objective::Distill { lambda: 1.0 });
+        let mut stats = StageStats::default();
+        let (batches, denom, _) =
+            r.step_batches(&student, &spec(1), &mut Order::new(p.len(), 9), 0, tok.pad, &mut stats)?;
+        let source = TeacherSource::Online {
+            model: &teacher,
+            top_k: None,
+        };
+        let loss = LossSpec::new(0.0, 1.0, Divergence::Jsd { beta: 0.7 });
+        for sb in &batches {
+            let on = super::super::step::micro_batch(
+                &student,
+                sb,
+                Some(&source),
+                &loss,
+                LossImpl::Fused,
+                denom,
+                &mut stats,
+            )?;
+            // The same rows as plain data, through the reference composition of the JSD.
+            let s_logits = student.forward(&sb.batch.inputs)?.flatten_to(1)?;
+            let t_logits = teacher.forward(&sb.batch.inputs)?.flatten_to(1)?;
+            let rows = crate::loss::divergence_rows_reference(&s_logits, &t_logits, loss.divergence, 1.0)?;
+            let off = (rows * &sb.batch.mask)?.sum_all()?.to_scalar::<f32>()? as f64 / denom;
+            assert!(
+                (on.total as f64 - off).abs() < 1e-5 * off.abs().max(1.0),
+                "{} vs {off}",
+                on.total
+            );
+        }
+        Ok(())
+    }
+
+    /// The sampled-token estimator's advantage is a Monte-Carlo estimate of the reverse
+    /// KL: over many draws from q, the mean of log q(x) - log p(x) approaches KL(q || p).
+    #[test]
+    fn the_sampled_token_advantage_estimates_the_reverse_kl() -> Result<()> {
+        let q_logits = [0.5f32, -1.0, 2.0, 0.0, 1.0];
+        let p_logits = [1.0f32, 0.0, 0.5, -0.5, 1.5];
+        let log_softmax = |l: &[f32]| -> Vec<f64> {
+            let m = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let z = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            l.iter().map(|&x| x as f64 - m - z).collect()
+        };
+        let (lq, lp) = (log_softmax(&q_logits), log_softmax(&p_logits));
+        let exact: f64 = lq.iter().zip(&lp).map(|(a, b)| a.exp() * (a - b)).sum();
+        let mut rng = row_rng(11, 0);
+        let n = 40_000;
+        let mean = (0..n)
+            .map(|_| {
+                let x = crate::model::generate::sample(&q_logits, 1.0, 1.0, &mut rng) as usize;
+                lq[x] - lp[x]
+            })
+            .sum::<f64>()
+            / n as f64;
+        assert!((mean - exact).abs() < 0.02, "estimate {mean} vs KL(q||p) {exact}");
+        Ok(())
+    }
+
+    /// An on-policy stage (GKD, the sampled-token estimator, GRPO with a KL penalty)
+    /// killed after its step-2 checkpoint and resumed from it ends bitwise where the
+    /// uninterrupted stage ends.
+    #[test]
+    fn a_resumed_on_policy_stage_equals_the_uninterrupted_one() -> Result<()> {
+        let tok = tok();
+        let (teacher, reference, p) = (model(&tok, 24, 2), model(&tok, 16, 1), prompts(&tok));
+        let objective = |k: usize| match k {
+            0 => Objective::Distill { lambda: 0.5 },
+            1 => Objective::SampledToken {
+                teacher: &teacher,
+                lambda: 1.0,
+            },
+            _ => Objective::Grpo {
+                group: 4,
+                policy: PolicySpec { clip: 0.2, kl: 0.1 },
+                reference: Some(&reference),
+                tok: &tok,
+            },
+        };
+        let data: Vec<Encoded> = p
+            .iter()
+            .map(|x| Encoded {
+                ids: [x.ids.clone(), tok.encode("4 + 3 = 7\n#### 7").unwrap(), vec![tok.eos]].concat(),
+                prompt_len: x.ids.len(),
+            })
+            .collect();
+        // A start that has learnt to answer "7", so that its samples get mixed rewards.
+        let start = model(&tok, 16, 1);
+        let sft = StageInput {
+            name: "sft",
+            train: &data,
+            eval: &data,
+            pad: tok.pad,
+            seed: 4,
+            resume_from: None,
+            comm: &Single,
+            teacher: None,
+            loss: LossSpec::CE_ONLY,
+            rollouts: None,
+            curve: None,
+        };
+        let mut no_save = |_: &Llama, _: &AdamW, _: &TrainerState| Ok(());
+        let sft_spec = TrainSpec {
+            save_every: 0,
+            ..spec(80)
+        };
+        train(&sft, &start, &sft_spec, LossImpl::Fused, &mut no_save, &Silent)?;
+        for k in 0..3 {
+            let r = rollouts(&p, objective(k));
+            let dir = tempfile::tempdir().unwrap();
+            let run = |m: &Llama, resume: Option<&std::path::Path>| -> Result<StageStats> {
+                let input = StageInput {
+                    name: "s",
+                    train: &data,
+                    eval: &data,
+                    pad: tok.pad,
+                    seed: 4,
+                    resume_from: resume,
+                    comm: &Single,
+                    teacher: Some(TeacherSource::Online {
+                        model: &teacher,
+                        top_k: None,
+                    }),
+                    loss: LossSpec::new(0.0, 1.0, Divergence::Jsd { beta: 1.0 }),
+                    rollouts: Some(&r),
+                    curve: None,
+                };
+                let mut save = |m: &Llama, o: &AdamW, s: &TrainerState| {
+                    let extras = SaveExtras {
+                        tokenizer: &tok,
+                        resolved_config: "",
+                        state: Some(s),
+                        optimizer: Some(o),
+                    };
+                    checkpoint::save(&dir.path().join(format!("step-{}", s.step)), m, &extras)
+                };
+                train(&input, m, &spec(4), LossImpl::Fused, &mut save, &Silent)
+            };
+            let whole = Llama::from_tensors(start.cfg.clone(), start.tensors(), &Device::Cpu)?;
+            let stats = run(&whole, None)?;
+            let at2 = dir.path().join("step-2");
+            let (resumed, _) = checkpoint::load(&at2, &Device::Cpu)?;
+            let resumed_stats = run(&resumed, Some(&at2))?;
+            assert!(
+                weights(&whole) == weights(&resumed),
+                "objective {k}: resumed weights differ"
+            );
+            assert_eq!(stats.rollout.samples, resumed_stats.rollout.samples, "objective {k}");
+            if k == 2 {
+                // Mixed rewards, so GRPO's advantages are not all zero.
+                let (sum, n) = (stats.rollout.reward_sum, stats.rollout.samples as f64);
+                assert!(sum > 0.0 && sum < n, "objective {k}: reward {sum} of {n} samples");
+            }
+        }
+        Ok(())
+    }
+}
