@@ -1,4 +1,5 @@
-//! SVG charts for reports: training loss per stage, and dollars per stage.
+//! SVG charts for reports: training loss per stage, dollars per stage, and held-out
+//! accuracy against the cumulative dollars of each arm.
 //!
 //! plotters is built without its `ttf` feature (font-kit needs fontconfig),
 //! so it estimates text extents itself and the SVG backend writes labels as
@@ -160,6 +161,63 @@ fn dollars(x: f64) -> String {
     } else {
         format!("${}", tick(x))
     }
+}
+
+/// One line per arm: held-out accuracy (percent) against the cumulative dollars spent
+/// on the arm. Arms with no point are left out; none at all is an error.
+pub fn accuracy_curves_svg(arms: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
+    let arms: Vec<&(String, Vec<(f64, f64)>)> = arms.iter().filter(|(_, p)| !p.is_empty()).collect();
+    if arms.is_empty() {
+        return Err(Error::Invalid("accuracy chart: no arm has an accuracy point".into()));
+    }
+    let all = || arms.iter().flat_map(|(_, p)| p.iter());
+    if let Some((d, a)) = all().find(|(d, a)| !(d.is_finite() && a.is_finite() && *d >= 0.0)) {
+        return Err(Error::Invalid(format!(
+            "accuracy chart: the point ({d}, {a}) is not a finite cost and accuracy"
+        )));
+    }
+    let x_hi = all().map(|(d, _)| *d).fold(0.0, f64::max);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("held-out accuracy against dollars spent", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..(x_hi * 1.05).max(1e-9), 0.0..100.0)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("cumulative dollars of the arm")
+            .y_desc("accuracy (%)")
+            .x_label_formatter(&|d| dollars(*d))
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(draw_err)?;
+        for (i, (name, pts)) in arms.iter().enumerate() {
+            let color = series_color(i);
+            let pts: Vec<(f64, f64)> = pts.iter().map(|(d, a)| (*d, 100.0 * a)).collect();
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                .map_err(draw_err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
+            chart
+                .draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))
+                .map_err(draw_err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(draw_err)?;
+        root.present().map_err(draw_err)?;
+    }
+    Ok(svg)
 }
 
 /// A bar per stage, its height the stage's dollars, the amount written above it.
@@ -368,6 +426,30 @@ mod tests {
         let err = cost_bars_svg(&[("s".to_string(), -1.0)]).unwrap_err().to_string();
         assert!(err.contains("\"s\"") && err.contains("non-negative"), "{err}");
         assert!(cost_bars_svg(&[("s".to_string(), f64::NAN)]).is_err());
+    }
+
+    #[test]
+    fn accuracy_chart_has_a_line_per_arm_with_points() -> Result<()> {
+        let arms = vec![
+            ("student".to_string(), vec![(0.5, 0.2), (1.0, 0.4)]),
+            ("student-rl".to_string(), vec![(0.1, 0.1), (0.3, 0.15), (0.6, 0.2)]),
+            ("oracle".to_string(), vec![]),
+        ];
+        let svg = accuracy_curves_svg(&arms)?;
+        let doc = parse(&svg);
+        let t = texts(&doc);
+        assert!(
+            t.iter().any(|x| x == "student") && t.iter().any(|x| x == "student-rl"),
+            "{t:?}"
+        );
+        assert!(!t.iter().any(|x| x == "oracle"), "an arm with no point is drawn");
+        let lines = doc.descendants().filter(|n| n.has_tag_name("polyline")).count();
+        assert!(lines >= 2, "{lines} polylines");
+        let dots = doc.descendants().filter(|n| n.has_tag_name("circle")).count();
+        assert_eq!(dots, 5);
+        assert!(accuracy_curves_svg(&arms[2..]).is_err());
+        assert!(accuracy_curves_svg(&[("x".into(), vec![(f64::NAN, 0.1)])]).is_err());
+        Ok(())
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Held-out evaluation of every model: loss, and accuracy from greedy answers checked
 //! by the verifier; the report (`report`) and its charts (`charts`).
 
+pub mod arms;
 pub mod charts;
 pub mod report;
 

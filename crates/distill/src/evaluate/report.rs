@@ -32,6 +32,9 @@ pub struct Report {
     pub models: Vec<ModelReport>,
     pub cost: crate::cost::ledger::CostSummary,
     pub cost_table: String,
+    /// Every model as an arm of the recipe comparison (`arms`).
+    #[serde(default)]
+    pub arms: Vec<super::arms::Arm>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -104,6 +107,11 @@ fn write_charts(run_dir: &Path, r: &Report) -> Result<()> {
     if !bars.is_empty() {
         let svg = crate::evaluate::charts::cost_bars_svg(&bars)?;
         crate::fsio::write_file_atomic(&run_dir.join("cost.svg"), svg.as_bytes())?;
+    }
+    let curves: Vec<(String, Vec<(f64, f64)>)> = r.arms.iter().map(|a| (a.name.clone(), a.curve.clone())).collect();
+    if curves.iter().any(|(_, c)| !c.is_empty()) {
+        let svg = crate::evaluate::charts::accuracy_curves_svg(&curves)?;
+        crate::fsio::write_file_atomic(&run_dir.join("accuracy.svg"), svg.as_bytes())?;
     }
     Ok(())
 }
@@ -207,9 +215,53 @@ pub fn render(r: &Report) -> String {
         s += &format!("| total | {:.4} | ${:.4} |\n\n", total.0, total.1);
     }
     s += &verdict(r);
+    s += &recipes(r);
     s += "\n\n## Cost\n\n```\n";
     s += &r.cost_table;
     s += "```\n\n![dollars per stage](cost.svg)\n\n## Training loss\n\n![training loss per stage](loss.svg)\n";
+    s
+}
+
+/// The recipe comparison: every arm's accuracy, cost and accuracy per dollar, the
+/// split of the on-policy stages' time, and the accuracy-against-dollars chart.
+fn recipes(r: &Report) -> String {
+    if !r
+        .arms
+        .iter()
+        .any(|a| a.name == "student-onpolicy" || a.name == "student-rl")
+    {
+        return String::new();
+    }
+    let mut s = String::from("\n\n## Which recipe buys accuracy cheapest\n\n");
+    s += &super::arms::table(&r.arms);
+    s += "\nEach arm pays for the stages it was built from; evaluation is billed to none. ";
+    s += "Student FLOPs count the models trained in the arm's stages, their sampling included.\n\n";
+    s += "| stage | sampling s | scoring s | update s | sampling FLOPs | scoring FLOPs | update FLOPs |\n";
+    s += "|---|---:|---:|---:|---:|---:|---:|\n";
+    for c in r
+        .cost
+        .stages
+        .iter()
+        .filter(|c| c.stage == "student-onpolicy" || c.stage == "student-rl")
+    {
+        if let Some(w) = &c.split {
+            let (us, uf) = w.update(c);
+            s += &format!(
+                "| {}{} | {:.1} | {:.1} | {:.1} | {:.3e} | {:.3e} | {:.3e} |\n",
+                c.stage,
+                if c.interrupted { " (killed)" } else { "" },
+                w.sample_seconds,
+                w.score_seconds,
+                us,
+                w.sample_flops,
+                w.score_flops,
+                uf
+            );
+        }
+    }
+    if r.arms.iter().any(|a| !a.curve.is_empty()) {
+        s += "\n![held-out accuracy against dollars](accuracy.svg)\n";
+    }
     s
 }
 

@@ -201,6 +201,8 @@ fn run_on(
     let models = crate::evaluate::stage(all, &held_out, (cfg, &info), comm, &mut ledger, &heartbeat)?;
     heartbeat.clear();
 
+    let accuracies: Vec<(String, Option<f64>)> = models.iter().map(|m| (m.name.clone(), m.accuracy)).collect();
+    let arms = crate::evaluate::arms::arms(&run_dir, &accuracies, cfg.rl.start.stage(), &ledger.summary());
     let report = Report {
         run_dir: run_dir.clone(),
         device: info,
@@ -210,6 +212,7 @@ fn run_on(
         traces,
         logit_cache,
         models,
+        arms,
         cost: ledger.summary(),
         cost_table: ledger.table(),
     };
