@@ -987,9 +987,105 @@ fn r1_kill_config(dir: &Path) -> PathBuf {
         .replace("name = \"tiny\"", "name = \"kill\"")
         .replace("[teacher.train]\nsteps = 30", "[teacher.train]\nsteps = 80\nsave_every = 3")
         .replace("[student.train]\nsteps = 30", "[student.train]\nsteps = 30\nsave_every = 3")
-        + "\n[student]\ntrain_examples = 64\n\n[traces]\nenabled = true\nsamples = 2\ntemperature = 1.0\nmax_new_tokens = 40\n";
+        + "\n[student]\ntrain_examples = 64\n\n[traces]\nenabled = true\nsamples = 2\ntemperature = 1.0\nmax_new_tokens = 40\n"
+        + ONPOLICY_AND_RL;
     std::fs::write(&cfg, body).unwrap();
     cfg
+}
+
+/// Small on-policy and RL stages for the tiny configs, checkpointed every 3 steps.
+const ONPOLICY_AND_RL: &str = "
+[onpolicy]
+enabled = true
+lambda = 0.75
+max_new_tokens = 32
+
+[onpolicy.train]
+steps = 9
+batch_size = 8
+eval_every = 3
+save_every = 3
+
+[rl]
+enabled = true
+group = 4
+kl = 0.05
+max_new_tokens = 32
+
+[rl.train]
+steps = 9
+batch_size = 8
+eval_every = 3
+save_every = 3
+";
+
+/// The R1 recipe followed by on-policy distillation and GRPO: both stages train, bill
+/// their sampling and scoring apart, checkpoint weights that reload, repeat bitwise, and
+/// the report compares every arm with its accuracy curve.
+#[test]
+fn on_policy_and_rl_stages_train_and_the_report_compares_the_arms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = r1_kill_config(tmp.path());
+    let body = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[eval]\n", "[eval]\ncurve_examples = 8\n");
+    std::fs::write(&cfg, body).unwrap();
+    run_variant(&cfg, tmp.path(), "a");
+    run_variant(&cfg, tmp.path(), "b");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for stage in ["student-onpolicy", "student-rl"] {
+        let wa = std::fs::read(a.join(stage).join("model.safetensors")).unwrap();
+        assert_eq!(
+            wa,
+            std::fs::read(b.join(stage).join("model.safetensors")).unwrap(),
+            "{stage} is not reproducible"
+        );
+        let start = if stage == "student-rl" { "baseline" } else { "student" };
+        assert_ne!(
+            wa,
+            std::fs::read(a.join(start).join("model.safetensors")).unwrap(),
+            "{stage} did not train"
+        );
+        let out = ok(bin().arg("eval").arg("--checkpoint").arg(a.join(stage)));
+        assert!(out.contains("held-out"), "{out}");
+    }
+    let ledger = ledger_records(&a);
+    for stage in ["student-onpolicy", "student-rl"] {
+        let rec = ledger.iter().find(|r| r["stage"] == stage).expect("a ledger line");
+        let split = &rec["split"];
+        assert!(
+            num(split, "sample_seconds") > 0.0 && num(split, "sample_flops") > 0.0,
+            "{rec}"
+        );
+        if stage == "student-onpolicy" {
+            assert!(num(split, "score_flops") > 0.0, "the teacher scored nothing: {rec}");
+        }
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join("report.json")).unwrap()).unwrap();
+    let arm = |n: &str| {
+        report["arms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        arm("student-onpolicy")["stages"],
+        serde_json::json!(["teacher", "traces", "student", "student-onpolicy"])
+    );
+    assert_eq!(
+        arm("student-rl")["stages"],
+        serde_json::json!(["baseline", "student-rl"])
+    );
+    assert!(!arm("student-rl")["curve"].as_array().unwrap().is_empty());
+    let md = std::fs::read_to_string(a.join("report.md")).unwrap();
+    assert!(
+        md.contains("Which recipe buys accuracy cheapest") && md.contains("accuracy.svg"),
+        "{md}"
+    );
+    assert!(a.join("accuracy.svg").is_file());
 }
 
 /// Every checkpoint directory on disk (final and periodic) passes its
@@ -1212,7 +1308,15 @@ fn kill_anywhere_and_resume_gives_the_uninterrupted_result() {
         }
     }
     assert!(kills >= points, "only {kills} kills landed");
-    let stages = ["teacher", "student", "student-kd", "baseline", "oracle"];
+    let stages = [
+        "teacher",
+        "student",
+        "student-kd",
+        "baseline",
+        "oracle",
+        "student-onpolicy",
+        "student-rl",
+    ];
     for stage in stages {
         let a = std::fs::read(reference.join(stage).join("model.safetensors")).unwrap();
         let b = std::fs::read(run_dir.join(stage).join("model.safetensors")).unwrap();
