@@ -55,6 +55,7 @@ def main() -> int:
             continue
         per = ", ".join(f"{100 * a:.1f}" for a in accs)
         print(f"| {n} | {ms[0]['params']} | {fmt(accs)} | {per} |")
+    arms_table(reports, fmt)
     acc = [r["traces"]["acceptance"]["acceptance_rate"] for r in reports if r.get("traces")]
     if acc:
         print(f"\ntrace acceptance rate: {fmt(acc)}")
@@ -69,6 +70,25 @@ def main() -> int:
     print(f"| total | {statistics.mean(r['cost']['total_wall_seconds'] for r in reports):.1f} | "
           f"{statistics.mean(r['cost']['total_device_hours'] for r in reports):.4f} | ${tot:.4f} |")
     return 0
+
+
+def arms_table(reports, fmt):
+    """Every arm's accuracy as a share of the teacher's (per seed, then mean +- std), its
+    student FLOPs and dollars (means), and accuracy points per dollar."""
+    if not reports[0].get("arms"):
+        return
+    print("\n| arm | stages paid for | accuracy / teacher's | student FLOPs | dollars | points per dollar |")
+    print("|---|---|---:|---:|---:|---:|")
+    for a0 in reports[0]["arms"]:
+        n = a0["name"]
+        arms = [next(a for a in r["arms"] if a["name"] == n) for r in reports]
+        teachers = [next(m for m in r["models"] if m["name"] == "teacher")["accuracy"] for r in reports]
+        share = [a["accuracy"] / t for a, t in zip(arms, teachers) if a["accuracy"] is not None and t]
+        ppd = [100 * a["accuracy"] / a["dollars"] for a in arms if a["accuracy"] is not None and a["dollars"] > 0]
+        ppd_s = f"{statistics.mean(ppd):.0f}" if ppd else "-"
+        print(f"| {n} | {' + '.join(a0['stages'])} | {fmt(share) if share else '-'} | "
+              f"{statistics.mean(a['student_flops'] for a in arms):.3e} | "
+              f"${statistics.mean(a['dollars'] for a in arms):.4f} | {ppd_s} |")
 
 
 if __name__ == "__main__":

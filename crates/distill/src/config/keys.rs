@@ -136,6 +136,7 @@ pub static DOCS: &[KeyDoc] = &[
     k("onpolicy.top_k", ">= 0; estimator = \"full\" only", "The teacher's k most likely tokens per position plus a tail bucket; 0 takes its whole distribution."),
     k("onpolicy.temperature", "> 0", "Sampling temperature of the student's rollouts."),
     k("onpolicy.max_new_tokens", "> 0", "Most tokens per rollout."),
+    k("onpolicy.sft_control", "", "Also train student-sft-more: the SFT student trained further on its traces for the student FLOPs student-onpolicy spent, the control for more compute against on-policy data."),
     // [rl]
     k("rl.enabled", "needs [traces] enabled", "Train student-rl with GRPO on the verifier's reward, the RL of DeepSeek-R1-Zero (docs/onpolicy.md)."),
     k("rl.start", "", "The trained stage RL starts from: the baseline (no teacher, the R1-Zero side of the comparison) or the student (RL after SFT)."),

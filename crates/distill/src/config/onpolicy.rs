@@ -31,6 +31,11 @@ pub struct OnPolicyConfig {
     pub temperature: f64,
     /// Most tokens per rollout. Default 96.
     pub max_new_tokens: usize,
+    /// Also train `student-sft-more`: the SFT student trained further on its traces for
+    /// as many student FLOPs as `student-onpolicy` spent (sampling included), with the
+    /// same optimiser settings: the control for "more compute" against "on-policy data".
+    /// Default false.
+    pub sft_control: bool,
     /// Steps, rollouts per micro-batch (`batch_size`) and optimiser settings.
     pub train: TrainSpec,
 }
@@ -45,6 +50,7 @@ impl Default for OnPolicyConfig {
             top_k: 0,
             temperature: 1.0,
             max_new_tokens: 96,
+            sft_control: false,
             train: TrainSpec::default(),
         }
     }

@@ -49,7 +49,7 @@ pub fn lineage(name: &str, rl_start: &str, cost: &CostSummary) -> Vec<String> {
     let mut out: Vec<&str> = match name {
         "teacher" => vec![],
         "baseline" | "oracle" => vec![],
-        "student-onpolicy" => [&teacher_side[..], &["student"]].concat(),
+        "student-onpolicy" | "student-sft-more" => [&teacher_side[..], &["student"]].concat(),
         "student-kd" => [&teacher_side[..], &["logit-cache"]].concat(),
         "student-rl" => {
             let mut before = lineage(rl_start, rl_start, cost);

@@ -1,6 +1,7 @@
 //! The stages that train a student on its own samples, after the other students:
-//! `student-onpolicy` (on-policy distillation from the trained `student`, GKD) and
-//! `student-rl` (GRPO on the verifier's reward, from the `baseline` or the `student`).
+//! `student-onpolicy` (on-policy distillation from the trained `student`, GKD), its
+//! control `student-sft-more` (more SFT for the same student FLOPs), and `student-rl`
+//! (GRPO on the verifier's reward, from the `baseline` or the `student`).
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use super::prepare::Prepared;
 use super::stage::{train_stage, StageData, StageEnv};
 use super::students::Plan;
 use super::sub_seed;
-use crate::config::Estimator;
+use crate::config::{Estimator, TrainSpec};
 use crate::cost::heartbeat::Heartbeat;
 use crate::cost::ledger::Ledger;
 use crate::error::{Error, Result};
@@ -16,6 +17,9 @@ use crate::loss::policy::PolicySpec;
 use crate::loss::{Divergence, LossSpec};
 use crate::model::generate::Sampling;
 use crate::model::Llama;
+use crate::progress::Progress as _;
+use crate::prepare::data::batch::Order;
+use crate::train::checkpoint;
 use crate::train::rollout::{Objective, RolloutPrompt, Rollouts};
 use crate::train::TeacherSource;
 
@@ -41,7 +45,12 @@ pub(crate) fn stages(
     let prompts = RolloutPrompt::encode_all(&prep.tok, examples)?;
     if cfg.onpolicy.enabled {
         let trained = onpolicy(env, prep, plans, teacher.0, &prompts, students, ledger, heartbeat)?;
+        let target = checkpoint::verify(&trained.2)?.flops;
         students.push(trained);
+        if cfg.onpolicy.sft_control {
+            let control = sft_control(env, plans, students, target, ledger, heartbeat)?;
+            students.push(control);
+        }
     }
     if cfg.rl.enabled {
         let with_answers: Vec<RolloutPrompt> = prompts.into_iter().filter(|p| p.answer.is_some()).collect();
@@ -120,6 +129,56 @@ fn onpolicy(
     let init = || start_from(students, "student", env);
     let (model, dir) = train_stage(env, &data, init, ledger, heartbeat)?;
     Ok(("student-onpolicy", model, dir))
+}
+
+/// `student-sft-more`: the SFT student trained further on its traces, with the on-policy
+/// stage's optimiser settings, for the first step count whose student FLOPs reach
+/// `target` (the on-policy stage's, sampling included).
+fn sft_control(
+    env: &StageEnv,
+    plans: &[Plan],
+    students: &[Trained],
+    target: f64,
+    ledger: &mut Ledger,
+    heartbeat: &Heartbeat,
+) -> Result<Trained> {
+    let cfg = env.cfg;
+    let train = data_of(plans, "student")?;
+    let seed = sub_seed(cfg.run.seed, "student-sft-more");
+    let o = &cfg.onpolicy.train;
+    let model_cfg = &students.iter().find(|(n, _, _)| *n == "student").map(|s| &s.1.cfg).ok_or_else(|| {
+        Error::Invalid("student-sft-more starts from `student`, which this run did not train".into())
+    })?;
+    // The FLOPs of the training loop's micro-batches, in its own order (`train::step_batches`).
+    let mut order = Order::new(train.len(), seed);
+    let (mut flops, mut steps) = (0.0, 0);
+    while flops < target {
+        for a in 0..o.grad_accum {
+            let idx = order.micro_batch(steps * o.grad_accum + a, o.batch_size);
+            let t = idx.iter().map(|&i| train[i].ids.len() - 1).max().unwrap_or(0);
+            flops += 3.0 * model_cfg.forward_flops_per_token(t) * (idx.len() * t) as f64;
+        }
+        steps += 1;
+    }
+    let spec = TrainSpec {
+        steps: steps.max(1),
+        warmup_steps: o.warmup_steps.map(|w| w.min(steps.max(1))),
+        ..o.clone()
+    };
+    let data = StageData {
+        name: "student-sft-more",
+        train,
+        seed,
+        teacher: None,
+        spec: &spec,
+        rollouts: None,
+    };
+    heartbeat.message(&format!(
+        "student-sft-more: {steps} steps of SFT on the traces match student-onpolicy's {target:.3e} student FLOPs"
+    ));
+    let init = || start_from(students, "student", env);
+    let (model, dir) = train_stage(env, &data, init, ledger, heartbeat)?;
+    Ok(("student-sft-more", model, dir))
 }
 
 /// `student-rl`: GRPO with the verifier's reward from the configured start.
