@@ -297,18 +297,37 @@ pub fn verdict(r: &Report) -> String {
     for (name, label) in [
         ("student-kd", "traces + logit KD"),
         ("oracle", "gold solutions, no teacher"),
+        ("student-onpolicy", "on-policy distillation after SFT"),
+        ("student-sft-more", "more SFT for the same student FLOPs"),
+        ("student-rl", "GRPO on the verifier's reward"),
     ] {
         if let Some(a) = get(name).and_then(|m| m.accuracy) {
             s += &format!(" {name} ({label}): {:.1}%.", 100.0 * a);
         }
     }
-    if let Some((t, ta)) = get("teacher").and_then(|t| t.accuracy.map(|a| (t, a))) {
+    // The best student that learnt from the teacher, against the teacher.
+    let distilled = [
+        "student",
+        "student-kd",
+        "student-pruned",
+        "student-onpolicy",
+        "student-sft-more",
+    ];
+    let best = distilled
+        .iter()
+        .filter_map(|n| get(n).and_then(|m| m.accuracy.map(|a| (m, a))))
+        .fold(None, |b: Option<(&ModelReport, f64)>, x| match b {
+            Some(b) if b.1 >= x.1 => Some(b),
+            _ => Some(x),
+        });
+    if let (Some((t, ta)), Some((m, a))) = (get("teacher").and_then(|t| t.accuracy.map(|a| (t, a))), best) {
         if ta > 0.0 {
             s += &format!(
-                " The student reaches {:.0}% of the teacher's accuracy ({:.1}%) with 1/{:.1} of its parameters.",
-                100.0 * sa / ta,
+                " The best distilled student ({}) reaches {:.0}% of the teacher's accuracy ({:.1}%) with 1/{:.1} of its parameters.",
+                m.name,
+                100.0 * a / ta,
                 100.0 * ta,
-                t.params as f64 / st.params.max(1) as f64
+                t.params as f64 / m.params.max(1) as f64
             );
         }
     }

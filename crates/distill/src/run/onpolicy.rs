@@ -17,8 +17,8 @@ use crate::loss::policy::PolicySpec;
 use crate::loss::{Divergence, LossSpec};
 use crate::model::generate::Sampling;
 use crate::model::Llama;
-use crate::progress::Progress as _;
 use crate::prepare::data::batch::Order;
+use crate::progress::Progress as _;
 use crate::train::checkpoint;
 use crate::train::rollout::{Objective, RolloutPrompt, Rollouts};
 use crate::train::TeacherSource;
@@ -146,9 +146,11 @@ fn sft_control(
     let train = data_of(plans, "student")?;
     let seed = sub_seed(cfg.run.seed, "student-sft-more");
     let o = &cfg.onpolicy.train;
-    let model_cfg = &students.iter().find(|(n, _, _)| *n == "student").map(|s| &s.1.cfg).ok_or_else(|| {
-        Error::Invalid("student-sft-more starts from `student`, which this run did not train".into())
-    })?;
+    let model_cfg = &students
+        .iter()
+        .find(|(n, _, _)| *n == "student")
+        .map(|s| &s.1.cfg)
+        .ok_or_else(|| Error::Invalid("student-sft-more starts from `student`, which this run did not train".into()))?;
     // The FLOPs of the training loop's micro-batches, in its own order (`train::step_batches`).
     let mut order = Order::new(train.len(), seed);
     let (mut flops, mut steps) = (0.0, 0);
