@@ -50,12 +50,14 @@ pub fn lineage(name: &str, rl_start: &str, cost: &CostSummary) -> Vec<String> {
         "teacher" => vec![],
         "baseline" | "oracle" => vec![],
         "student-onpolicy" | "student-sft-more" => [&teacher_side[..], &["student"]].concat(),
-        "student-kd" => [&teacher_side[..], &["logit-cache"]].concat(),
+        "student-kd" => [&teacher_side[..], &["teacher-logits"]].concat(),
         "student-rl" => {
             let mut before = lineage(rl_start, rl_start, cost);
             before.push("student-rl".into());
             return before;
         }
+        // Logit distillation (no traces): the student learns from the teacher's logits.
+        _ if cost.stage("traces").is_none() => [&teacher_side[..], &["teacher-logits"]].concat(),
         _ => teacher_side.to_vec(),
     };
     out.push(name);
@@ -89,7 +91,7 @@ pub fn arms(run_dir: &Path, models: &[(String, Option<f64>)], rl_start: &str, co
                 arm.device_hours += t.device_hours;
                 arm.dollars += t.dollars;
                 arm.flops += t.flops;
-                if !matches!(s.as_str(), "teacher" | "traces" | "prune" | "logit-cache") || name == "teacher" {
+                if !matches!(s.as_str(), "teacher" | "traces" | "prune" | "teacher-logits") || name == "teacher" {
                     arm.student_flops += cost
                         .stages
                         .iter()
