@@ -184,15 +184,14 @@ pub fn train(
     for step in start..spec.steps {
         let t0 = Instant::now();
         let lr = lr_at(spec, step);
-        let (batches, denom, reward) = match (input.rollouts, prompt_order.as_mut()) {
-            (Some(r), Some(po)) if r.on_policy(input.seed, step) => {
-                r.step_batches(model, spec, po, step, input.pad, &mut stats)?
-            }
-            _ => {
-                let (b, d) = step_batches(input, spec, &mut order, step, &device)?;
-                (b, d, None)
-            }
-        };
+        let (batches, denom, reward) = step_data(
+            input,
+            spec,
+            model,
+            (&mut order, prompt_order.as_mut()),
+            step,
+            &mut stats,
+        )?;
         let (flops_before, teacher_flops_before) = (stats.flops, stats.teacher_flops);
 
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -261,18 +260,7 @@ pub fn train(
         stats.final_loss = loss;
 
         let last = step + 1 == spec.steps;
-        let evaluate = last || (spec.eval_every > 0 && (step + 1) % spec.eval_every == 0);
-        let eval_loss = if evaluate {
-            let l = eval_loss_on(model, input.eval, spec.batch_size, input.pad, comm)?;
-            stats.final_eval_loss = l;
-            Some(l)
-        } else {
-            None
-        };
-        let accuracy = match input.curve {
-            Some(c) if evaluate => Some(c.accuracy(model)?),
-            _ => None,
-        };
+        let (eval_loss, accuracy) = evaluate_at(input, spec, model, step, &mut stats)?;
         progress.step(&StepLog {
             step: step + 1,
             total_steps: spec.steps,
@@ -295,6 +283,47 @@ pub fn train(
     }
     progress.stage_end();
     Ok(stats)
+}
+
+/// The micro-batches of `step` and its loss denominator: the model's own samples on a
+/// step that samples (with a GRPO step's mean reward), the fixed data otherwise.
+fn step_data(
+    input: &StageInput,
+    spec: &TrainSpec,
+    model: &Llama,
+    (order, prompt_order): (&mut Order, Option<&mut Order>),
+    step: usize,
+    stats: &mut StageStats,
+) -> Result<(Vec<StepBatch>, f64, Option<f64>)> {
+    match (input.rollouts, prompt_order) {
+        (Some(r), Some(po)) if r.on_policy(input.seed, step) => r.step_batches(model, spec, po, step, input.pad, stats),
+        _ => {
+            let (b, d) = step_batches(input, spec, order, step, model.device())?;
+            Ok((b, d, None))
+        }
+    }
+}
+
+/// The held-out loss, and the curve's accuracy, after `step` when it is a step that
+/// evaluates (every `eval_every` steps, and the last).
+fn evaluate_at(
+    input: &StageInput,
+    spec: &TrainSpec,
+    model: &Llama,
+    step: usize,
+    stats: &mut StageStats,
+) -> Result<(Option<f32>, Option<f64>)> {
+    let last = step + 1 == spec.steps;
+    if !(last || (spec.eval_every > 0 && (step + 1) % spec.eval_every == 0)) {
+        return Ok((None, None));
+    }
+    let l = eval_loss_on(model, input.eval, spec.batch_size, input.pad, input.comm)?;
+    stats.final_eval_loss = l;
+    let accuracy = match input.curve {
+        Some(c) => Some(c.accuracy(model)?),
+        None => None,
+    };
+    Ok((Some(l), accuracy))
 }
 
 /// The optimiser state, step and stage totals of the checkpoint a stage resumes from,
