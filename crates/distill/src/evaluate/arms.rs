@@ -7,7 +7,9 @@
 //! student too, the RL student for the stage it started from. Evaluation is not billed
 //! to any arm. Accuracy along the way comes from `[eval] curve_examples`: a point at
 //! step s of a stage of S steps is placed at the dollars of the stages before it plus
-//! s / S of the stage's own dollars.
+//! s / S of the stage's own dollars. An arm's curve is its own model's: the teacher's
+//! points are not the student's, and a stage another arm also went through (the SFT
+//! student under the on-policy student) adds only its last point, where the arm branches.
 
 use std::path::Path;
 
@@ -83,15 +85,19 @@ pub fn arms(run_dir: &Path, models: &[(String, Option<f64>)], rl_start: &str, co
                 flops: 0.0,
                 curve: Vec::new(),
             };
-            for s in &stages {
+            for (i, s) in stages.iter().enumerate() {
                 let Some(t) = cost.stage(s) else { continue };
-                let points = curve_points(run_dir, s);
-                arm.curve
-                    .extend(points.iter().map(|(f, a)| (arm.dollars + f * t.dollars, *a)));
-                arm.device_hours += t.device_hours;
-                arm.dollars += t.dollars;
-                arm.flops += t.flops;
-                if !matches!(s.as_str(), "teacher" | "traces" | "prune" | "teacher-logits") || name == "teacher" {
+                // Stages that train the arm's own model (not the teacher that wrote its data).
+                let own = !matches!(s.as_str(), "teacher" | "traces" | "prune" | "teacher-logits") || name == "teacher";
+                if own {
+                    // The arm's last stage draws its whole curve; an earlier one, which
+                    // another arm draws in full, only the point the arm branches from.
+                    let mut points = curve_points(run_dir, s);
+                    if i + 1 < stages.len() {
+                        points = points.split_off(points.len().saturating_sub(1));
+                    }
+                    arm.curve
+                        .extend(points.iter().map(|(f, a)| (arm.dollars + f * t.dollars, *a)));
                     arm.student_flops += cost
                         .stages
                         .iter()
@@ -99,6 +105,9 @@ pub fn arms(run_dir: &Path, models: &[(String, Option<f64>)], rl_start: &str, co
                         .map(|c| c.flops)
                         .sum::<f64>();
                 }
+                arm.device_hours += t.device_hours;
+                arm.dollars += t.dollars;
+                arm.flops += t.flops;
             }
             arm
         })
@@ -186,6 +195,11 @@ mod tests {
             "{\"step\":1,\"total_steps\":2,\"accuracy\":0.5}\n{\"step\":2,\"total_steps\":2}\n",
         )
         .unwrap();
+        let halves =
+            "{\"step\":1,\"total_steps\":2,\"accuracy\":0.1}\n{\"step\":2,\"total_steps\":2,\"accuracy\":0.4}\n";
+        for stage in ["teacher", "student"] {
+            std::fs::write(dir.path().join(format!("metrics/{stage}.jsonl")), halves).unwrap();
+        }
         let models: Vec<(String, Option<f64>)> = ["teacher", "student", "baseline", "student-onpolicy", "student-rl"]
             .iter()
             .map(|n| (n.to_string(), Some(0.5)))
@@ -198,8 +212,12 @@ mod tests {
         let op = get("student-onpolicy");
         assert_eq!(op.stages, ["teacher", "traces", "student", "student-onpolicy"]);
         assert_eq!((op.dollars, op.student_flops, op.flops), (16.0, 40.0, 165.0));
-        // Half-way through its own stage: the 13 dollars before it and half of its 3.
-        assert_eq!(op.curve, [(14.5, 0.5)]);
+        // The student's last point (after the teacher's 10 and the traces' 2 dollars, and
+        // the student's 1), then half-way through its own stage: 13 dollars and half of 3.
+        // The teacher's points are not the student's.
+        assert_eq!(op.curve, [(13.0, 0.4), (14.5, 0.5)]);
+        assert_eq!(get("student").curve, [(12.5, 0.1), (13.0, 0.4)]);
+        assert_eq!(get("teacher").curve, [(5.0, 0.1), (10.0, 0.4)]);
         assert_eq!(get("student-rl").stages, ["baseline", "student-rl"]);
         assert_eq!(get("student-rl").dollars, 5.0);
         assert_eq!(get("student-rl").points_per_dollar(), Some(10.0));

@@ -55,10 +55,19 @@ pub fn write_report(run_dir: &Path, r: &Report) -> Result<()> {
 pub fn rerender(run_dir: &Path) -> Result<Report> {
     let path = run_dir.join("report.json");
     let bytes = std::fs::read(&path).at(&path)?;
-    let r: Report = serde_json::from_slice(&bytes).map_err(|e| Error::Data {
+    let mut r: Report = serde_json::from_slice(&bytes).map_err(|e| Error::Data {
         path: path.clone(),
         msg: format!("not a distill report ({e}); it is written when a run finishes"),
     })?;
+    // The arms again, from the ledger and the metrics as they are now.
+    let rl_start = r
+        .arms
+        .iter()
+        .find(|a| a.name == "student-rl")
+        .and_then(|a| a.stages.first().cloned())
+        .unwrap_or_else(|| "baseline".into());
+    let accuracies: Vec<(String, Option<f64>)> = r.models.iter().map(|m| (m.name.clone(), m.accuracy)).collect();
+    r.arms = super::arms::arms(run_dir, &accuracies, &rl_start, &r.cost);
     write_charts(run_dir, &r)?;
     crate::fsio::write_file_atomic(&run_dir.join("report.md"), render(&r).as_bytes())?;
     Ok(r)
