@@ -260,7 +260,11 @@ struct RunArgs {
     dry_run: bool,
 }
 
+/// When this process started, for the ledger's billing clock.
+static STARTED: std::sync::OnceLock<(std::time::Instant, f64)> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
+    STARTED.get_or_init(|| (std::time::Instant::now(), distill::cost::ledger::unix_now()));
     keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -325,6 +329,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
         force: args.force,
         resume: args.resume,
+        started: STARTED.get().copied(),
     };
     if args.dry_run {
         return dry_run(&path, &cfg);
@@ -385,6 +390,7 @@ fn resume(run_dir: &std::path::Path, device: Option<String>) -> anyhow::Result<(
         &RunOptions {
             force: false,
             resume: true,
+            started: STARTED.get().copied(),
         },
     )
 }

@@ -48,6 +48,10 @@ pub struct RunOptions {
     /// Continue the run in the existing run directory: completed stages are
     /// loaded, the interrupted one continues from its last valid checkpoint.
     pub resume: bool,
+    /// When this process started (its monotonic and Unix clocks), so that the ledger
+    /// bills its time from there (reading the config, opening the device); None bills
+    /// from the start of `run`.
+    pub started: Option<(Instant, f64)>,
 }
 
 /// Derived seeds, so that each use of the master seed is independent.
@@ -93,7 +97,10 @@ fn run_on(
 ) -> Result<Report> {
     run_dir::check(cfg, opts)?;
     comm.barrier()?; // every rank has looked before rank 0 makes the run directory
-    let start = (Instant::now(), crate::cost::ledger::unix_now()); // every second from here is billed
+                     // Every second from the process's start (or from here) is billed.
+    let start = opts
+        .started
+        .unwrap_or_else(|| (Instant::now(), crate::cost::ledger::unix_now()));
     let info = crate::device::describe(dev);
     let (dtype, kernels, world) = (cfg.compute_dtype(dev)?, cfg.kernels()?, comm.world());
     progress.message(&format!(
