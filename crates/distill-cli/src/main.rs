@@ -202,6 +202,9 @@ struct GenerateArgs {
     /// Nucleus sampling mass; 1 keeps the whole distribution.
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
+    /// Sample from the k most likely tokens only (before --top-p); 0 keeps them all.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Which correct samples to keep: first or all.
@@ -520,6 +523,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_p: a.top_p,
+        top_k: a.top_k,
         seed: a.seed,
     };
     let Some(input) = a.input else {

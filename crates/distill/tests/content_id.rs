@@ -66,6 +66,7 @@ fn record(teacher: &str, id: u64) -> TraceRecord {
         teacher: teacher.into(),
         temperature: 0.7,
         top_p: 0.95,
+        top_k: 0,
         max_new_tokens: 16,
         seed: 1,
     }

@@ -970,6 +970,7 @@ fn record(id: u64, sample: u32) -> TraceRecord {
         teacher: "sha256:0123456789abcdef".into(),
         temperature: 0.7,
         top_p: 0.95,
+        top_k: 0,
         max_new_tokens: 64,
         seed: 5,
     }
@@ -1085,6 +1086,7 @@ fn prompts_longer_than_the_context_are_counted_as_too_long() {
             max_new_tokens: 3,
             temperature: 1.0,
             top_p: 1.0,
+            top_k: 0,
             seed: 1,
         },
         keep: distill::config::Keep::First,

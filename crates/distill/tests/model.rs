@@ -386,6 +386,7 @@ fn the_rollout_engine_gives_the_same_tokens_as_uncached_decoding() -> R {
         max_new_tokens: 12,
         temperature: 1.0,
         top_p: 0.9,
+        top_k: 0,
         seed: 5,
     };
     let streams = |seed: u64| -> Vec<_> { (0..prompts.len() as u64).map(|r| row_rng(seed, r)).collect() };
@@ -426,19 +427,54 @@ fn prompts_at_the_end_of_the_context_get_what_fits() -> R {
     Ok(())
 }
 
+fn sampling(temperature: f64, top_p: f64, top_k: usize) -> distill::model::generate::Sampling {
+    distill::model::generate::Sampling {
+        max_new_tokens: 1,
+        temperature,
+        top_p,
+        top_k,
+        seed: 0,
+    }
+}
+
 #[test]
 fn top_p_keeps_only_the_nucleus() {
     use distill::model::generate::{row_rng, sample};
     // Probabilities about 0.64, 0.24, 0.09, 0.03: top_p = 0.7 keeps the first two.
     let logits = [3.0f32, 2.0, 1.0, 0.0];
     let mut rng = row_rng(1, 0);
-    let draws: Vec<u32> = (0..400).map(|_| sample(&logits, 1.0, 0.7, &mut rng)).collect();
+    let draws: Vec<u32> = (0..400)
+        .map(|_| sample(&logits, &sampling(1.0, 0.7, 0), &mut rng))
+        .collect();
     assert!(draws.iter().all(|&d| d < 2), "drew outside the nucleus");
     assert!(draws.contains(&0) && draws.contains(&1));
-    let all: Vec<u32> = (0..400).map(|_| sample(&logits, 1.0, 1.0, &mut rng)).collect();
+    let all: Vec<u32> = (0..400)
+        .map(|_| sample(&logits, &sampling(1.0, 1.0, 0), &mut rng))
+        .collect();
     assert!(all.contains(&3), "top_p = 1 keeps the tail");
     // A tiny temperature is as good as greedy.
-    assert!((0..50).all(|_| sample(&logits, 1e-3, 1.0, &mut rng) == 0));
+    assert!((0..50).all(|_| sample(&logits, &sampling(1e-3, 1.0, 0), &mut rng) == 0));
+}
+
+/// top_k keeps the k most likely tokens (ties: the lower index), and the nucleus then
+/// takes its mass of what they hold; top_k = 1 is greedy, and k >= V keeps them all.
+#[test]
+fn top_k_keeps_the_k_most_likely_tokens() {
+    use distill::model::generate::{row_rng, sample};
+    let logits = [0.0f32, 3.0, 1.0, 2.0, 1.0];
+    let mut rng = row_rng(2, 0);
+    let mut draw = |s: &distill::model::generate::Sampling| -> Vec<u32> {
+        (0..400).map(|_| sample(&logits, s, &mut rng)).collect()
+    };
+    assert!(draw(&sampling(1.0, 1.0, 1)).iter().all(|&d| d == 1));
+    let two = draw(&sampling(1.0, 1.0, 2));
+    assert!(two.iter().all(|&d| d == 1 || d == 3) && two.contains(&1) && two.contains(&3));
+    // Tokens 2 and 4 tie for third: the lower index is kept.
+    let three = draw(&sampling(1.0, 1.0, 3));
+    assert!(three.iter().all(|&d| d != 0 && d != 4) && three.contains(&2));
+    // Of the top 2 (0.73, 0.27 once renormalised), a nucleus of 0.7 keeps the first.
+    assert!(draw(&sampling(1.0, 0.7, 2)).iter().all(|&d| d == 1));
+    assert!(draw(&sampling(1.0, 1.0, 9)).contains(&0), "k >= V keeps the tail");
 }
 
 /// Hugging Face checkpoints are often bf16 (SmolLM2's are). One rewritten in bf16 loads

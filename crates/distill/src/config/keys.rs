@@ -122,6 +122,7 @@ pub static DOCS: &[KeyDoc] = &[
     k("traces.samples", "1 to 1024", "Samples the teacher draws per prompt (K)."),
     k("traces.temperature", ">= 0; 0 decodes greedily", "Sampling temperature."),
     k("traces.top_p", "in (0, 1]", "Nucleus (top-p) mass; 1 keeps the whole distribution."),
+    k("traces.top_k", "0 keeps every token", "Sample from the k most likely tokens only; top_p then applies to what they hold."),
     k("traces.max_new_tokens", "> 0", "Most tokens per sample; a sample not finished by then is rejected."),
     k("traces.keep", "", "Keep the first correct sample of each prompt, or every correct one."),
     opt("traces.max_completion_tokens", "> 0", "Reject correct samples longer than this many tokens.", "no limit", "64"),

@@ -389,6 +389,8 @@ pub struct TracesConfig {
     pub temperature: f64,
     /// Nucleus (top-p) mass; 1 keeps the whole distribution. Default 0.95.
     pub top_p: f64,
+    /// Sample from the k most likely tokens only (before top_p); 0 keeps them all. Default 0.
+    pub top_k: usize,
     /// Most tokens per sample; a sample that has not ended by then is rejected. Default 96.
     pub max_new_tokens: usize,
     /// "first": keep the first correct sample of each prompt (default); "all": every correct one.
@@ -410,6 +412,7 @@ impl Default for TracesConfig {
             samples: 4,
             temperature: 0.7,
             top_p: 0.95,
+            top_k: 0,
             max_new_tokens: 96,
             keep: Keep::First,
             max_completion_tokens: None,

@@ -24,6 +24,9 @@ pub struct Sampling {
     /// Nucleus sampling: draw from the smallest set of tokens whose probability
     /// adds up to at least `top_p`. 1 keeps the whole distribution.
     pub top_p: f64,
+    /// Draw from the `top_k` most likely tokens only (before the nucleus, which then
+    /// takes its mass of what they hold); 0 keeps them all.
+    pub top_k: usize,
     pub seed: u64,
 }
 
@@ -33,6 +36,7 @@ impl Sampling {
             max_new_tokens,
             temperature: 0.0,
             top_p: 1.0,
+            top_k: 0,
             seed: 0,
         }
     }
@@ -151,7 +155,7 @@ pub(crate) fn pick(logits: &Tensor, s: &Sampling, rngs: &mut [ChaCha8Rng], rows:
             let rng = rngs.get_mut(rows[i]).ok_or_else(|| {
                 crate::error::Error::Invalid(format!("sampling row {} has no random stream", rows[i]))
             })?;
-            sample(row, s.temperature, s.top_p, rng)
+            sample(row, s, rng)
         });
     }
     Ok(next)
@@ -168,16 +172,24 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// Draws an index from softmax(logits / temperature), restricted to the
-/// nucleus of mass `top_p`. Ties in probability keep the lower index first,
-/// so the draw is a pure function of the logits and the stream.
-pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut ChaCha8Rng) -> u32 {
+/// Draws an index from softmax(logits / temperature), restricted to the `top_k` most
+/// likely tokens (0: all of them) and then to the nucleus of mass `top_p` of what is
+/// left. Ties in probability keep the lower index first, so the draw is a pure function
+/// of the logits and the stream.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
+    let (temperature, top_p) = (s.temperature, s.top_p);
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut w: Vec<(u32, f64)> = logits
         .iter()
         .enumerate()
         .map(|(i, &x)| (i as u32, ((x as f64 - max) / temperature).exp()))
         .collect();
+    if s.top_k > 0 && s.top_k < w.len() {
+        let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        w.select_nth_unstable_by(s.top_k - 1, order);
+        w.truncate(s.top_k);
+        w.sort_by(order);
+    }
     let total: f64 = w.iter().map(|p| p.1).sum();
     if top_p < 1.0 {
         let keep = nucleus(&mut w, total, top_p);

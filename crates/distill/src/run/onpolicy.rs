@@ -105,6 +105,7 @@ fn onpolicy(
             max_new_tokens: o.max_new_tokens,
             temperature: o.temperature,
             top_p: 1.0,
+            top_k: 0,
             seed: sub_seed(cfg.run.seed, "onpolicy-samples"),
         },
         objective,
@@ -211,6 +212,7 @@ fn rl(
             max_new_tokens: r.max_new_tokens,
             temperature: r.temperature,
             top_p: 1.0,
+            top_k: 0,
             seed: sub_seed(cfg.run.seed, "rl-samples"),
         },
         objective: Objective::Grpo {

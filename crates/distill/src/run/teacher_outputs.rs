@@ -205,6 +205,7 @@ fn write_traces(
             max_new_tokens: tc.max_new_tokens,
             temperature: tc.temperature,
             top_p: tc.top_p,
+            top_k: tc.top_k,
             seed: sub_seed(cfg.run.seed, "traces"),
         },
         keep: tc.keep,

@@ -92,8 +92,16 @@ pub struct TraceRecord {
     pub teacher: String,
     pub temperature: f64,
     pub top_p: f64,
+    /// The top-k cut of the sampling, 0 for none (then not written, so that files of
+    /// jobs without one read as before).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub top_k: usize,
     pub max_new_tokens: usize,
     pub seed: u64,
+}
+
+fn is_zero(k: &usize) -> bool {
+    *k == 0
 }
 
 /// A shard of a generation job: `index` of `count`, counted from 0 (as Slurm
@@ -261,6 +269,7 @@ pub fn generate(
                 teacher: teacher_id.to_string(),
                 temperature: s.sampling.temperature,
                 top_p: s.sampling.top_p,
+                top_k: s.sampling.top_k,
                 max_new_tokens: s.sampling.max_new_tokens,
                 seed: s.sampling.seed,
             });
@@ -333,13 +342,14 @@ pub fn read(path: &Path) -> Result<Vec<TraceRecord>> {
 /// error, not a smaller file.
 pub fn merge(shards: &[PathBuf], expected: Option<&[Prompt]>) -> Result<Vec<TraceRecord>> {
     let mut all: BTreeMap<(u64, u32), (TraceRecord, &Path)> = BTreeMap::new();
-    let mut job: Option<(String, u64, u64, usize, u64)> = None;
+    let mut job: Option<(String, u64, u64, usize, usize, u64)> = None;
     for path in shards {
         for r in read(path)? {
             let key = (
                 r.teacher.clone(),
                 r.temperature.to_bits(),
                 r.top_p.to_bits(),
+                r.top_k,
                 r.max_new_tokens,
                 r.seed,
             );
@@ -350,8 +360,8 @@ pub fn merge(shards: &[PathBuf], expected: Option<&[Prompt]>) -> Result<Vec<Trac
                         path: path.clone(),
                         msg: format!(
                             "prompt {} sample {} comes from another job (teacher {}, temperature {}, top_p {}, \
-                             max_new_tokens {}, seed {}) than the first shard's; merge only shards of one run",
-                            r.id, r.sample, r.teacher, r.temperature, r.top_p, r.max_new_tokens, r.seed
+                             top_k {}, max_new_tokens {}, seed {}) than the first shard's; merge only shards of one run",
+                            r.id, r.sample, r.teacher, r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.seed
                         ),
                     });
                 }
@@ -458,6 +468,7 @@ mod tests {
             teacher: String::new(),
             temperature: 1.0,
             top_p: 1.0,
+            top_k: 0,
             max_new_tokens: 8,
             seed: 0,
         };

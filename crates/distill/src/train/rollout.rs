@@ -355,6 +355,7 @@ mod tests {
                 max_new_tokens: 16,
                 temperature: 1.0,
                 top_p: 1.0,
+                top_k: 0,
                 seed: 5,
             },
             objective,
@@ -464,10 +465,17 @@ mod tests {
         let (lq, lp) = (log_softmax(&q_logits), log_softmax(&p_logits));
         let exact: f64 = lq.iter().zip(&lp).map(|(a, b)| a.exp() * (a - b)).sum();
         let mut rng = row_rng(11, 0);
+        let r = Sampling {
+            max_new_tokens: 1,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        };
         let n = 40_000;
         let mean = (0..n)
             .map(|_| {
-                let x = crate::model::generate::sample(&q_logits, 1.0, 1.0, &mut rng) as usize;
+                let x = crate::model::generate::sample(&q_logits, &r, &mut rng) as usize;
                 lq[x] - lp[x]
             })
             .sum::<f64>()
