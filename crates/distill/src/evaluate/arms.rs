@@ -140,7 +140,11 @@ pub fn table(arms: &[Arm]) -> String {
         s += &format!(
             "| {} | {} | {} | {:.3e} | {:.3e} | {:.4} | ${:.4} | {} |\n",
             a.name,
-            a.stages.join(" + "),
+            if a.stages.is_empty() {
+                "none (loaded, not billed)".to_string()
+            } else {
+                a.stages.join(" + ")
+            },
             a.accuracy.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x)),
             a.student_flops,
             a.flops,
