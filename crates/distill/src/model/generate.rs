@@ -40,6 +40,18 @@ impl Sampling {
             seed: 0,
         }
     }
+
+    /// Draws from the whole tempered distribution (no top-k, no nucleus), as the
+    /// on-policy stages sample.
+    pub fn full(max_new_tokens: usize, temperature: f64, seed: u64) -> Self {
+        Self {
+            max_new_tokens,
+            temperature,
+            top_p: 1.0,
+            top_k: 0,
+            seed,
+        }
+    }
 }
 
 /// What one row of a batch produced.
@@ -286,9 +298,7 @@ pub fn accuracy(
     let chosen: Vec<&Example> = examples.iter().filter(|e| e.answer.is_some()).take(limit).collect();
     let mut prompts = Vec::with_capacity(chosen.len());
     for e in &chosen {
-        let mut ids = vec![tok.bos];
-        ids.extend(tok.encode(&e.prompt)?);
-        prompts.push(ids);
+        prompts.push(tok.encode_prompt(&e.prompt)?);
     }
     let greedy = Sampling::greedy(max_new_tokens);
     let (gen, flops) = generate_rows(model, &prompts, tok.eos, &greedy, &mut [], batch_size, &mut |_| {})?;

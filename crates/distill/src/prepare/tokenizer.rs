@@ -192,6 +192,13 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// `[bos]` and the ids of `prompt`: what every model here reads before a completion.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        let mut ids = vec![self.bos];
+        ids.extend(self.encode(prompt)?);
+        Ok(ids)
+    }
+
     /// Token ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self

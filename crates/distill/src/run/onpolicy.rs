@@ -101,13 +101,11 @@ fn onpolicy(
     };
     let rollouts = Rollouts {
         prompts,
-        sampling: Sampling {
-            max_new_tokens: o.max_new_tokens,
-            temperature: o.temperature,
-            top_p: 1.0,
-            top_k: 0,
-            seed: sub_seed(cfg.run.seed, "onpolicy-samples"),
-        },
+        sampling: Sampling::full(
+            o.max_new_tokens,
+            o.temperature,
+            sub_seed(cfg.run.seed, "onpolicy-samples"),
+        ),
         objective,
         seq_len: cfg.data.seq_len,
         eos: prep.tok.eos,
@@ -208,13 +206,7 @@ fn rl(
     };
     let rollouts = Rollouts {
         prompts,
-        sampling: Sampling {
-            max_new_tokens: r.max_new_tokens,
-            temperature: r.temperature,
-            top_p: 1.0,
-            top_k: 0,
-            seed: sub_seed(cfg.run.seed, "rl-samples"),
-        },
+        sampling: Sampling::full(r.max_new_tokens, r.temperature, sub_seed(cfg.run.seed, "rl-samples")),
         objective: Objective::Grpo {
             group: r.group,
             policy: PolicySpec { clip: r.clip, kl: r.kl },

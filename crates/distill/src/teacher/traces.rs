@@ -208,9 +208,7 @@ pub fn generate(
     }
     let mut encoded = Vec::new();
     for p in prompts.iter().filter(|p| p.answer.is_some()) {
-        let mut e = vec![tok.bos];
-        e.extend(tok.encode(&p.prompt)?);
-        encoded.push((p.id, e));
+        encoded.push((p.id, tok.encode_prompt(&p.prompt)?));
     }
     // Prompt i (in order of id) belongs to shard i mod n. Each sample draws from its own
     // stream, so what it writes does not depend on the shard or its batch neighbours.

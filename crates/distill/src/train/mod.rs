@@ -107,6 +107,16 @@ pub struct StageStats {
     pub rollout: RolloutTotals,
 }
 
+impl StageStats {
+    /// A teacher's (or reference model's) forward over a batch, started at `started`:
+    /// its FLOPs count as teacher FLOPs, and both as scoring.
+    pub(crate) fn bill_scoring(&mut self, flops: f64, started: Instant) {
+        self.teacher_flops += flops;
+        self.rollout.score_flops += flops;
+        self.rollout.score_seconds += started.elapsed().as_secs_f64();
+    }
+}
+
 /// Which implementation computes the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossImpl {

@@ -45,9 +45,10 @@ impl RolloutPrompt {
         examples
             .iter()
             .map(|e| {
-                let mut ids = vec![tok.bos];
-                ids.extend(tok.encode(&e.prompt)?);
-                Ok(Self { ids, answer: e.answer })
+                Ok(Self {
+                    ids: tok.encode_prompt(&e.prompt)?,
+                    answer: e.answer,
+                })
             })
             .collect()
     }
@@ -241,6 +242,9 @@ impl Rollouts<'_> {
         adv: &[f64],
         stats: &mut StageStats,
     ) -> Result<Option<(PolicyTargets, PolicySpec)>> {
+        if let Objective::Distill { .. } = self.objective {
+            return Ok(None);
+        }
         let (rows, t) = b.inputs.dims2()?;
         let per_position: Vec<f32> = adv.iter().flat_map(|&a| std::iter::repeat_n(a as f32, t)).collect();
         let advantages = Tensor::from_vec(per_position, rows * t, b.inputs.device())?;
@@ -279,10 +283,7 @@ fn score(model: &Llama, b: &Batch, stats: &mut StageStats) -> Result<Tensor> {
     let (_, t) = b.inputs.dims2()?;
     let logits = model.forward(&b.inputs)?.flatten_to(1)?.detach();
     let lp = token_log_probs(&logits, &b.targets)?.detach();
-    let flops = model.cfg.forward_flops_per_token(t) * b.positions as f64;
-    stats.teacher_flops += flops;
-    stats.rollout.score_flops += flops;
-    stats.rollout.score_seconds += t0.elapsed().as_secs_f64();
+    stats.bill_scoring(model.cfg.forward_flops_per_token(t) * b.positions as f64, t0);
     Ok(lp)
 }
 
@@ -334,11 +335,9 @@ mod tests {
     fn prompts(tok: &Tokenizer) -> Vec<RolloutPrompt> {
         (1..=6)
             .map(|i| {
-                let mut ids = vec![tok.bos];
-                ids.extend(
-                    tok.encode(&format!("Ava has {i} apples. Then Ava buys 4 more.\n"))
-                        .unwrap(),
-                );
+                let ids = tok
+                    .encode_prompt(&format!("Ava has {i} apples. Then Ava buys 4 more.\n"))
+                    .unwrap();
                 RolloutPrompt {
                     ids,
                     answer: Some(i + 4),
@@ -351,13 +350,7 @@ mod tests {
         let eos = tok().eos;
         Rollouts {
             prompts,
-            sampling: Sampling {
-                max_new_tokens: 16,
-                temperature: 1.0,
-                top_p: 1.0,
-                top_k: 0,
-                seed: 5,
-            },
+            sampling: Sampling::full(16, 1.0, 5),
             objective,
             seq_len: 48,
             eos,
@@ -465,13 +458,7 @@ mod tests {
         let (lq, lp) = (log_softmax(&q_logits), log_softmax(&p_logits));
         let exact: f64 = lq.iter().zip(&lp).map(|(a, b)| a.exp() * (a - b)).sum();
         let mut rng = row_rng(11, 0);
-        let r = Sampling {
-            max_new_tokens: 1,
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        };
+        let r = Sampling::full(1, 1.0, 0);
         let n = 40_000;
         let mean = (0..n)
             .map(|_| {

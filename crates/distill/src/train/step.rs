@@ -227,36 +227,21 @@ fn teacher_out(
 ) -> Result<TeacherOut> {
     match *source {
         TeacherSource::Online { model, top_k } => {
-            let flops = model.cfg.forward_flops_per_token(t) * b.positions as f64;
-            stats.teacher_flops += flops;
-            stats.rollout.score_flops += flops;
-            let _timer = ScoreTimer::start(&mut stats.rollout.score_seconds);
-            if head && top_k.is_none() {
+            let started = std::time::Instant::now();
+            let out = if head && top_k.is_none() {
                 let hidden = model.forward_hidden(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, Ht)
-                return Ok(TeacherOut::Hidden(hidden, model.lm_head_weight()?.detach()));
-            }
-            let logits = model.forward(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, V)
-            Ok(match top_k {
-                Some(k) => TeacherOut::TopK(top_k_of_logits(&logits, k, temperature)?),
-                None => TeacherOut::Logits(logits),
-            })
+                TeacherOut::Hidden(hidden, model.lm_head_weight()?.detach())
+            } else {
+                let logits = model.forward(&b.inputs)?.flatten_to(1)?.detach(); // (B*T, V)
+                match top_k {
+                    Some(k) => TeacherOut::TopK(top_k_of_logits(&logits, k, temperature)?),
+                    None => TeacherOut::Logits(logits),
+                }
+            };
+            stats.bill_scoring(model.cfg.forward_flops_per_token(t) * b.positions as f64, started);
+            Ok(out)
         }
         TeacherSource::Cache(cache) => Ok(TeacherOut::TopK(cache.batch(idx, t, b.inputs.device())?)),
-    }
-}
-
-/// Adds the time until it is dropped to a scoring total.
-struct ScoreTimer<'a>(&'a mut f64, std::time::Instant);
-
-impl<'a> ScoreTimer<'a> {
-    fn start(total: &'a mut f64) -> Self {
-        Self(total, std::time::Instant::now())
-    }
-}
-
-impl Drop for ScoreTimer<'_> {
-    fn drop(&mut self) {
-        *self.0 += self.1.elapsed().as_secs_f64();
     }
 }
 

@@ -32,8 +32,7 @@ pub fn encode(tok: &Tokenizer, examples: &[Example], seq_len: usize) -> Result<(
     let mut out = Vec::with_capacity(examples.len());
     let mut dropped = 0;
     for ex in examples {
-        let mut ids = vec![tok.bos];
-        ids.extend(tok.encode(&ex.prompt)?);
+        let mut ids = tok.encode_prompt(&ex.prompt)?;
         let prompt_len = ids.len();
         ids.extend(tok.encode(&ex.completion)?);
         ids.push(tok.eos);
