@@ -102,7 +102,7 @@ else
     fi
     log "installing ${PINS[*]}"
     rm -f "$STAMP"
-    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet "${PINS[@]}" >&2
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --no-cache-dir --quiet "${PINS[@]}" >&2
     echo "${PINS[*]}" >"$STAMP"
     installed || {
         log "the wheels installed but nvcc, ptxas or libnvrtc is missing under $VENV"
@@ -125,7 +125,7 @@ if [ "$RUNTIME" = 1 ]; then
     else
         log "installing ${RUNTIME_PINS[*]}"
         rm -f "$RUNTIME_STAMP"
-        "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet "${RUNTIME_PINS[@]}" >&2
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --no-cache-dir --quiet "${RUNTIME_PINS[@]}" >&2
         echo "${RUNTIME_PINS[*]}" >"$RUNTIME_STAMP"
     fi
     NCCL_LIB=$(dirname "$CU13")/nccl/lib

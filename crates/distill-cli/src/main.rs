@@ -225,6 +225,10 @@ struct GenerateArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// How the model's matmul weights are held: dense (the checkpoint's values in f32) or
+    /// int8 (8-bit weights, one scale per 32 inputs, f32 activations; CPU only).
+    #[arg(long, default_value = "dense", value_parser = ["dense", "int8"])]
+    matmul_weights: String,
 }
 
 #[derive(Args, Default)]
@@ -283,7 +287,7 @@ fn main() -> ExitCode {
             config,
             device,
         }) => eval(checkpoint, config, &device),
-        Some(Command::Generate(args)) => generate(args),
+        Some(Command::Generate(args)) => rayon::scope(|_| generate(args)),
         Some(Command::Merge {
             out,
             input,
@@ -519,6 +523,9 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let dev = open_device(&a.device)?;
     let (model, tok) = distill::train::checkpoint::load(&a.checkpoint, &dev)?;
+    let weights = distill::config::MatmulWeights::parse(&a.matmul_weights)
+        .ok_or_else(|| bad_flag("--matmul-weights", distill::config::MatmulWeights::NAMES))?;
+    let model = model.with_matmul_weights(weights)?;
     let sampling = Sampling {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,

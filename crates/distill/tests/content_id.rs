@@ -43,7 +43,7 @@ fn save(dir: &Path, m: &Llama) {
 
 /// The same model with one element of one weight changed.
 fn one_weight_changed(m: &Llama) -> Llama {
-    let mut tensors = m.tensors();
+    let mut tensors = m.tensors().unwrap();
     let w = tensors.get("model.norm.weight").unwrap();
     let mut v = w.to_vec1::<f32>().unwrap();
     v[3] += 1e-3;

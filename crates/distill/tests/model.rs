@@ -178,9 +178,9 @@ fn slotted_kv_cache_gives_the_same_hidden_states_as_a_full_forward() -> R {
 
 #[test]
 fn same_seed_gives_bitwise_identical_weights() -> R {
-    let a = Llama::init(cfg(false, true, 2), 0.02, 42, &Device::Cpu)?.tensors();
-    let b = Llama::init(cfg(false, true, 2), 0.02, 42, &Device::Cpu)?.tensors();
-    let c = Llama::init(cfg(false, true, 2), 0.02, 43, &Device::Cpu)?.tensors();
+    let a = Llama::init(cfg(false, true, 2), 0.02, 42, &Device::Cpu)?.tensors()?;
+    let b = Llama::init(cfg(false, true, 2), 0.02, 42, &Device::Cpu)?.tensors()?;
+    let c = Llama::init(cfg(false, true, 2), 0.02, 43, &Device::Cpu)?.tensors()?;
     let bits = |m: &BTreeMap<String, Tensor>| -> Vec<u32> {
         m.values()
             .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
@@ -495,13 +495,13 @@ fn a_bf16_checkpoint_loads_as_f32_master_weights_and_freezes_to_bf16() -> R {
     };
     checkpoint::save(&ck, &m, &extras)?;
     let half: std::collections::HashMap<String, Tensor> = m
-        .tensors()
+        .tensors()?
         .into_iter()
         .map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap()))
         .collect();
     candle_core::safetensors::save(&half, ck.join("model.safetensors"))?;
     let (loaded, _) = checkpoint::load(&ck, &Device::Cpu)?;
-    for (name, t) in loaded.tensors() {
+    for (name, t) in loaded.tensors()? {
         assert_eq!(t.dtype(), DType::F32, "{name}");
         let want = half[&name].to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(t.flatten_all()?.to_vec1::<f32>()?, want, "{name}: not the bf16 values");
@@ -519,7 +519,7 @@ fn a_bf16_checkpoint_loads_as_f32_master_weights_and_freezes_to_bf16() -> R {
     }
     let f32_logits = logits.flatten_all()?.to_vec1::<f32>()?;
     let frozen = loaded.into_frozen(DType::BF16)?;
-    assert!(frozen.tensors().values().all(|t| t.dtype() == DType::BF16));
+    assert!(frozen.tensors()?.values().all(|t| t.dtype() == DType::BF16));
     let bf = frozen.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
     let scale = f32_logits.iter().fold(0f32, |a, v| a.max(v.abs()));
     let worst = f32_logits.iter().zip(&bf).fold(0f32, |a, (p, q)| a.max((p - q).abs()));

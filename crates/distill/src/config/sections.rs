@@ -566,6 +566,39 @@ impl Kernels {
     }
 }
 
+/// How a model that only samples or scores (a teacher) stores its matmul weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulWeights {
+    /// Dense tensors in the compute dtype (f32 by default): what training uses.
+    #[default]
+    Dense,
+    /// 8-bit weights with one f32 scale per 32 inputs (ggml's Q8_0 scheme), f32
+    /// activations (`kernels::int8`): a quarter of the bytes to read per token. A GGUF
+    /// file's Q4_1 weights are re-quantized to it, within half a step of their values.
+    /// CPU and f32 compute only.
+    Int8,
+}
+
+impl MatmulWeights {
+    pub const NAMES: &'static str = "\"dense\" or \"int8\"";
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "dense" => Some(Self::Dense),
+            "int8" => Some(Self::Int8),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Dense => "dense",
+            Self::Int8 => "int8",
+        }
+    }
+}
+
 /// A parsed `--device` value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceName {

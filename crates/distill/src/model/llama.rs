@@ -26,6 +26,7 @@ use crate::config::Kernels;
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 use crate::kernels::attention::causal_attention;
+use crate::kernels::int8::{self, Int8Weight};
 use crate::kernels::ops as fused;
 
 /// The architecture, in the fields Hugging Face's `config.json` uses.
@@ -154,13 +155,16 @@ pub struct Llama {
     /// Trainable f32 master weights; empty once frozen.
     params: BTreeMap<String, Var>,
     /// A frozen model's weights, in `compute_dtype`; empty while trainable.
-    frozen: BTreeMap<String, Tensor>,
+    pub(crate) frozen: BTreeMap<String, Tensor>,
     /// The dtype of matmuls and activations (see the file header).
     compute_dtype: DType,
     /// Fused CPU kernels (`kernels::ops`, `kernels::attention`) or plain candle ops.
     kernels: Kernels,
     /// A frozen bf16/f16 model's head widened to f32 once, for `lm_head_weight`.
     head_f32: std::sync::OnceLock<Tensor>,
+    /// Matmul weights held as ggml blocks (`quantize_matmuls`, `model::quant`), by the
+    /// name of the dense weight each replaces; empty for a dense model.
+    pub(crate) quantized: BTreeMap<String, Int8Weight>,
     /// Rotary inverse frequencies, (1, D/2) f32. The cos/sin tables are built from them
     /// for the positions a forward uses (`rope_cos_sin`), never for all
     /// `max_position_embeddings`, which a config may set far beyond what it needs.
@@ -238,6 +242,7 @@ impl Llama {
             compute_dtype: DType::F32,
             kernels: Kernels::default(),
             head_f32: std::sync::OnceLock::new(),
+            quantized: BTreeMap::new(),
             device: device.clone(),
         })
     }
@@ -369,7 +374,7 @@ impl Llama {
     /// compute dtype. `forward` is `forward_hidden` followed by this.
     pub fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let x = hidden.to_dtype(self.compute_dtype)?;
-        let logits = self.linear(&x, &self.wc(self.head_name())?, None)?; // (..., V)
+        let logits = self.proj(&x, self.head_name(), None)?; // (..., V)
         Ok(logits.to_dtype(DType::F32)?)
     }
 
@@ -421,15 +426,22 @@ impl Llama {
     /// itself (so gradients from both uses add up); a frozen bf16/f16 model returns
     /// an f32 copy (made once and kept), since the fused head loss takes f32.
     pub fn lm_head_weight(&self) -> Result<Tensor> {
-        let w = self.w(self.head_name())?;
-        if !self.is_frozen() || w.dtype() == DType::F32 {
-            return Ok(w.to_dtype(DType::F32)?);
+        let quantized = self.quantized.get(self.head_name());
+        if quantized.is_none() {
+            let w = self.w(self.head_name())?;
+            if !self.is_frozen() || w.dtype() == DType::F32 {
+                return Ok(w.to_dtype(DType::F32)?);
+            }
         }
         // Frozen weights never change: widen once, not on every micro-batch.
         if let Some(h) = self.head_f32.get() {
             return Ok(h.clone());
         }
-        let h = w.to_dtype(DType::F32)?;
+        // An int8 head: the weights its matmul uses, not the dense embedding.
+        let h = match quantized {
+            Some(q) => q.dequantize(&self.device)?,
+            None => self.w(self.head_name())?.to_dtype(DType::F32)?,
+        };
         Ok(self.head_f32.get_or_init(|| h).clone())
     }
 
@@ -457,16 +469,16 @@ impl Llama {
             } else {
                 None
             };
-            let y = self.linear(x, &self.wc(&format!("{p}.self_attn.{n}.weight"))?, bias.as_ref())?;
+            let y = self.proj(x, &format!("{p}.self_attn.{n}.weight"), bias.as_ref())?;
             Ok(y.reshape((b, t, heads, hd))?) // (B, T, heads, D)
         };
         let q = fused::rope(&proj("q_proj", h)?, cos, sin)?;
         let k = fused::rope(&proj("k_proj", hkv)?, cos, sin)?;
         let v = proj("v_proj", hkv)?;
         let y = causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt())?; // (B, T, H, D)
-        self.linear(
+        self.proj(
             &y.reshape((b, t, h * hd))?,
-            &self.wc(&format!("{p}.self_attn.o_proj.weight"))?,
+            &format!("{p}.self_attn.o_proj.weight"),
             None,
         )
     }
@@ -495,7 +507,7 @@ impl Llama {
             }
         };
         let proj = |n: &str, heads: usize| -> Result<Tensor> {
-            let y = self.linear(x, &self.wc(&format!("{p}.self_attn.{n}.weight"))?, bias(n)?.as_ref())?;
+            let y = self.proj(x, &format!("{p}.self_attn.{n}.weight"), bias(n)?.as_ref())?;
             Ok(y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?) // (B, heads, T, D)
         };
         let q = rope(&proj("q_proj", h)?, cos, sin)?;
@@ -509,7 +521,7 @@ impl Llama {
         let att = softmax_last(&att)?.to_dtype(self.compute_dtype)?;
         let y = att.matmul(&v)?; // (B, H, T, D)
         let y = y.transpose(1, 2)?.reshape((b, t, h * hd))?; // (B, T, H*D)
-        self.linear(&y, &self.wc(&format!("{p}.self_attn.o_proj.weight"))?, None)
+        self.proj(&y, &format!("{p}.self_attn.o_proj.weight"), None)
     }
 
     /// x (B, T, in) @ w^T + b: the fused linear op where `fused()` holds.
@@ -525,34 +537,64 @@ impl Llama {
         }
     }
 
+    /// x (B, T, in) @ W^T + b for the matmul weight `name`: its int8 weight where the
+    /// model holds one (`model::quant`), else `linear` on the dense weight.
+    pub(crate) fn proj(&self, x: &Tensor, name: &str, b: Option<&Tensor>) -> Result<Tensor> {
+        let Some(q) = self.quantized.get(name) else {
+            return self.linear(x, &self.wc(name)?, b);
+        };
+        let y = if self.kernels == Kernels::Fused {
+            int8::linear(x, q)?
+        } else {
+            int8::linear_plain(x, q)?
+        };
+        Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
     /// SwiGLU MLP, all in the compute dtype.
     pub(crate) fn mlp(&self, x: &Tensor, p: &str, fused: bool) -> Result<Tensor> {
-        let gate = self.linear(x, &self.wc(&format!("{p}.mlp.gate_proj.weight"))?, None)?; // (B, T, F)
-        let up = self.linear(x, &self.wc(&format!("{p}.mlp.up_proj.weight"))?, None)?;
+        let gate = self.proj(x, &format!("{p}.mlp.gate_proj.weight"), None)?; // (B, T, F)
+        let up = self.proj(x, &format!("{p}.mlp.up_proj.weight"), None)?;
         let act = if fused {
             fused::swiglu(&gate, &up)?
         } else {
             fused::swiglu_plain(&gate, &up)?
         };
-        self.linear(&act, &self.wc(&format!("{p}.mlp.down_proj.weight"))?, None)
-        // (B, T, d)
+        self.proj(&act, &format!("{p}.mlp.down_proj.weight"), None) // (B, T, d)
     }
 
     /// The stored weights as plain tensors (detached from the graph), by name: the
     /// f32 master weights of a trainable model whatever its compute dtype, or a
-    /// frozen model's tensors in their storage dtype.
-    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.params
+    /// frozen model's tensors in their storage dtype; quantized matmul weights
+    /// (`model::quant`) dequantized to the f32 values their matmuls use.
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out: BTreeMap<String, Tensor> = self
+            .params
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
             .chain(self.frozen.iter().map(|(k, t)| (k.clone(), t.detach())))
-            .collect()
+            .collect();
+        for (name, q) in &self.quantized {
+            if !out.contains_key(name) {
+                out.insert(name.clone(), q.dequantize(&self.device)?);
+            }
+        }
+        Ok(out)
     }
 }
 
-/// Whether every value of `t` is finite: x * 0 is 0 for finite x and NaN for NaN and
-/// +-inf, so the sum is 0 exactly then (a plain sum could overflow).
+/// Whether every value of `t` is finite. An f32 tensor on the CPU is scanned in place
+/// (no copy of a checkpoint's weights); elsewhere x * 0 is 0 for finite x and NaN for
+/// NaN and +-inf, so the sum is 0 exactly then (a plain sum could overflow).
 pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    if t.device().is_cpu() && t.dtype() == DType::F32 {
+        return Ok(crate::kernels::cpu::with_cpu_f32(t, "all_finite", |v| {
+            v.iter().all(|x| x.is_finite())
+        })?);
+    }
     Ok((t * 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? == 0.0)
 }
 
@@ -849,7 +891,7 @@ mod tests {
             }
             m.set_compute_dtype(DType::F32)?;
             // The master weights stay f32 whatever the compute dtype.
-            assert!(m.tensors().values().all(|t| t.dtype() == DType::F32));
+            assert!(m.tensors()?.values().all(|t| t.dtype() == DType::F32));
         }
         Ok(())
     }
@@ -911,8 +953,8 @@ mod tests {
         let f = m.into_frozen(DType::BF16)?;
         assert!(f.is_frozen() && f.params().is_empty());
         assert_eq!(f.compute_dtype(), DType::BF16);
-        assert_eq!(f.tensors().len(), f.cfg.param_shapes().len());
-        assert!(f.tensors().values().all(|t| t.dtype() == DType::BF16));
+        assert_eq!(f.tensors()?.len(), f.cfg.param_shapes().len());
+        assert!(f.tensors()?.values().all(|t| t.dtype() == DType::BF16));
         let got = f.forward(&x)?;
         assert_eq!(got.dtype(), DType::F32);
         assert!(!got.track_op(), "a frozen forward builds no graph");

@@ -147,7 +147,7 @@ impl Llama {
             } else {
                 None
             };
-            let y = self.linear(x, &self.wc(&format!("{p}.self_attn.{name}.weight"))?, bias.as_ref())?;
+            let y = self.proj(x, &format!("{p}.self_attn.{name}.weight"), bias.as_ref())?;
             Ok(y.reshape((1, n, heads, hd))?)
         };
         let rope = |t: Tensor| {
@@ -168,9 +168,9 @@ impl Llama {
         } else {
             decode_attention_plain(&q, k_cache, v_cache, rows, scale)?
         };
-        self.linear(
+        self.proj(
             &y.reshape((1, n, h * hd))?,
-            &self.wc(&format!("{p}.self_attn.o_proj.weight"))?,
+            &format!("{p}.self_attn.o_proj.weight"),
             None,
         )
     }

@@ -67,7 +67,7 @@ fn start_from(students: &[Trained], name: &str, env: &StageEnv) -> Result<Llama>
             "the stage that starts from `{name}` finds no such student in this run; enable it, or start from another"
         ))
     })?;
-    Llama::from_tensors(m.cfg.clone(), m.tensors(), env.dev)
+    Llama::from_tensors(m.cfg.clone(), m.tensors()?, env.dev)
 }
 
 /// The training data of the planned stage `name`.

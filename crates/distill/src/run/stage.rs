@@ -204,7 +204,7 @@ fn work_split(total: &RolloutTotals, before: Option<&RolloutTotals>) -> Option<W
 pub(crate) fn weights_id(m: &Llama) -> Result<String> {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
-    for (name, t) in m.tensors() {
+    for (name, t) in m.tensors()? {
         h.update(name.as_bytes());
         for x in t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()? {
             h.update(x.to_le_bytes());

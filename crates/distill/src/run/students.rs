@@ -139,7 +139,7 @@ pub(crate) fn train_students(
             },
         };
         let init = || match (pruned, starts_pruned(p.name)) {
-            (Some(m), true) => Llama::from_tensors(m.cfg.clone(), m.tensors(), env.dev),
+            (Some(m), true) => Llama::from_tensors(m.cfg.clone(), m.tensors()?, env.dev),
             _ => Llama::init(scfg.clone(), cfg.student.model.init_std, student_seed, env.dev),
         };
         let data = StageData {

@@ -64,7 +64,7 @@ pub fn depth_prune(teacher: &Llama, keep_layers: &[usize]) -> Result<Llama> {
     check_keep_layers(teacher.cfg.num_hidden_layers, keep_layers)?;
     let renumber: BTreeMap<usize, usize> = keep_layers.iter().enumerate().map(|(new, &old)| (old, new)).collect();
     let mut out = BTreeMap::new();
-    for (name, t) in teacher.tensors() {
+    for (name, t) in teacher.tensors()? {
         match layer_of(&name) {
             None => {
                 out.insert(name, t);
@@ -243,7 +243,7 @@ impl Weights {
         let cfg = model.cfg.clone();
         let device = model.device().clone();
         Ok(Self {
-            w: model.tensors(),
+            w: model.tensors()?,
             inv_freq: rope_inv_freq(&cfg, &device)?,
             cfg,
             device,
@@ -448,7 +448,7 @@ pub fn width_prune(teacher: &Llama, importance: &Importance, target: WidthTarget
     let channels = idx(&top_k(&importance.channels, target.hidden_size))?; // (d',)
     let groups = importance.kv_groups(hkv);
     let mut out = BTreeMap::new();
-    for (name, t) in teacher.tensors() {
+    for (name, t) in teacher.tensors()? {
         let sliced = match layer_of(&name) {
             None if name.ends_with("norm.weight") => t.index_select(&channels, 0)?, // (d',)
             None => t.index_select(&channels, 1)?,                                  // embed_tokens, lm_head: (V, d')
@@ -652,7 +652,7 @@ mod tests {
 
     /// A copy of `model` with some tensors changed.
     fn edited(model: &Llama, edit: impl FnOnce(&mut BTreeMap<String, Tensor>) -> Result<()>) -> Result<Llama> {
-        let mut w = model.tensors();
+        let mut w = model.tensors()?;
         edit(&mut w)?;
         build(model.cfg.clone(), w, &Device::Cpu)
     }
@@ -718,7 +718,7 @@ mod tests {
         assert_eq!(student.cfg.num_hidden_layers, 2);
         // By hand: layer 2's tensors become layer 1's, layer 1's are dropped.
         let mut w = BTreeMap::new();
-        for (name, t) in teacher.tensors() {
+        for (name, t) in teacher.tensors()? {
             if name.starts_with("model.layers.1.") {
                 continue;
             }
@@ -783,14 +783,14 @@ mod tests {
         );
         assert_eq!(c.head_dim(), teacher.cfg.head_dim());
         assert_eq!((c.num_hidden_layers, c.vocab_size), (3, V));
-        for (name, t) in student.tensors() {
+        for (name, t) in student.tensors()? {
             assert_eq!(t.dims(), c.param_shapes()[&name].as_slice(), "{name}");
         }
         // embed + lm_head 2*48*8, final norm 8; per layer: norms 2*8, q 8x8,
         // k and v 4x8 each, o 8x8, q/k/v biases 8+4+4, gate/up/down 3*12*8.
         let per_layer = 16 + 64 + 64 + 64 + 16 + 288;
         assert_eq!(c.num_params(), 2 * 48 * 8 + 8 + 3 * per_layer);
-        let counted: usize = student.tensors().values().map(|t| t.elem_count()).sum();
+        let counted: usize = student.tensors()?.values().map(|t| t.elem_count()).sum();
         assert_eq!(counted, c.num_params());
         assert!(c.num_params() < teacher.cfg.num_params() / 2);
         let logits = student.forward(&ids(2, 7, 0)?)?;
@@ -828,8 +828,8 @@ mod tests {
             intermediate_size: 12,
             num_attention_heads: 2,
         };
-        let s = width_prune(&teacher, &imp, target)?.tensors();
-        let t = teacher.tensors();
+        let s = width_prune(&teacher, &imp, target)?.tensors()?;
+        let t = teacher.tensors()?;
         let v = all(V);
         let one = [0usize];
         let col = |x: &Tensor| x.unsqueeze(1); // (n,) -> (n, 1)
@@ -982,8 +982,8 @@ mod tests {
         for (layer, &j) in dead.iter().enumerate() {
             let kept: Vec<usize> = (0..24).filter(|&k| k != j).collect();
             let name = format!("model.layers.{layer}.mlp.down_proj.weight");
-            let want = gather(&teacher.tensors()[&name], &all(16), &kept)?;
-            assert_eq!(student.tensors()[&name].to_vec2::<f32>()?, want, "{name}");
+            let want = gather(&teacher.tensors()?[&name], &all(16), &kept)?;
+            assert_eq!(student.tensors()?[&name].to_vec2::<f32>()?, want, "{name}");
         }
         // Only dead neurons went, so the student computes what the teacher does.
         let x = ids(2, 10, 5)?;

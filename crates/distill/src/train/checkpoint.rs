@@ -124,7 +124,7 @@ pub fn save(dir: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
 
 /// The files of a checkpoint, into the (temporary) folder `tmp`.
 fn write_contents(tmp: &Path, model: &Llama, extras: &SaveExtras) -> Result<()> {
-    write_safetensors(&tmp.join("model.safetensors"), &model.tensors())?;
+    write_safetensors(&tmp.join("model.safetensors"), &model.tensors()?)?;
     let cfg = &model.cfg;
     write_file(&tmp.join("config.json"), &pretty(&cfg.to_hf_json())?)?;
     let gen = serde_json::json!({

@@ -613,7 +613,7 @@ mod tests {
         };
         train_stage_for_test(&input, &model, &ts)?;
         Ok(model
-            .tensors()
+            .tensors()?
             .values()
             .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .collect())

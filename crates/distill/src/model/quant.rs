@@ -1,0 +1,170 @@
+//! 8-bit matmul weights for a model that only samples or scores (a teacher), as
+//! llama.cpp runs a GGUF file's quantized weights: decoding one token at a time is
+//! bound by reading the weights, and int8 weights (`kernels::int8`) are a quarter of
+//! the bytes of f32 ones.
+//!
+//! Which weights: every matmul weight (attention and MLP projections, and the head).
+//! The embedding lookup stays dense (a row gather reads one row a token); with tied
+//! embeddings the head gets its own int8 copy and the lookup keeps the dense table.
+//! Norms and biases stay f32. The quantized forward is `Llama::proj`.
+
+use candle_core::DType;
+
+use crate::config::MatmulWeights;
+use crate::error::{Error, Result};
+use crate::kernels::int8::{Int8Weight, BLOCK};
+use crate::model::Llama;
+
+impl Llama {
+    /// This model with its matmul weights stored as `format` says. `Dense` returns it
+    /// unchanged; `Int8` freezes it (f32) and replaces each matmul weight by an int8 one.
+    /// Errors, never a silent fallback: on a GPU, in a compute dtype other than f32, or
+    /// where a weight's input width is not a multiple of the 32-weight block.
+    pub fn with_matmul_weights(self, format: MatmulWeights) -> Result<Self> {
+        match format {
+            MatmulWeights::Dense => Ok(self),
+            MatmulWeights::Int8 => self.quantize_matmuls(),
+        }
+    }
+
+    /// How this model's matmul weights are stored.
+    pub fn matmul_weights(&self) -> MatmulWeights {
+        if self.quantized.is_empty() {
+            MatmulWeights::Dense
+        } else {
+            MatmulWeights::Int8
+        }
+    }
+
+    fn quantize_matmuls(self) -> Result<Self> {
+        let refuse = |why: String| Error::Invalid(format!("matmul weights \"int8\": {why}; use \"dense\""));
+        if !self.device().is_cpu() {
+            return Err(refuse("int8 matmuls run on the CPU only in this version".into()));
+        }
+        if self.compute_dtype() != DType::F32 {
+            return Err(refuse(format!(
+                "int8 matmuls take f32 activations, and the compute dtype is {:?}",
+                self.compute_dtype()
+            )));
+        }
+        let mut m = if self.is_frozen() {
+            self
+        } else {
+            self.into_frozen(DType::F32)?
+        };
+        let embed = "model.embed_tokens.weight";
+        let names: Vec<String> = m
+            .cfg
+            .param_shapes()
+            .into_iter()
+            .filter(|(n, s)| s.len() == 2 && n != embed)
+            .map(|(n, _)| n)
+            .chain(m.cfg.tie_word_embeddings.then(|| embed.to_string()))
+            .collect();
+        for name in names {
+            let w = m.w(&name)?;
+            let width = w.dim(1)?;
+            if width % BLOCK != 0 {
+                return Err(refuse(format!(
+                    "`{name}` has input width {width}, not a multiple of the {BLOCK}-weight block"
+                )));
+            }
+            let q = Int8Weight::quantize(w)?;
+            m.quantized.insert(name.clone(), q);
+            if name != embed {
+                m.frozen.remove(&name); // the int8 weight replaces it
+            }
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+    use candle_core::{Device, Tensor};
+
+    fn tiny(tied: bool) -> ModelConfig {
+        ModelConfig {
+            vocab_size: 40,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 32,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: tied,
+            attention_bias: false,
+            bos_token_id: 1,
+            eos_token_id: 2,
+            pad_token_id: 0,
+        }
+    }
+
+    /// 16 positions: the few-row path (`kernels::decode::SKINNY_ROWS`) for both models.
+    fn ids() -> Result<Tensor> {
+        let v: Vec<u32> = (0..16u32).map(|i| (i * 7 + 3) % 40).collect();
+        Ok(Tensor::from_vec(v, (2, 8), &Device::Cpu)?)
+    }
+
+    /// The int8 forward computes with exactly the weights `tensors()` reports (the
+    /// dequantized ones): the dense model built from them gives the same logits bit for
+    /// bit on the fused kernels (untied), the plain kernels agree within rounding, and
+    /// all stay close to the f32 model.
+    #[test]
+    fn int8_logits_are_the_dense_logits_of_the_dequantized_weights() -> Result<()> {
+        for tied in [false, true] {
+            let dense = Llama::init(tiny(tied), 0.2, 3, &Device::Cpu)?;
+            let want = dense.forward(&ids()?)?;
+            let q = Llama::init(tiny(tied), 0.2, 3, &Device::Cpu)?.with_matmul_weights(MatmulWeights::Int8)?;
+            assert_eq!(q.matmul_weights(), MatmulWeights::Int8);
+            assert!(q.is_frozen());
+            let got = q.forward(&ids()?)?;
+            let rel = ((&got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?
+                / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
+            .sqrt();
+            assert!(rel < 0.05, "tied {tied}: relative L2 error {rel}");
+            let again = Llama::from_tensors(q.cfg.clone(), q.tensors()?, &Device::Cpu)?;
+            let flat = |t: Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+            };
+            if !tied {
+                // (Tied, the dense table stays the lookup's and the head has its own int8 copy.)
+                assert_eq!(flat(again.forward(&ids()?)?)?, flat(got.clone())?);
+            }
+            let mut plain = Llama::init(tiny(tied), 0.2, 3, &Device::Cpu)?.with_matmul_weights(MatmulWeights::Int8)?;
+            plain.set_kernels(crate::config::Kernels::Plain);
+            let diff = (plain.forward(&ids()?)? - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "tied {tied}: plain vs fused {diff}");
+            let head = q.lm_head_weight()?;
+            let blocks = q.quantized[q.head_name()].dequantize(&Device::Cpu)?;
+            assert_eq!(head.to_vec2::<f32>()?, blocks.to_vec2::<f32>()?);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn widths_off_the_block_and_other_dtypes_are_refused() -> Result<()> {
+        let mut cfg = tiny(false);
+        cfg.intermediate_size = 40; // down_proj's input width is not a multiple of 32
+        let err = Llama::init(cfg, 0.2, 3, &Device::Cpu)?
+            .with_matmul_weights(MatmulWeights::Int8)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("down_proj") && e.contains("dense")),
+            "{err:?}"
+        );
+        let mut m = Llama::init(tiny(false), 0.2, 3, &Device::Cpu)?;
+        m.set_compute_dtype(DType::BF16)?;
+        assert!(m.with_matmul_weights(MatmulWeights::Int8).is_err());
+        let dense = Llama::init(tiny(false), 0.2, 3, &Device::Cpu)?.with_matmul_weights(MatmulWeights::Dense)?;
+        assert_eq!(dense.matmul_weights(), MatmulWeights::Dense);
+        assert!(!dense.is_frozen());
+        Ok(())
+    }
+}
