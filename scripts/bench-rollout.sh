@@ -8,6 +8,7 @@
 #   c  SmolLM2-135M-Instruct (Q4_1 GGUF, f32 in both), greedy, 32 prompts, batch 8, 64 new tokens
 #   d  the same at batch 1
 #   e  llama.cpp on the same GGUF, native Q4_1, batch 1, 2 threads
+#   f  distill on the same GGUF with int8 matmul weights (--matmul-weights int8), batch 1
 # Each engine runs in its own process with 2 threads; the engines alternate within each round,
 # and the table gives medians over the rounds: tokens/s (new tokens, EOS included), peak RSS,
 # system time, greedy parity (per prompt: same text, token count and end), and the ratios.
@@ -96,7 +97,7 @@ setup_small_teacher() {
 
 needs_small=0
 needs_gguf=0
-only="a,b,c,d,e"
+only="a,b,c,d,e,f"
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[$i]}" in
@@ -105,7 +106,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 case ",$only," in *,a,* | *,b,*) needs_small=1 ;; esac
-case ",$only," in *,c,* | *,d,* | *,e,*) needs_gguf=1 ;; esac
+case ",$only," in *,c,* | *,d,* | *,e,* | *,f,*) needs_gguf=1 ;; esac
 
 t0=$(date +%s)
 setup_venv

@@ -395,6 +395,7 @@ def run_distill(w, work, bin_path):
         "--force", "--samples", str(w["samples"]), "--max-new-tokens", str(w["max_new_tokens"]),
         "--temperature", str(w["temperature"]), "--top-p", str(w["top_p"]), "--seed", str(w["seed"]),
         "--batch-size", str(w["batch_rows"]), "--keep", "all",
+        "--matmul-weights", w.get("matmul_weights", "dense"),
     ]
     env = {"RAYON_NUM_THREADS": str(THREADS)}
     m = run_measured(cmd, env, os.path.join(work, "distill.log"))
@@ -477,6 +478,8 @@ def workloads(args):
                   prompts="english", n=n_smol, batch_rows=1, engines=["distill", "transformers"]),
         "e": dict(smol, title=f"SmolLM2-135M Q4_1 (llama.cpp), greedy, {n_smol} prompts, batch 1, 64 new",
                   prompts="english", n=n_smol, batch_rows=1, engines=["llama"]),
+        "f": dict(smol, title=f"SmolLM2-135M int8 weights (distill), greedy, {n_smol} prompts, batch 1, 64 new",
+                  prompts="english", n=n_smol, batch_rows=1, engines=["distill"], matmul_weights="int8"),
     }
 
 
@@ -589,19 +592,25 @@ def print_table(summaries, tokchecks, args, file=None):
             print(line, file=file)
         lc = s["engines"].get("llama")
         if lc:
-            if d_batch1:
+            both = [(k, summaries.get(k, {}).get("engines", {}).get("distill")) for k in ("d", "f")]
+            for k, dk in [(k, dk) for k, dk in both if dk]:
+                weights = "f32" if k == "d" else "int8"
                 print(
-                    f"  {name}: distill (d, f32, batch 1) / llama.cpp (Q4_1) tok/s "
-                    f"{fmt(ratio(d_batch1['tok_s'], lc['tok_s']), '.2f')} "
-                    f"[{fmt(ratio(d_batch1['tok_s_gen_est'], lc['tok_s']), '.2f')}], peak memory "
-                    f"{fmt(ratio(d_batch1['peak_mb'], lc['peak_mb']), '.2f')}",
+                    f"  {name}: distill ({k}, {weights}, batch 1) / llama.cpp (Q4_1) tok/s "
+                    f"{fmt(ratio(dk['tok_s'], lc['tok_s']), '.2f')} "
+                    f"[{fmt(ratio(dk['tok_s_gen_est'], lc['tok_s']), '.2f')}], peak memory "
+                    f"{fmt(ratio(dk['peak_mb'], lc['peak_mb']), '.2f')}",
                     file=file,
                 )
-            else:
-                print(f"  {name}: run workload d too for distill / llama.cpp", file=file)
+            if not any(dk for _, dk in both):
+                print(f"  {name}: run workload d or f too for distill / llama.cpp", file=file)
     for name, s in summaries.items():
         if "agree_llama" in s:
             print(f"  {name}: llama.cpp (Q4_1) greedy text equal to distill's (f32): {s['agree_llama']}/{s['samples']}", file=file)
+        if "agree_f32" in s:
+            print(f"  {name}: distill int8 greedy text equal to distill f32 (d): {s['agree_f32']}/{s['samples']}", file=file)
+        if "agree_llama_int8" in s:
+            print(f"  {name}: distill int8 greedy text equal to llama.cpp (Q4_1): {s['agree_llama_int8']}/{s['samples']}", file=file)
     if tokchecks:
         print(file=file)
         print("transformers' own tokenizer (AutoTokenizer) against the ids distill feeds the model:", file=file)
@@ -632,7 +641,7 @@ def main():
     ap.add_argument("--teacher-prompts", required=True, help="the small run's traces.jsonl")
     ap.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", default="a,b,c,d,e", help="workloads, e.g. a,c")
+    ap.add_argument("--only", default="a,b,c,d,e,f", help="workloads, e.g. a,c")
     ap.add_argument("--quick", action="store_true", help="1 round, fewer prompts: a smoke test")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp (workload e)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
@@ -691,6 +700,14 @@ def save_results(ws, runs, tokchecks, args, rounds_done):
     if "e" in runs and "d" in runs and "distill" in runs["d"]:
         summaries["e"]["agree_llama"] = min(
             agreement(d["rows"], o["rows"]) for d in runs["d"]["distill"] for o in runs["e"]["llama"]
+        )
+    if "f" in runs and "d" in runs and "distill" in runs["d"]:
+        summaries["f"]["agree_f32"] = min(
+            agreement(q["rows"], d["rows"]) for q in runs["f"]["distill"] for d in runs["d"]["distill"]
+        )
+    if "f" in runs and "e" in runs:
+        summaries["f"]["agree_llama_int8"] = min(
+            agreement(q["rows"], o["rows"]) for q in runs["f"]["distill"] for o in runs["e"]["llama"]
         )
     if args.json:
         raw = {n: {e: [{k: v for k, v in r.items() if k != "rows"} for r in rs] for e, rs in runs[n].items()} for n in runs}

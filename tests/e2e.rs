@@ -993,6 +993,45 @@ fn r1_kill_config(dir: &Path) -> PathBuf {
     cfg
 }
 
+/// A teacher on int8 matmul weights writes the traces: the records name it with its
+/// weights, the report says so, and `distill generate` / `distill eval` take the flag.
+#[test]
+fn an_int8_teacher_writes_the_traces_and_the_report_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("int8.toml");
+    let body =
+        std::fs::read_to_string(tiny())
+            .unwrap()
+            .replacen("intermediate_size = 172", "intermediate_size = 192", 1)
+            + "\n[teacher]\nmatmul_weights = \"int8\"\n\n[traces]\nenabled = true\nsamples = 2\nmax_new_tokens = 24\n";
+    std::fs::write(&cfg, body).unwrap();
+    run_variant(&cfg, tmp.path(), "q");
+    let run = tmp.path().join("q");
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(report.contains("int8 matmul weights"), "{report}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["teacher_weights"], "int8");
+    let traces = std::fs::read_to_string(run.join("traces.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(traces.lines().next().unwrap()).unwrap();
+    assert!(first["teacher"].as_str().unwrap().ends_with("+int8"), "{first}");
+    let teacher = run.join("teacher");
+    let out = ok(bin()
+        .args(["generate", "--prompt", "Tom has 3 apples.", "--max-new-tokens", "8"])
+        .args(["--matmul-weights", "int8", "--checkpoint"])
+        .arg(&teacher));
+    assert!(out.starts_with("Tom has 3 apples."), "{out}");
+    let out = ok(bin()
+        .args(["eval", "--matmul-weights", "int8", "--checkpoint"])
+        .arg(&teacher));
+    assert!(out.contains("held-out loss"), "{out}");
+    let err = fails(
+        bin()
+            .args(["eval", "--matmul-weights", "int4", "--checkpoint"])
+            .arg(&teacher),
+    );
+    assert!(err.contains("--matmul-weights"), "{err}");
+}
+
 /// Small on-policy and RL stages for the tiny configs, checkpointed every 3 steps.
 const ONPOLICY_AND_RL: &str = "
 [onpolicy]

@@ -110,6 +110,9 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// dense, or int8 (8-bit matmul weights with an f32 scale per 32 inputs; CPU only).
+        #[arg(long, default_value = "dense", value_parser = ["dense", "int8"])]
+        matmul_weights: String,
     },
     /// Generate with a checkpoint: one prompt (--prompt), or teacher traces with
     /// rejection sampling for a JSONL file of prompts (--input, --out), optionally
@@ -274,7 +277,29 @@ fn main() -> ExitCode {
     STARTED.get_or_init(|| (std::time::Instant::now(), distill::cost::ledger::unix_now()));
     keep_freed_memory();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = on_the_thread_pool(|| command(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::code(&e))
+        }
+    }
+}
+
+/// Runs `f` on a worker of rayon's global pool, so that every parallel op inside it
+/// starts from a worker: called from outside the pool, each op would hand its work to
+/// the pool and put the calling thread to sleep until it is done, two context switches
+/// per op (a decoding step has hundreds of small ops; measured in docs/rollout.md).
+/// The workers get the main thread's usual 8 MiB of stack.
+fn on_the_thread_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // An error means the pool exists already (a library caller built it); use it as it is.
+    let _ = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
+    rayon::scope(|_| f())
+}
+
+fn command(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
         Some(Command::Init { file, force }) => init::init(&file, force),
@@ -286,21 +311,15 @@ fn main() -> ExitCode {
             checkpoint,
             config,
             device,
-        }) => eval(checkpoint, config, &device),
-        Some(Command::Generate(args)) => rayon::scope(|_| generate(args)),
+            matmul_weights,
+        }) => eval(checkpoint, config, &device, &matmul_weights),
+        Some(Command::Generate(args)) => generate(args),
         Some(Command::Merge {
             out,
             input,
             force,
             shards,
         }) => merge(&out, input.as_deref(), force, &shards),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit::code(&e))
-        }
     }
 }
 
@@ -482,10 +501,11 @@ fn open_device(name: &str) -> anyhow::Result<distill::candle::Device> {
     Ok(distill::device::open(parsed)?)
 }
 
-fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::Result<()> {
+fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str, weights: &str) -> anyhow::Result<()> {
     let dev = open_device(device)?;
     let cfg = config.map(|p| Config::load(&p)).transpose()?;
-    let r = distill::evaluate::eval_checkpoint(&checkpoint, cfg.as_ref(), &dev)?;
+    let weights = matmul_weights(weights)?;
+    let r = distill::evaluate::eval_checkpoint(&checkpoint, cfg.as_ref(), &dev, weights)?;
     println!("checkpoint: {}", r.checkpoint.display());
     println!("params: {}", r.params);
     println!("held-out loss: {:.4}", r.eval_loss);
@@ -494,6 +514,16 @@ fn eval(checkpoint: PathBuf, config: Option<PathBuf>, device: &str) -> anyhow::R
         None => println!("held-out accuracy: n/a (the data has no verifiable answers)"),
     }
     Ok(())
+}
+
+/// A `--matmul-weights` value.
+fn matmul_weights(s: &str) -> anyhow::Result<distill::config::MatmulWeights> {
+    distill::config::MatmulWeights::parse(s).ok_or_else(|| {
+        bad_flag(
+            "--matmul-weights",
+            format!("{s:?}: use {}", distill::config::MatmulWeights::NAMES),
+        )
+    })
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
@@ -523,9 +553,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let dev = open_device(&a.device)?;
     let (model, tok) = distill::train::checkpoint::load(&a.checkpoint, &dev)?;
-    let weights = distill::config::MatmulWeights::parse(&a.matmul_weights)
-        .ok_or_else(|| bad_flag("--matmul-weights", distill::config::MatmulWeights::NAMES))?;
-    let model = model.with_matmul_weights(weights)?;
+    let model = model.with_matmul_weights(matmul_weights(&a.matmul_weights)?)?;
     let sampling = Sampling {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,

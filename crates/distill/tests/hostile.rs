@@ -582,7 +582,7 @@ fn copy_dir(from: &Path, to: &Path) {
 /// What `distill eval --checkpoint DIR --config FILE` does, with its verdict: Ok(loss)
 /// only for a finite held-out loss (anything else fails the test), or the error's text.
 fn eval_outcome(dir: &Path, cfg: &distill::Config) -> std::result::Result<f32, String> {
-    match distill::evaluate::eval_checkpoint(dir, Some(cfg), &Device::Cpu) {
+    match distill::evaluate::eval_checkpoint(dir, Some(cfg), &Device::Cpu, distill::config::MatmulWeights::Dense) {
         Ok(r) => {
             assert!(
                 r.eval_loss.is_finite(),

@@ -75,6 +75,7 @@ pub static DOCS: &[KeyDoc] = &[
     opt("teacher.hub", "ORG/NAME; not together with teacher.checkpoint", "Load the teacher from the Hugging Face Hub through its cache ($HF_HOME; HF_HUB_OFFLINE=1 reads the cache only).", "none", "\"HuggingFaceTB/SmolLM2-135M-Instruct\""),
     opt("teacher.revision", "a branch, tag or commit; needs teacher.hub", "Revision of teacher.hub.", "\"main\"", "\"main\""),
     opt("teacher.train_examples", "> 0", "Train the teacher on the first N training examples only.", "all of them", "1000"),
+    k("teacher.matmul_weights", "\"dense\" or \"int8\"; \"int8\" needs the CPU, f32 and widths that are multiples of 32", "How the teacher holds its matmul weights once it only samples and scores (traces, logits, on-policy scoring and its evaluation): \"dense\" in the compute dtype, or \"int8\", 8-bit weights with an f32 scale per 32 inputs and f32 activations, a quarter of the bytes to read per decoded token (docs/rollout.md). The report names which was used."),
     // [teacher.model] and [student.model]
     k("model.hidden_size", "> 0, a multiple of num_heads", "Model width."),
     k("model.intermediate_size", "> 0", "Inner width of the SwiGLU MLP."),

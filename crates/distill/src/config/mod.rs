@@ -253,6 +253,32 @@ mod tests {
     }
 
     #[test]
+    fn int8_teacher_weights_are_checked_against_device_dtype_and_widths() -> Result<()> {
+        let c =
+            parse("[teacher]\nmatmul_weights = \"int8\"\n[teacher.model]\nhidden_size = 64\nintermediate_size = 96\n")?;
+        assert_eq!(c.teacher.matmul_weights, MatmulWeights::Int8);
+        for (extra, key_or_word) in [
+            ("[run]\ndevice = \"cuda\"\n", "CPU only"),
+            ("[run]\ndtype = \"bf16\"\n", "run.dtype"),
+            (
+                "[teacher.model]\nhidden_size = 64\nintermediate_size = 100\n",
+                "multiples of 32",
+            ),
+        ] {
+            let err = parse(&format!("{extra}[teacher]\nmatmul_weights = \"int8\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("teacher.matmul_weights") && err.contains(key_or_word),
+                "{err}"
+            );
+        }
+        let err = parse("[teacher]\nmatmul_weights = \"q4\"\n").unwrap_err().to_string();
+        assert!(err.contains("matmul_weights") && err.contains("int8"), "{err}");
+        Ok(())
+    }
+
+    #[test]
     fn kernels_names_parse() {
         assert_eq!(Kernels::parse("fused"), Some(Kernels::Fused));
         assert_eq!(Kernels::parse("fast"), None);

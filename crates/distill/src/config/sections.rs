@@ -254,6 +254,9 @@ pub struct TeacherConfig {
     pub revision: Option<String>,
     /// Train the teacher on only the first N training examples. Default: all of them.
     pub train_examples: Option<usize>,
+    /// How the teacher holds its matmul weights once it only samples and scores (traces,
+    /// logits, on-policy scoring, its evaluation): "dense" (default) or "int8".
+    pub matmul_weights: MatmulWeights,
     pub model: ModelSpec,
     pub train: TrainSpec,
 }

@@ -145,6 +145,39 @@ impl Validator<'_> {
         if let Some(n) = cfg.teacher.train_examples {
             self.check(n > 0, "teacher.train_examples", "must be > 0", n);
         }
+        if tc.matmul_weights == MatmulWeights::Int8 {
+            self.int8_teacher(cfg);
+        }
+    }
+
+    /// `teacher.matmul_weights = "int8"`: CPU, f32, and (for a teacher trained here)
+    /// widths the 32-weight blocks divide. A loaded teacher's widths are checked on load.
+    fn int8_teacher(&mut self, cfg: &Config) {
+        let key = "teacher.matmul_weights";
+        let cpu = parse_device_name(&cfg.run.device).is_ok_and(|d| d == DeviceName::Cpu);
+        self.check(
+            cpu,
+            key,
+            "\"int8\" runs on the CPU only; use \"dense\" on a GPU",
+            &cfg.run.device,
+        );
+        let f32 = matches!(cfg.run.dtype.as_str(), "auto" | "f32");
+        self.check(
+            f32,
+            key,
+            "\"int8\" needs run.dtype \"f32\" (or \"auto\" on the CPU)",
+            &cfg.run.dtype,
+        );
+        if cfg.teacher.checkpoint.is_none() && cfg.teacher.hub.is_none() {
+            let m = &cfg.teacher.model;
+            let widths = [m.hidden_size, m.intermediate_size];
+            self.check(
+                widths.iter().all(|w| w % 32 == 0),
+                key,
+                "\"int8\" needs teacher.model.hidden_size and intermediate_size to be multiples of 32",
+                widths,
+            );
+        }
     }
 
     fn student(&mut self, cfg: &Config) {

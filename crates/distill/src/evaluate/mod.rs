@@ -161,7 +161,12 @@ fn sharded_accuracy(
 
 /// `distill eval --checkpoint DIR`: rebuilds the held-out set from the
 /// checkpoint's own `distill.toml` (or `config`, when given) and evaluates it.
-pub fn eval_checkpoint(dir: &Path, config: Option<&Config>, device: &Device) -> Result<ModelReport> {
+pub fn eval_checkpoint(
+    dir: &Path,
+    config: Option<&Config>,
+    device: &Device,
+    weights: crate::config::MatmulWeights,
+) -> Result<ModelReport> {
     let (model, tok) = checkpoint::load(dir, device)?;
     let cfg = match config {
         Some(c) => c.clone(),
@@ -178,6 +183,7 @@ pub fn eval_checkpoint(dir: &Path, config: Option<&Config>, device: &Device) -> 
     };
     let mut model = model;
     model.set_compute_dtype(cfg.compute_dtype(device)?)?;
+    let mut model = model.with_matmul_weights(weights)?;
     model.set_kernels(cfg.kernels()?);
     let splits = data::load(&cfg.data, cfg.run.seed)?;
     let (eval_enc, _) = batch::encode(&tok, &splits.eval, cfg.data.seq_len)?;

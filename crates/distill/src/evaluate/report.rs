@@ -21,6 +21,10 @@ pub struct Report {
     /// What ran the transformer's ops on the CPU in f32: "fused" kernels or "plain" ops.
     #[serde(default)]
     pub kernels: String,
+    /// How the teacher held its matmul weights once it only sampled and scored:
+    /// "dense" or "int8" (`teacher.matmul_weights`).
+    #[serde(default = "dense")]
+    pub teacher_weights: String,
     /// Ranks of a data-parallel run (1: one process).
     #[serde(default = "one_rank")]
     pub world_size: usize,
@@ -41,6 +45,10 @@ pub struct Report {
 pub struct TracesReport {
     pub path: PathBuf,
     pub acceptance: crate::teacher::traces::Acceptance,
+}
+
+fn dense() -> String {
+    "dense".into()
 }
 
 pub fn write_report(run_dir: &Path, r: &Report) -> Result<()> {
@@ -147,6 +155,9 @@ pub fn render(r: &Report) -> String {
                 _ => "",
             }
         );
+        if r.teacher_weights == "int8" {
+            s += "The teacher sampled and scored with int8 matmul weights (teacher.matmul_weights = \"int8\").\n\n";
+        }
     }
     // A stage's cost is all of its records: killed segments and the completed one.
     let stage = |n: &str| r.cost.stage(n);

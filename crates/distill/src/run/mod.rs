@@ -189,7 +189,7 @@ fn run_on(
     stage::check_prune_plan(&env, &prep, teacher_model.as_ref().map(|(m, _)| m))?;
     let (teacher, teacher_dir) = stage::teacher(&env, &prep, teacher_model, &mut ledger, &heartbeat)?;
     let pruned = stage::prune(&env, &prep, &teacher, &mut ledger, &heartbeat)?;
-    let mut teacher = frozen(teacher, dtype)?;
+    let mut teacher = frozen(teacher, dtype)?.with_matmul_weights(cfg.teacher.matmul_weights)?;
     teacher.set_kernels(kernels);
     let teacher = (&teacher, teacher_dir.as_path());
     let (plans, traces) = students::plans(&env, &prep, teacher, &mut ledger, &heartbeat)?;
@@ -215,6 +215,7 @@ fn run_on(
         device: info,
         dtype: format!("{dtype:?}"),
         kernels: kernels.name().to_string(),
+        teacher_weights: cfg.teacher.matmul_weights.name().to_string(),
         world_size: world,
         traces,
         logit_cache,

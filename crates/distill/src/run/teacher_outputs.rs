@@ -36,7 +36,7 @@ pub(crate) fn teacher_logit_cache(
     const STAGE: &str = "teacher-logits";
     let cfg = env.cfg;
     let dir = env.run_dir.join("logit-cache");
-    let id = checkpoint::content_id(teacher_dir)?;
+    let id = teacher_id(teacher, teacher_dir)?;
     let expect = logit_cache::Expect {
         teacher: id.clone(),
         data_fingerprint: logit_cache::fingerprint(data),
@@ -212,7 +212,7 @@ fn write_traces(
         max_completion_tokens: tc.max_completion_tokens,
         batch_rows: tc.batch_size,
     };
-    let id = checkpoint::content_id(teacher_dir)?;
+    let id = teacher_id(teacher, teacher_dir)?;
     let total = prompts.iter().filter(|p| p.answer.is_some()).count();
     progress.stage_start("traces", total);
     let samples = tc.samples.max(1);
@@ -242,4 +242,15 @@ fn write_traces(
     let mut acc = traces::Acceptance::of(&records);
     acc.flops = flops[0];
     Ok((records, acc))
+}
+
+/// The id that traces and logit caches record for the teacher: its checkpoint's content
+/// id, with "+int8" when it ran on int8 matmul weights (other numbers than the dense
+/// teacher's, so a cache of the one is never taken for the other's).
+fn teacher_id(teacher: &Llama, dir: &Path) -> Result<String> {
+    let id = checkpoint::content_id(dir)?;
+    Ok(match teacher.matmul_weights() {
+        crate::config::MatmulWeights::Dense => id,
+        w => format!("{id}+{}", w.name()),
+    })
 }
