@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::kernels::cpu::{avx2_dispatch, with_cpu_f32, Isa};
+use crate::kernels::cpu::{avx2_dispatch, with_cpu_f32, Isa, LANES};
 use crate::kernels::decode::{rows_dot, SKINNY_ROWS};
 use crate::kernels::ops;
 
@@ -136,24 +136,24 @@ pub fn linear_plain(x: &Tensor, w: &Int8Weight) -> Result<Tensor> {
 }
 
 /// y (n, o) for a few rows x (n, i), reading each weight row once (tasks own 64 weight
-/// rows), as `decode::linear_rows` does for a dense weight: each weight row is widened
-/// to f32 once, then dotted with every row of x.
+/// rows), as `decode::linear_rows` does for a dense weight: one row of x widens in
+/// registers; more rows widen each weight row to f32 once and dot it with every row.
 fn linear_rows(x: &[f32], w: &Int8Weight) -> Vec<f32> {
     let ((o, i), n, isa) = (w.dims(), x.len() / w.in_features, Isa::detect());
     const CHUNK: usize = 64;
     let blocks = i / BLOCK;
     let mut yt = vec![0f32; o * n]; // (o, n)
     yt.par_chunks_mut(n * CHUNK).enumerate().for_each(|(c, out)| {
-        let mut row_f32 = vec![0f32; i];
+        let mut row_f32 = vec![0f32; if n > 1 { i } else { 0 }];
         for (j, y) in out.chunks_mut(n).enumerate() {
             let row = c * CHUNK + j;
-            widen_row(
-                isa,
-                &w.q[row * i..][..i],
-                &w.scales[row * blocks..][..blocks],
-                &mut row_f32,
-            );
-            rows_dot(isa, x, &row_f32, y);
+            let (q, scales) = (&w.q[row * i..][..i], &w.scales[row * blocks..][..blocks]);
+            if n == 1 {
+                y[0] = dot_int8(isa, x, q, scales);
+            } else {
+                widen_row(isa, q, scales, &mut row_f32);
+                rows_dot(isa, x, &row_f32, y);
+            }
         }
     });
     let mut y = vec![0f32; n * o];
@@ -164,6 +164,23 @@ fn linear_rows(x: &[f32], w: &Int8Weight) -> Vec<f32> {
     }
     y
 }
+
+/// x . (scale * q) for one row of x, widening in registers: the products and sums of
+/// `decode::linear_rows`'s dot on the widened row, in its order, so the same bits.
+#[inline(always)]
+fn dot_int8_kernel(x: &[f32], q: &[i8], scales: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for ((xb, qb), &s) in x.chunks_exact(BLOCK).zip(q.chunks_exact(BLOCK)).zip(scales) {
+        for (xc, qc) in xb.chunks_exact(LANES).zip(qb.chunks_exact(LANES)) {
+            for l in 0..LANES {
+                acc[l] += xc[l] * (s * qc[l] as f32);
+            }
+        }
+    }
+    let tail: f32 = std::iter::empty::<f32>().sum(); // the dot's empty remainder (BLOCK is a multiple of LANES)
+    acc.iter().sum::<f32>() + tail
+}
+avx2_dispatch!(dot_int8, dot_int8_avx2, dot_int8_kernel, <>, (x: &[f32], q: &[i8], scales: &[f32]) -> f32);
 
 #[inline(always)]
 fn widen_row_kernel(q: &[i8], scales: &[f32], out: &mut [f32]) {
