@@ -203,10 +203,10 @@ fn rows_dot_kernel(x: &[f32], w: &[f32], out: &mut [f32]) {
 }
 avx2_dispatch!(rows_dot, rows_dot_avx2, rows_dot_kernel, <>, (x: &[f32], w: &[f32], out: &mut [f32]) -> ());
 
-/// `rows_dot` for four weight rows at once (`w` holds them one after the other):
-/// `out[j * n + r] = x_r . w_j`. Each of the four is `dot`'s sum, in its order, so the
-/// same bits; run side by side, their 4 x LANES accumulators are independent chains of
-/// adds, where one dot alone waits on the latency of its own.
+/// `rows_dot` for four weight rows at once (`w` holds them one after the other): out[j * n
+/// + r] = x_r . w_j. Each of the four is `dot`'s sum, in its order, so the same bits; run
+/// side by side, their 4 x LANES accumulators are independent chains of adds, where one
+/// dot alone waits on the latency of its own.
 #[inline(always)]
 pub(crate) fn rows_dot4_kernel(x: &[f32], w: &[f32], out: &mut [f32]) {
     let i = w.len() / 4;
