@@ -176,13 +176,8 @@ pub(crate) fn linear_rows(x: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)
     const CHUNK: usize = 64; // weight rows per task
     let mut yt = vec![0f32; o * n]; // (o, n): each task owns whole weight rows
     yt.par_chunks_mut(n * CHUNK).enumerate().for_each(|(c, out)| {
-        let rows = out.len() / n;
-        let (quads, rest) = out.split_at_mut(rows / 4 * 4 * n);
-        for (g, y) in quads.chunks_mut(4 * n).enumerate() {
-            rows_dot4(isa, x, &w[(c * CHUNK + 4 * g) * i..][..4 * i], y);
-        }
-        for (j, y) in rest.chunks_mut(n).enumerate() {
-            rows_dot(isa, x, &w[(c * CHUNK + rows / 4 * 4 + j) * i..][..i], y);
+        for (j, y) in out.chunks_mut(n).enumerate() {
+            rows_dot(isa, x, &w[(c * CHUNK + j) * i..][..i], y);
         }
     });
     let mut y = vec![0f32; n * o];
@@ -202,40 +197,6 @@ fn rows_dot_kernel(x: &[f32], w: &[f32], out: &mut [f32]) {
     }
 }
 avx2_dispatch!(rows_dot, rows_dot_avx2, rows_dot_kernel, <>, (x: &[f32], w: &[f32], out: &mut [f32]) -> ());
-
-/// `rows_dot` for four weight rows at once (`w` holds them one after the other): out[j * n
-/// + r] = x_r . w_j. Each of the four is `dot`'s sum, in its order, so the same bits; run
-/// side by side, their 4 x LANES accumulators are independent chains of adds, where one
-/// dot alone waits on the latency of its own.
-#[inline(always)]
-pub(crate) fn rows_dot4_kernel(x: &[f32], w: &[f32], out: &mut [f32]) {
-    let i = w.len() / 4;
-    let n = out.len() / 4;
-    let main = i / LANES * LANES;
-    let (w01, w23) = w.split_at(2 * i);
-    let ((w0, w1), (w2, w3)) = (w01.split_at(i), w23.split_at(i));
-    for (r, xr) in x.chunks_exact(i).enumerate().take(n) {
-        let mut acc = [[0f32; LANES]; 4];
-        let rows = xr[..main].chunks_exact(LANES).zip(w0[..main].chunks_exact(LANES));
-        let rows = rows
-            .zip(w1[..main].chunks_exact(LANES))
-            .zip(w2[..main].chunks_exact(LANES));
-        let rows = rows.zip(w3[..main].chunks_exact(LANES));
-        for ((((xc, c0), c1), c2), c3) in rows {
-            for l in 0..LANES {
-                acc[0][l] += xc[l] * c0[l];
-                acc[1][l] += xc[l] * c1[l];
-                acc[2][l] += xc[l] * c2[l];
-                acc[3][l] += xc[l] * c3[l];
-            }
-        }
-        for (j, (a, wj)) in acc.iter().zip([w0, w1, w2, w3]).enumerate() {
-            let tail: f32 = xr[main..].iter().zip(&wj[main..]).map(|(x, y)| x * y).sum();
-            out[j * n + r] = a.iter().sum::<f32>() + tail;
-        }
-    }
-}
-avx2_dispatch!(rows_dot4, rows_dot4_avx2, rows_dot4_kernel, <>, (x: &[f32], w: &[f32], out: &mut [f32]) -> ());
 
 #[cfg(test)]
 mod tests {
@@ -308,28 +269,6 @@ mod tests {
             alone.flatten_all()?.to_vec1::<f32>()?,
             fast.narrow(1, 3, 1)?.flatten_all()?.to_vec1::<f32>()?
         );
-        Ok(())
-    }
-
-    /// Four weight rows at a time (and the rows left over) give each output the bits of
-    /// its own `dot`, for widths with and without a remainder past the lanes.
-    #[test]
-    fn four_weight_rows_at_once_give_the_bits_of_one_dot_each() -> Result<()> {
-        for (n, o, i) in [(1, 130, 70), (3, 67, 64), (16, 9, 33)] {
-            let x: Vec<f32> = tensor(n * i, &[n * i], 3).to_vec1()?;
-            let w: Vec<f32> = tensor(o * i, &[o * i], 4).to_vec1()?;
-            let y = linear_rows(&x, &w, (n, o, i));
-            for r in 0..n {
-                for j in 0..o {
-                    let want = dot(&x[r * i..][..i], &w[j * i..][..i]);
-                    assert_eq!(
-                        y[r * o + j].to_bits(),
-                        want.to_bits(),
-                        "({n}, {o}, {i}): row {r}, output {j}"
-                    );
-                }
-            }
-        }
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::{avx2_dispatch, with_cpu_f32, Isa, LANES};
-use crate::kernels::decode::{rows_dot, rows_dot4, SKINNY_ROWS};
+use crate::kernels::decode::{rows_dot, SKINNY_ROWS};
 use crate::kernels::ops;
 
 /// Weights per scale, along the input.
@@ -136,43 +136,24 @@ pub fn linear_plain(x: &Tensor, w: &Int8Weight) -> Result<Tensor> {
 }
 
 /// y (n, o) for a few rows x (n, i), reading each weight row once (tasks own 64 weight
-/// rows), as `decode::linear_rows` does for a dense weight: one row of x widens the
-/// weights in registers; more rows widen four weight rows to f32 at a time and dot them
-/// with every row side by side, each in its own dot's order.
+/// rows), as `decode::linear_rows` does for a dense weight: one row of x widens in
+/// registers; more rows widen each weight row to f32 once and dot it with every row.
 fn linear_rows(x: &[f32], w: &Int8Weight) -> Vec<f32> {
     let ((o, i), n, isa) = (w.dims(), x.len() / w.in_features, Isa::detect());
     const CHUNK: usize = 64;
     let blocks = i / BLOCK;
     let mut yt = vec![0f32; o * n]; // (o, n)
     yt.par_chunks_mut(n * CHUNK).enumerate().for_each(|(c, out)| {
-        // Four weight rows at a time (their dots side by side for several rows of x).
-        let mut rows_f32 = vec![0f32; if n > 1 { 4 * i } else { 0 }];
-        let mut first = c * CHUNK;
-        for y in out.chunks_mut(n * 4) {
-            let rows = y.len() / n;
-            let (q, scales) = (
-                &w.q[first * i..][..rows * i],
-                &w.scales[first * blocks..][..rows * blocks],
-            );
-            match (n, rows) {
-                // One row of x: bound by reading the weights, one dot at a time keeps up.
-                (1, _) => {
-                    for ((y, q), s) in y.iter_mut().zip(q.chunks_exact(i)).zip(scales.chunks_exact(blocks)) {
-                        *y = dot_int8(isa, x, q, s);
-                    }
-                }
-                (_, 4) => {
-                    widen_row(isa, q, scales, &mut rows_f32);
-                    rows_dot4(isa, x, &rows_f32, y);
-                }
-                _ => {
-                    for ((y, q), s) in y.chunks_mut(n).zip(q.chunks_exact(i)).zip(scales.chunks_exact(blocks)) {
-                        widen_row(isa, q, s, &mut rows_f32[..i]);
-                        rows_dot(isa, x, &rows_f32[..i], y);
-                    }
-                }
+        let mut row_f32 = vec![0f32; if n > 1 { i } else { 0 }];
+        for (j, y) in out.chunks_mut(n).enumerate() {
+            let row = c * CHUNK + j;
+            let (q, scales) = (&w.q[row * i..][..i], &w.scales[row * blocks..][..blocks]);
+            if n == 1 {
+                y[0] = dot_int8(isa, x, q, scales);
+            } else {
+                widen_row(isa, q, scales, &mut row_f32);
+                rows_dot(isa, x, &row_f32, y);
             }
-            first += rows;
         }
     });
     let mut y = vec![0f32; n * o];
@@ -250,7 +231,7 @@ mod tests {
     /// stay within float rounding of the plain composition.
     #[test]
     fn fused_int8_linear_is_the_dense_linear_of_the_dequantized_weight() -> Result<()> {
-        let w = Int8Weight::quantize(&tensor(202 * 64, &[202, 64], 5))?; // 202: rows past the last four
+        let w = Int8Weight::quantize(&tensor(200 * 64, &[200, 64], 5))?;
         let dense = w.dequantize(&Device::Cpu)?;
         for n in [1, 3, SKINNY_ROWS, SKINNY_ROWS + 5, 150] {
             let x = tensor(n * 64, &[1, n, 64], n as u32);
