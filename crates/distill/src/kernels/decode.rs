@@ -173,11 +173,11 @@ pub const SKINNY_ROWS: usize = 16;
 /// with a fixed order, so a row's result does not depend on the other rows.
 pub(crate) fn linear_rows(x: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)) -> Vec<f32> {
     let isa = Isa::detect();
-    const CHUNK: usize = 64; // weight rows per task
+    let chunk = rows_per_task(o);
     let mut yt = vec![0f32; o * n]; // (o, n): each task owns whole weight rows
-    yt.par_chunks_mut(n * CHUNK).enumerate().for_each(|(c, out)| {
+    yt.par_chunks_mut(n * chunk).enumerate().for_each(|(c, out)| {
         for (j, y) in out.chunks_mut(n).enumerate() {
-            rows_dot(isa, x, &w[(c * CHUNK + j) * i..][..i], y);
+            rows_dot(isa, x, &w[(c * chunk + j) * i..][..i], y);
         }
     });
     let mut y = vec![0f32; n * o];
@@ -187,6 +187,15 @@ pub(crate) fn linear_rows(x: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)
         }
     }
     y
+}
+
+/// Weight rows per task of a few-row linear over `o` of them: at most 64, and a whole
+/// multiple of tasks per thread, so that no thread waits on a last, lone task (a 192-row
+/// projection in chunks of 64 left one of two threads idle for a third of the op).
+pub(crate) fn rows_per_task(o: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let per_thread = o.div_ceil(threads * 64).max(1);
+    o.div_ceil(threads * per_thread).max(1)
 }
 
 /// out[r] = x_r . w for every row r of x (rows of `w.len()` floats).

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::{avx2_dispatch, with_cpu_f32, Isa, LANES};
-use crate::kernels::decode::{rows_dot, SKINNY_ROWS};
+use crate::kernels::decode::{rows_dot, rows_per_task, SKINNY_ROWS};
 use crate::kernels::ops;
 
 /// Weights per scale, along the input.
@@ -135,18 +135,18 @@ pub fn linear_plain(x: &Tensor, w: &Int8Weight) -> Result<Tensor> {
     ops::linear_plain(x, &w.dequantize(x.device())?)
 }
 
-/// y (n, o) for a few rows x (n, i), reading each weight row once (tasks own 64 weight
-/// rows), as `decode::linear_rows` does for a dense weight: one row of x widens in
+/// y (n, o) for a few rows x (n, i), reading each weight row once (tasks own up to 64
+/// weight rows), as `decode::linear_rows` does for a dense weight: one row of x widens in
 /// registers; more rows widen each weight row to f32 once and dot it with every row.
 fn linear_rows(x: &[f32], w: &Int8Weight) -> Vec<f32> {
     let ((o, i), n, isa) = (w.dims(), x.len() / w.in_features, Isa::detect());
-    const CHUNK: usize = 64;
+    let chunk = rows_per_task(o);
     let blocks = i / BLOCK;
     let mut yt = vec![0f32; o * n]; // (o, n)
-    yt.par_chunks_mut(n * CHUNK).enumerate().for_each(|(c, out)| {
+    yt.par_chunks_mut(n * chunk).enumerate().for_each(|(c, out)| {
         let mut row_f32 = vec![0f32; if n > 1 { i } else { 0 }];
         for (j, y) in out.chunks_mut(n).enumerate() {
-            let row = c * CHUNK + j;
+            let row = c * chunk + j;
             let (q, scales) = (&w.q[row * i..][..i], &w.scales[row * blocks..][..blocks]);
             if n == 1 {
                 y[0] = dot_int8(isa, x, q, scales);
