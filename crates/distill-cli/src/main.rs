@@ -552,8 +552,8 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         )));
     }
     let dev = open_device(&a.device)?;
-    let (model, tok) = distill::train::checkpoint::load(&a.checkpoint, &dev)?;
-    let model = model.with_matmul_weights(matmul_weights(&a.matmul_weights)?)?;
+    let weights = matmul_weights(&a.matmul_weights)?;
+    let (model, tok) = distill::train::checkpoint::load_with(&a.checkpoint, &dev, weights)?;
     let sampling = Sampling {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,

@@ -408,6 +408,48 @@ fn q8_0_gguf_matches_quantized_llama() -> R {
     Ok(())
 }
 
+/// A Q4_1 file loaded straight into int8 weights (tensor by tensor, no f32 model) is the
+/// model that the dense load converted to int8 would be: the same logits, bit for bit,
+/// tied or not; both stay close to the dense model.
+#[test]
+fn a_gguf_loads_straight_into_int8_weights() -> R {
+    use distill::config::MatmulWeights;
+    use distill::model::gguf::load_gguf_with;
+    let tok = tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    for tied in [true, false] {
+        let w = Write {
+            dtype_2d: GgmlDType::Q4_1,
+            ..PLAIN
+        };
+        let path = write_file(
+            dir.path(),
+            "tiny-q4_1.gguf",
+            &gguf_bytes(&tiny_model(&tok, tied), &tok, &w),
+        );
+        let (dense, _) = load_gguf(&path, &Device::Cpu)?;
+        let (direct, _) = load_gguf_with(&path, &Device::Cpu, MatmulWeights::Int8)?;
+        assert_eq!(direct.matmul_weights(), MatmulWeights::Int8);
+        let ids = prompt_ids(&tok);
+        let want = dense.forward(&ids)?;
+        let converted = dense.with_matmul_weights(MatmulWeights::Int8)?.forward(&ids)?;
+        let got = direct.forward(&ids)?;
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&got), bits(&converted), "tied={tied}");
+        let scale = fmax(&want.abs()?.flatten_all()?.to_vec1::<f32>()?);
+        assert!(max_abs_diff(&got, &want) < 0.05 * scale, "tied={tied}");
+    }
+    Ok(())
+}
+
 #[test]
 fn tokenizer_round_trips_through_gguf() -> R {
     let tok = tokenizer();

@@ -167,7 +167,8 @@ pub fn eval_checkpoint(
     device: &Device,
     weights: crate::config::MatmulWeights,
 ) -> Result<ModelReport> {
-    let (model, tok) = checkpoint::load(dir, device)?;
+    // With int8, a GGUF file goes straight into int8 weights; the checks below still run.
+    let (model, tok) = checkpoint::load_with(dir, device, weights)?;
     let cfg = match config {
         Some(c) => c.clone(),
         None => {

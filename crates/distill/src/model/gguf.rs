@@ -29,8 +29,9 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper};
 
+use crate::config::MatmulWeights;
 use crate::error::{Error, IoContext, Result};
-use crate::model::{Llama, ModelConfig};
+use crate::model::{quant, Llama, ModelConfig};
 use crate::prepare::tokenizer::Tokenizer;
 
 /// Magic (4 bytes) + version (u32) + tensor count (u64) + metadata count (u64).
@@ -47,6 +48,13 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// tensors, any tensor type candle can dequantize, and `tokenizer.ggml.model =
 /// "gpt2"` (byte-level BPE) with the pre-tokenizers in `pre_tokenizer`.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
+    load_gguf_with(path, device, MatmulWeights::Dense)
+}
+
+/// `load_gguf`, with the matmul weights held as `weights` says. With `Int8`, each matmul
+/// tensor is converted as it is read, so no f32 copy of the whole model is ever made
+/// (the model is then frozen: it samples and scores, it does not train).
+pub fn load_gguf_with(path: &Path, device: &Device, weights: MatmulWeights) -> Result<(Llama, Tokenizer)> {
     let bad = |msg: String| Error::Checkpoint {
         path: path.to_path_buf(),
         msg,
@@ -68,6 +76,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
     let tokenizer = tokenizer_from_meta(&md, cfg.vocab_size)?;
 
     let mut tensors = BTreeMap::new();
+    let mut int8 = BTreeMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -109,10 +118,20 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
         if let Some(heads) = permute_heads {
             t = llama_cpp_unpermute(&t, heads).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
         }
+        if weights == MatmulWeights::Int8 && quant::is_matmul(&hf, &cfg) {
+            int8.insert(hf.clone(), quant::int8_weight(&hf, &t).map_err(|e| bad(e.to_string()))?);
+            if hf != quant::EMBED {
+                continue; // a tied embedding also stays dense, for the lookup
+            }
+        }
         tensors.insert(hf, t);
     }
-    let model = Llama::from_tensors(cfg, tensors, device).map_err(|e| bad(e.to_string()))?;
-    Ok((model, tokenizer))
+    let model = if weights == MatmulWeights::Int8 {
+        Llama::from_dense_and_int8(cfg, tensors, int8, device)
+    } else {
+        Llama::from_tensors(cfg, tensors, device)
+    };
+    Ok((model.map_err(|e| bad(e.to_string()))?, tokenizer))
 }
 
 /// The row permutation llama.cpp's `convert_hf_to_gguf.py` applies to a Hugging

@@ -232,7 +232,7 @@ impl Llama {
         Self::from_vars(cfg, params, device)
     }
 
-    fn from_vars(cfg: ModelConfig, params: BTreeMap<String, Var>, device: &Device) -> Result<Self> {
+    pub(crate) fn from_vars(cfg: ModelConfig, params: BTreeMap<String, Var>, device: &Device) -> Result<Self> {
         let inv_freq = rope_inv_freq(&cfg, device)?;
         Ok(Self {
             inv_freq,

@@ -10,7 +10,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf_json;
 pub mod llama;
-mod quant;
+pub(crate) mod quant;
 pub mod slots;
 pub mod tape;
 

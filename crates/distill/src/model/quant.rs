@@ -8,12 +8,15 @@
 //! embeddings the head gets its own int8 copy and the lookup keeps the dense table.
 //! Norms and biases stay f32. The quantized forward is `Llama::proj`.
 
-use candle_core::DType;
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::MatmulWeights;
 use crate::error::{Error, Result};
 use crate::kernels::int8::{Int8Weight, BLOCK};
-use crate::model::Llama;
+use crate::model::llama::all_finite;
+use crate::model::{Llama, ModelConfig};
 
 impl Llama {
     /// This model with its matmul weights stored as `format` says. `Dense` returns it
@@ -47,43 +50,115 @@ impl Llama {
                 self.compute_dtype()
             )));
         }
+        if !self.quantized.is_empty() {
+            return Ok(self); // already int8 (e.g. loaded so from a GGUF file)
+        }
         let mut m = if self.is_frozen() {
             self
         } else {
             self.into_frozen(DType::F32)?
         };
-        let embed = "model.embed_tokens.weight";
         let names: Vec<String> = m
             .cfg
             .param_shapes()
-            .into_iter()
-            .filter(|(n, s)| s.len() == 2 && n != embed)
-            .map(|(n, _)| n)
-            .chain(m.cfg.tie_word_embeddings.then(|| embed.to_string()))
+            .into_keys()
+            .filter(|n| is_matmul(n, &m.cfg))
             .collect();
         for name in names {
-            let w = m.w(&name)?;
-            let width = w.dim(1)?;
-            if width % BLOCK != 0 {
-                return Err(refuse(format!(
-                    "`{name}` has input width {width}, not a multiple of the {BLOCK}-weight block"
-                )));
-            }
-            let q = Int8Weight::quantize(w)?;
+            let q = int8_weight(&name, m.w(&name)?)?;
             m.quantized.insert(name.clone(), q);
-            if name != embed {
+            if name != EMBED {
                 m.frozen.remove(&name); // the int8 weight replaces it
             }
         }
         Ok(m)
     }
+
+    /// A frozen f32 model from its dense tensors (norms, biases, the embedding) and its
+    /// int8 matmul weights, with `from_tensors`' checks: every tensor present with the
+    /// shape `cfg` implies, nothing left over, every dense weight finite (`int8_weight`
+    /// checked the others).
+    pub(crate) fn from_dense_and_int8(
+        cfg: ModelConfig,
+        mut dense: BTreeMap<String, Tensor>,
+        int8: BTreeMap<String, Int8Weight>,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.check().map_err(Error::Shape)?;
+        let mut shapes: BTreeMap<String, Vec<usize>> = int8
+            .iter()
+            .map(|(k, w)| (k.clone(), vec![w.dims().0, w.dims().1]))
+            .collect();
+        shapes.extend(dense.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())));
+        cfg.check_shapes(&shapes).map_err(Error::Shape)?;
+        let mut frozen = BTreeMap::new();
+        for (name, shape) in cfg.param_shapes() {
+            let held = shapes
+                .get(&name)
+                .ok_or_else(|| Error::Shape(format!("tensor `{name}` is missing")))?;
+            if *held != shape {
+                return Err(Error::Shape(format!(
+                    "tensor `{name}` has shape {held:?}, config.json implies {shape:?}"
+                )));
+            }
+            if let Some(t) = dense.remove(&name) {
+                let t = t.to_dtype(DType::F32)?.to_device(device)?;
+                if !all_finite(&t)? {
+                    return Err(Error::Shape(format!(
+                        "tensor `{name}` holds NaN or infinite values; the weights are damaged"
+                    )));
+                }
+                frozen.insert(name, t);
+            }
+        }
+        dense.remove("lm_head.weight").filter(|_| cfg.tie_word_embeddings);
+        if let Some(extra) = dense.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
+            return Err(Error::Shape(format!(
+                "unexpected tensor `{extra}` (not part of this architecture)"
+            )));
+        }
+        let mut m = Llama::from_vars(cfg, BTreeMap::new(), device)?;
+        m.frozen = frozen;
+        m.quantized = int8;
+        Ok(m)
+    }
+}
+
+/// The embedding's name; with tied embeddings it is also the head.
+pub(crate) const EMBED: &str = "model.embed_tokens.weight";
+
+/// Whether int8 replaces the weight `name`: a 2-D parameter other than the embedding, or
+/// the embedding when it is also the head.
+pub(crate) fn is_matmul(name: &str, cfg: &ModelConfig) -> bool {
+    if name == EMBED {
+        return cfg.tie_word_embeddings;
+    }
+    cfg.param_shapes().get(name).is_some_and(|s| s.len() == 2)
+}
+
+/// The int8 weight of the matmul weight `name`: its input width a multiple of the block,
+/// its values finite.
+pub(crate) fn int8_weight(name: &str, w: &Tensor) -> Result<Int8Weight> {
+    let width = w.dim(1)?;
+    if width % BLOCK != 0 {
+        return Err(Error::Invalid(format!(
+            "matmul weights \"int8\": `{name}` has input width {width}, not a multiple of the \
+             {BLOCK}-weight block; use \"dense\""
+        )));
+    }
+    let w = w.to_dtype(DType::F32)?;
+    if !all_finite(&w)? {
+        return Err(Error::Shape(format!(
+            "tensor `{name}` holds NaN or infinite values; the weights are damaged"
+        )));
+    }
+    Int8Weight::quantize(&w)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::ModelConfig;
-    use candle_core::{Device, Tensor};
 
     fn tiny(tied: bool) -> ModelConfig {
         ModelConfig {

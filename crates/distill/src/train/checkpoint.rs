@@ -298,6 +298,24 @@ fn require(dir: &Path, file: &str) -> Result<PathBuf> {
     }
 }
 
+/// `load`, with the matmul weights held as `weights` says: a GGUF file goes straight
+/// into int8 weights, tensor by tensor (no f32 copy of the whole model); a checkpoint
+/// directory is loaded, then converted (`Llama::with_matmul_weights`).
+pub fn load_with(dir: &Path, device: &Device, weights: crate::config::MatmulWeights) -> Result<(Llama, Tokenizer)> {
+    let is_gguf = dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if is_gguf && weights != crate::config::MatmulWeights::Dense {
+        if !device.is_cpu() {
+            return Err(err(
+                dir,
+                "int8 matmul weights run on the CPU only in this version; use dense",
+            ));
+        }
+        return crate::model::gguf::load_gguf_with(dir, device, weights);
+    }
+    let (model, tok) = load(dir, device)?;
+    Ok((model.with_matmul_weights(weights)?, tok))
+}
+
 /// Loads the model and tokenizer of a checkpoint directory (ours, or a Hugging
 /// Face Llama/Qwen2 directory with `model.safetensors` or sharded weights), or of a
 /// GGUF file (a quantized Llama, dequantized to f32, `model::gguf`).
