@@ -208,27 +208,10 @@ impl Llama {
             let t = tensors
                 .remove(&name)
                 .ok_or_else(|| Error::Shape(format!("tensor `{name}` is missing")))?;
-            if t.dims() != shape.as_slice() {
-                return Err(Error::Shape(format!(
-                    "tensor `{name}` has shape {:?}, config.json implies {shape:?}",
-                    t.dims()
-                )));
-            }
-            let t = t.to_dtype(DType::F32)?.to_device(device)?;
-            if !all_finite(&t)? {
-                return Err(Error::Shape(format!(
-                    "tensor `{name}` holds NaN or infinite values; the weights are damaged"
-                )));
-            }
-            params.insert(name, Var::from_tensor(&t)?);
+            check_shape(&name, t.dims(), &shape)?;
+            params.insert(name.clone(), Var::from_tensor(&finite_f32(&name, &t, device)?)?);
         }
-        // A tied checkpoint saved by other tools may still carry lm_head.weight.
-        tensors.remove("lm_head.weight").filter(|_| cfg.tie_word_embeddings);
-        if let Some(extra) = tensors.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
-            return Err(Error::Shape(format!(
-                "unexpected tensor `{extra}` (not part of this architecture)"
-            )));
-        }
+        check_leftovers(&cfg, tensors)?;
         Self::from_vars(cfg, params, device)
     }
 
@@ -584,6 +567,39 @@ impl Llama {
         }
         Ok(out)
     }
+}
+
+/// `t` in f32 on `device`, refused when it holds NaN or infinite values.
+pub(crate) fn finite_f32(name: &str, t: &Tensor, device: &Device) -> Result<Tensor> {
+    let t = t.to_dtype(DType::F32)?.to_device(device)?;
+    if !all_finite(&t)? {
+        return Err(Error::Shape(format!(
+            "tensor `{name}` holds NaN or infinite values; the weights are damaged"
+        )));
+    }
+    Ok(t)
+}
+
+/// A tensor's shape against the one the config implies.
+pub(crate) fn check_shape(name: &str, held: &[usize], want: &[usize]) -> Result<()> {
+    if held != want {
+        return Err(Error::Shape(format!(
+            "tensor `{name}` has shape {held:?}, config.json implies {want:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The tensors a load has left once every parameter was taken: none but a tied
+/// checkpoint's `lm_head.weight` (other tools may still save it) and rotary tables.
+pub(crate) fn check_leftovers(cfg: &ModelConfig, mut rest: BTreeMap<String, Tensor>) -> Result<()> {
+    rest.remove("lm_head.weight").filter(|_| cfg.tie_word_embeddings);
+    if let Some(extra) = rest.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
+        return Err(Error::Shape(format!(
+            "unexpected tensor `{extra}` (not part of this architecture)"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether every value of `t` is finite. An f32 tensor on the CPU is scanned in place

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::MatmulWeights;
 use crate::error::{Error, Result};
 use crate::kernels::int8::{Int8Weight, BLOCK};
-use crate::model::llama::all_finite;
+use crate::model::llama::{check_leftovers, check_shape, finite_f32};
 use crate::model::{Llama, ModelConfig};
 
 impl Llama {
@@ -96,27 +96,12 @@ impl Llama {
             let held = shapes
                 .get(&name)
                 .ok_or_else(|| Error::Shape(format!("tensor `{name}` is missing")))?;
-            if *held != shape {
-                return Err(Error::Shape(format!(
-                    "tensor `{name}` has shape {held:?}, config.json implies {shape:?}"
-                )));
-            }
+            check_shape(&name, held, &shape)?;
             if let Some(t) = dense.remove(&name) {
-                let t = t.to_dtype(DType::F32)?.to_device(device)?;
-                if !all_finite(&t)? {
-                    return Err(Error::Shape(format!(
-                        "tensor `{name}` holds NaN or infinite values; the weights are damaged"
-                    )));
-                }
-                frozen.insert(name, t);
+                frozen.insert(name.clone(), finite_f32(&name, &t, device)?);
             }
         }
-        dense.remove("lm_head.weight").filter(|_| cfg.tie_word_embeddings);
-        if let Some(extra) = dense.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
-            return Err(Error::Shape(format!(
-                "unexpected tensor `{extra}` (not part of this architecture)"
-            )));
-        }
+        check_leftovers(&cfg, dense)?;
         let mut m = Llama::from_vars(cfg, BTreeMap::new(), device)?;
         m.frozen = frozen;
         m.quantized = int8;
@@ -146,13 +131,7 @@ pub(crate) fn int8_weight(name: &str, w: &Tensor) -> Result<Int8Weight> {
              {BLOCK}-weight block; use \"dense\""
         )));
     }
-    let w = w.to_dtype(DType::F32)?;
-    if !all_finite(&w)? {
-        return Err(Error::Shape(format!(
-            "tensor `{name}` holds NaN or infinite values; the weights are damaged"
-        )));
-    }
-    Int8Weight::quantize(&w)
+    Int8Weight::quantize(&finite_f32(name, w, w.device())?)
 }
 
 #[cfg(test)]
