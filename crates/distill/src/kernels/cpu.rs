@@ -272,15 +272,29 @@ impl LogNorm {
 #[derive(Clone, Copy)]
 pub(crate) struct Isa {
     pub(crate) avx2: bool,
+    /// AVX-512F: only the kernels of `avx512_dispatch` use it.
+    pub(crate) avx512: bool,
 }
 
 impl Isa {
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        let avx2 = std::arch::is_x86_feature_detected!("avx2");
+        let (avx2, avx512) = (
+            std::arch::is_x86_feature_detected!("avx2"),
+            std::arch::is_x86_feature_detected!("avx512f"),
+        );
         #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
-        Self { avx2 }
+        let (avx2, avx512) = (false, false);
+        Self { avx2, avx512 }
+    }
+
+    /// The build's baseline only: what the dispatched kernels are tested against.
+    #[cfg(test)]
+    pub(crate) fn baseline() -> Self {
+        Self {
+            avx2: false,
+            avx512: false,
+        }
     }
 }
 
@@ -308,6 +322,43 @@ macro_rules! avx2_dispatch {
     };
 }
 pub(crate) use avx2_dispatch;
+
+/// `avx2_dispatch` with an AVX-512F build in front, for the decode kernels that are
+/// bound by arithmetic rather than by memory: LANES = 16 is one zmm register, so the
+/// build does the same operations in the same order, a register at a time, and agrees
+/// with the others bit for bit (no fused multiply-add: Rust never contracts `a * b + c`).
+macro_rules! avx512_dispatch {
+    ($name:ident, $avx512:ident, $avx2:ident, $kernel:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $avx512($($arg: $ty),*) -> $ret {
+            $kernel($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2($($arg: $ty),*) -> $ret {
+            $kernel($($arg),*)
+        }
+
+        pub(crate) fn $name(isa: Isa, $($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if isa.avx512 {
+                    // SAFETY: `isa.avx512` is true only when `Isa::detect` found AVX-512F.
+                    return unsafe { $avx512($($arg),*) };
+                }
+                if isa.avx2 {
+                    // SAFETY: `isa.avx2` is true only when `Isa::detect` found AVX2.
+                    return unsafe { $avx2($($arg),*) };
+                }
+            }
+            let _ = isa;
+            $kernel($($arg),*)
+        }
+    };
+}
+pub(crate) use avx512_dispatch;
 
 /// Runs `f` on the f32 contents of a CPU tensor, made contiguous first (a no-op when
 /// it already is).

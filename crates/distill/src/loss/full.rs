@@ -1057,7 +1057,7 @@ mod tests {
         let v = 1000;
         let s = logits(&mut rng, 1, v);
         let t = logits(&mut rng, 1, v);
-        let (base, best) = (Isa { avx2: false }, Isa::detect());
+        let (base, best) = (Isa::baseline(), Isa::detect());
         for d in ALL {
             let k = Kernel::new(d.canonical(), 1.7);
             let a = forward_row_best(base, &k, &s, &t);
