@@ -22,6 +22,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor, Var};
+use rayon::iter::{ParallelBridge, ParallelIterator};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -31,6 +32,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 use crate::config::MatmulWeights;
 use crate::error::{Error, IoContext, Result};
+use crate::kernels::int8::Int8Weight;
 use crate::model::{quant, Llama, ModelConfig};
 use crate::prepare::tokenizer::Tokenizer;
 
@@ -75,62 +77,26 @@ pub fn load_gguf_with(path: &Path, device: &Device, weights: MatmulWeights) -> R
     let cfg = model_config(&md, &content)?;
     let tokenizer = tokenizer_from_meta(&md, cfg.vocab_size)?;
 
-    let mut tensors = BTreeMap::new();
-    let mut int8 = BTreeMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
-    for name in names {
-        let info = &content.tensor_infos[name];
-        // candle checks the block size and the file length too, but computes the
-        // element count with an unchecked product; check first so that a damaged
-        // shape is an error, never an overflow.
-        let elems = info
-            .shape
-            .dims()
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .filter(|n| n % info.ggml_dtype.block_size() == 0)
-            .ok_or_else(|| bad(format!("tensor `{name}` has an invalid shape {:?}", info.shape.dims())))?;
-        let bytes = (elems / info.ggml_dtype.block_size()) as u64 * info.ggml_dtype.type_size() as u64;
-        let end = content
-            .tensor_data_offset
-            .checked_add(info.offset)
-            .and_then(|s| s.checked_add(bytes));
-        if end.is_none_or(|end| end > file_len) {
-            return Err(bad(format!(
-                "tensor `{name}` ({bytes} bytes at offset {}) lies past the end of the file ({file_len} bytes): \
-                 the file is truncated; download it again",
-                info.offset
-            )));
+    // The file is read in order, one tensor at a time, and the tensors read are converted
+    // on every thread of the pool: dequantizing and first touching the f32 or int8
+    // weights is most of a load.
+    let read = names
+        .into_iter()
+        .map(|name| read_tensor(&content, &mut reader, name, &cfg, file_len, path));
+    let converted: Vec<(String, Converted)> = read
+        .par_bridge()
+        .map(|r| r.and_then(|t| convert(t, device, weights, &cfg, path)))
+        .collect::<Result<_>>()?;
+    let (mut tensors, mut int8) = (BTreeMap::new(), BTreeMap::new());
+    for (hf, c) in converted {
+        if let Some(q) = c.int8 {
+            int8.insert(hf.clone(), q);
         }
-        let Some((hf, permute_heads)) = hf_name(name, &cfg) else {
-            return Err(bad(format!(
-                "tensor `{name}` has no counterpart in a Hugging Face Llama (RoPE scaling, experts and other \
-                 extensions are not supported)"
-            )));
-        };
-        let q = content
-            .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|e| bad(format!("cannot read tensor `{name}`: {e}")))?;
-        let mut t = q
-            .dequantize(&Device::Cpu)
-            .map_err(|e| bad(format!("cannot dequantize tensor `{name}` ({:?}): {e}", q.dtype())))?;
-        if let Some(heads) = permute_heads {
-            t = llama_cpp_unpermute(&t, heads).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        if let Some(t) = c.dense {
+            tensors.insert(hf, t);
         }
-        if weights == MatmulWeights::Int8 && quant::is_matmul(&hf, &cfg) {
-            int8.insert(hf.clone(), quant::int8_weight(&hf, &t).map_err(|e| bad(e.to_string()))?);
-            if hf != quant::EMBED {
-                continue; // a tied embedding also stays dense, for the lookup
-            }
-        }
-        if device.is_cpu() && weights == MatmulWeights::Dense {
-            // The model's own copy now, while this tensor is the only one dequantized:
-            // `from_tensors` keeps a variable as it is, so the f32 weights are never held
-            // twice (a load of 540 MB of weights peaked at 790 MB before).
-            t = Var::from_tensor(&t)?.into_inner();
-        }
-        tensors.insert(hf, t);
     }
     let model = if weights == MatmulWeights::Int8 {
         Llama::from_dense_and_int8(cfg, tensors, int8, device)
@@ -138,6 +104,116 @@ pub fn load_gguf_with(path: &Path, device: &Device, weights: MatmulWeights) -> R
         Llama::from_tensors(cfg, tensors, device)
     };
     Ok((model.map_err(|e| bad(e.to_string()))?, tokenizer))
+}
+
+/// One tensor of the file as stored, with the Hugging Face name it maps to.
+struct ReadTensor {
+    hf: String,
+    gguf: String,
+    permute_heads: Option<usize>,
+    q: candle_core::quantized::QTensor,
+}
+
+/// Where a tensor went: the dense tensor (the model's variable, or a frozen int8 model's
+/// norms and embedding), its int8 matmul weight, or both for a tied embedding.
+struct Converted {
+    dense: Option<Tensor>,
+    int8: Option<Int8Weight>,
+}
+
+/// Reads tensor `name` after checking its shape and extent against the file.
+fn read_tensor(
+    content: &Content,
+    reader: &mut BufReader<File>,
+    name: &str,
+    cfg: &ModelConfig,
+    file_len: u64,
+    path: &Path,
+) -> Result<ReadTensor> {
+    let bad = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let info = &content.tensor_infos[name];
+    // candle checks the block size and the file length too, but computes the element
+    // count with an unchecked product; check first so that a damaged shape is an error,
+    // never an overflow.
+    let elems = info
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|n| n % info.ggml_dtype.block_size() == 0)
+        .ok_or_else(|| bad(format!("tensor `{name}` has an invalid shape {:?}", info.shape.dims())))?;
+    let bytes = (elems / info.ggml_dtype.block_size()) as u64 * info.ggml_dtype.type_size() as u64;
+    let end = content
+        .tensor_data_offset
+        .checked_add(info.offset)
+        .and_then(|s| s.checked_add(bytes));
+    if end.is_none_or(|end| end > file_len) {
+        return Err(bad(format!(
+            "tensor `{name}` ({bytes} bytes at offset {}) lies past the end of the file ({file_len} bytes): \
+             the file is truncated; download it again",
+            info.offset
+        )));
+    }
+    let Some((hf, permute_heads)) = hf_name(name, cfg) else {
+        return Err(bad(format!(
+            "tensor `{name}` has no counterpart in a Hugging Face Llama (RoPE scaling, experts and other \
+             extensions are not supported)"
+        )));
+    };
+    let q = content
+        .tensor(reader, name, &Device::Cpu)
+        .map_err(|e| bad(format!("cannot read tensor `{name}`: {e}")))?;
+    Ok(ReadTensor {
+        hf,
+        gguf: name.to_string(),
+        permute_heads,
+        q,
+    })
+}
+
+/// Dequantizes a tensor read from the file (undoing llama.cpp's head permutation) into
+/// what `weights` asks of it.
+fn convert(
+    t: ReadTensor,
+    device: &Device,
+    weights: MatmulWeights,
+    cfg: &ModelConfig,
+    path: &Path,
+) -> Result<(String, Converted)> {
+    let bad = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let name = &t.gguf;
+    let mut w =
+        t.q.dequantize(&Device::Cpu)
+            .map_err(|e| bad(format!("cannot dequantize tensor `{name}` ({:?}): {e}", t.q.dtype())))?;
+    drop(t.q);
+    if let Some(heads) = t.permute_heads {
+        w = llama_cpp_unpermute(&w, heads).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+    }
+    let hf = t.hf;
+    if weights == MatmulWeights::Int8 && quant::is_matmul(&hf, cfg) {
+        let q = quant::int8_weight(&hf, &w).map_err(|e| bad(e.to_string()))?;
+        // A tied embedding also stays dense, for the lookup.
+        let dense = (hf == quant::EMBED).then_some(w);
+        return Ok((hf, Converted { dense, int8: Some(q) }));
+    }
+    if device.is_cpu() && weights == MatmulWeights::Dense {
+        // The model's own copy now, while this tensor is dequantized: `from_tensors` keeps
+        // a variable as it is, so the f32 weights are never held twice.
+        w = Var::from_tensor(&w)?.into_inner();
+    }
+    Ok((
+        hf,
+        Converted {
+            dense: Some(w),
+            int8: None,
+        },
+    ))
 }
 
 /// The row permutation llama.cpp's `convert_hf_to_gguf.py` applies to a Hugging
