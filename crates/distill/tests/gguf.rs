@@ -410,7 +410,8 @@ fn q8_0_gguf_matches_quantized_llama() -> R {
 
 /// A Q4_1 file loaded straight into int8 weights (tensor by tensor, no f32 model) is the
 /// model that the dense load converted to int8 would be: the same logits, bit for bit,
-/// tied or not; both stay close to the dense model.
+/// tied or not; both stay close to the dense model. Loaded dense for sampling, it is
+/// frozen and gives the trainable load's logits.
 #[test]
 fn a_gguf_loads_straight_into_int8_weights() -> R {
     use distill::config::MatmulWeights;
@@ -428,6 +429,7 @@ fn a_gguf_loads_straight_into_int8_weights() -> R {
             &gguf_bytes(&tiny_model(&tok, tied), &tok, &w),
         );
         let (dense, _) = load_gguf(&path, &Device::Cpu)?;
+        assert!(!dense.is_frozen(), "load_gguf is trainable");
         let (direct, _) = load_gguf_with(&path, &Device::Cpu, MatmulWeights::Int8)?;
         assert_eq!(direct.matmul_weights(), MatmulWeights::Int8);
         let ids = prompt_ids(&tok);
@@ -446,6 +448,11 @@ fn a_gguf_loads_straight_into_int8_weights() -> R {
         assert_eq!(bits(&got), bits(&converted), "tied={tied}");
         let scale = fmax(&want.abs()?.flatten_all()?.to_vec1::<f32>()?);
         assert!(max_abs_diff(&got, &want) < 0.05 * scale, "tied={tied}");
+        // Dense for sampling: frozen, holding the dequantized tensors as they are (no
+        // trainable copy), and the trainable load's logits bit for bit.
+        let (frozen, _) = load_gguf_with(&path, &Device::Cpu, MatmulWeights::Dense)?;
+        assert!(frozen.is_frozen() && frozen.params().is_empty(), "tied={tied}");
+        assert_eq!(bits(&frozen.forward(&ids)?), bits(&want), "tied={tied}");
     }
     Ok(())
 }

@@ -83,13 +83,14 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRows, sc
     let out = with_cpu_f32(q, "decode-attention", |q| {
         with_cpu_f32(k, "decode-attention", |k| {
             with_cpu_f32(v, "decode-attention", |v| {
+                let isa = Isa::detect();
                 let mut out = vec![0f32; n * h * d];
                 out.par_chunks_mut(d).enumerate().for_each(|(rh, o)| {
                     let (r, head) = (rh / h, rh % h);
                     // Key j of this head is keys[j * stride..][..d].
                     let first = rows.slot[r] * rows.max_len * hkv * d + (head / group) * d;
                     let (keys, values) = (&k[first..], &v[first..]);
-                    one_query(&q[rh * d..][..d], (keys, values, hkv * d), rows.pos[r] + 1, scale, o);
+                    one_query(isa, &q[rh * d..][..d], keys, values, hkv * d, rows.pos[r] + 1, scale, o);
                 });
                 out
             })
@@ -100,10 +101,18 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRows, sc
 
 /// One (query, head): scores over the first `len` keys (key j is `keys[j * stride..]`,
 /// its value `values[j * stride..]`, `q.len()` floats each), their softmax, and the
-/// weighted sum of the values, written to `out`.
-fn one_query(q: &[f32], (keys, values, stride): (&[f32], &[f32], usize), len: usize, scale: f32, out: &mut [f32]) {
+/// weighted sum of the values, written to `out`. The scores go four keys at a time
+/// through `dots` (the same bits as one `dot` each).
+#[inline(always)]
+fn one_query_kernel(q: &[f32], keys: &[f32], values: &[f32], stride: usize, len: usize, scale: f32, out: &mut [f32]) {
     let d = q.len();
-    let mut scores: Vec<f32> = (0..len).map(|j| dot(q, &keys[j * stride..][..d]) * scale).collect();
+    let key = |j: usize| &keys[j * stride..][..d];
+    let mut scores = Vec::with_capacity(len);
+    let whole = len - len % DOT_BLOCK;
+    for j in (0..whole).step_by(DOT_BLOCK) {
+        scores.extend(dots::<DOT_BLOCK>(&keys[j * stride..], stride, q).map(|s| s * scale));
+    }
+    scores.extend((whole..len).map(|j| dot(key(j), q) * scale));
     let max = lanes_max(&scores);
     let mut total = 0f32;
     for s in scores.iter_mut() {
@@ -119,6 +128,8 @@ fn one_query(q: &[f32], (keys, values, stride): (&[f32], &[f32], usize), len: us
     let inv = 1.0 / total;
     out.iter_mut().for_each(|o| *o *= inv);
 }
+avx512_dispatch!(one_query, one_query_avx512, one_query_avx2, one_query_kernel,
+    (q: &[f32], keys: &[f32], values: &[f32], stride: usize, len: usize, scale: f32, out: &mut [f32]) -> ());
 
 /// `sum_i a_i b_i` in LANES independent accumulators, so that it vectorises.
 #[inline(always)]
@@ -199,52 +210,52 @@ pub(crate) fn rows_per_task(o: usize) -> usize {
 }
 
 /// out[r] = x_r . w for every row r of x (rows of `w.len()` floats). Rows go four at a
-/// time through `dot_block`, whose eight accumulator chains keep the adders busy where one
+/// time through `dots`, whose eight accumulator chains keep the adders busy where one
 /// `dot`'s two wait on each other; each output keeps `dot`'s order, so its bits too.
 #[inline(always)]
 fn rows_dot_kernel(x: &[f32], w: &[f32], out: &mut [f32]) {
-    let mut blocks = x.chunks_exact(DOT_BLOCK * w.len());
+    let i = w.len();
+    let mut blocks = x.chunks_exact(DOT_BLOCK * i);
     let mut outs = out.chunks_exact_mut(DOT_BLOCK);
     for (xs, ys) in (&mut blocks).zip(&mut outs) {
-        dot_block(xs, w, ys);
+        ys.copy_from_slice(&dots::<DOT_BLOCK>(xs, i, w));
     }
-    for (y, xr) in outs
-        .into_remainder()
-        .iter_mut()
-        .zip(blocks.remainder().chunks_exact(w.len()))
-    {
+    for (y, xr) in outs.into_remainder().iter_mut().zip(blocks.remainder().chunks_exact(i)) {
         *y = dot(xr, w);
     }
 }
 
-/// Rows of x that `dot_block` takes at once: 4 x 16 accumulator lanes fill eight AVX2
-/// registers and leave room for the weight chunk.
+/// Rows that `dots` takes at once in the kernels: 4 x 16 accumulator lanes fill eight
+/// AVX2 registers and leave room for the other operand.
 const DOT_BLOCK: usize = 4;
 
-/// `dot(x_r, w)` for the DOT_BLOCK rows of x at once, each in the same order as `dot`:
-/// the LANES lane sums over the whole chunks, then the lanes in order, plus the tail.
+/// `dot(x_r, w)` for the B rows x_r = `x[r * stride..][..w.len()]` at once, each in
+/// `dot`'s order: the LANES lane sums over the whole chunks, then the lanes in order,
+/// plus the tail.
 #[inline(always)]
-fn dot_block(x: &[f32], w: &[f32], out: &mut [f32]) {
+fn dots<const B: usize>(x: &[f32], stride: usize, w: &[f32]) -> [f32; B] {
     let i = w.len();
     let whole = i - i % LANES;
-    let mut acc = [[0f32; LANES]; DOT_BLOCK];
+    let mut acc = [[0f32; LANES]; B];
     for c in (0..whole).step_by(LANES) {
         let wc = &w[c..c + LANES];
         for (r, a) in acc.iter_mut().enumerate() {
-            let xc = &x[r * i + c..r * i + c + LANES];
+            let xc = &x[r * stride + c..r * stride + c + LANES];
             for l in 0..LANES {
                 a[l] += xc[l] * wc[l];
             }
         }
     }
+    let mut out = [0f32; B];
     for (r, (a, y)) in acc.iter().zip(out.iter_mut()).enumerate() {
-        let tail: f32 = x[r * i + whole..(r + 1) * i]
+        let tail: f32 = x[r * stride + whole..r * stride + i]
             .iter()
             .zip(&w[whole..])
             .map(|(p, q)| p * q)
             .sum();
         *y = a.iter().sum::<f32>() + tail;
     }
+    out
 }
 avx512_dispatch!(rows_dot, rows_dot_avx512, rows_dot_avx2, rows_dot_kernel, (x: &[f32], w: &[f32], out: &mut [f32]) -> ());
 

@@ -50,13 +50,26 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// tensors, any tensor type candle can dequantize, and `tokenizer.ggml.model =
 /// "gpt2"` (byte-level BPE) with the pre-tokenizers in `pre_tokenizer`.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
-    load_gguf_with(path, device, MatmulWeights::Dense)
+    load_gguf_as(path, device, MatmulWeights::Dense, Use::Train)
 }
 
-/// `load_gguf`, with the matmul weights held as `weights` says. With `Int8`, each matmul
-/// tensor is converted as it is read, so no f32 copy of the whole model is ever made
-/// (the model is then frozen: it samples and scores, it does not train).
+/// `load_gguf` for a model that only samples and scores: frozen, with the matmul weights
+/// held as `weights` says. Each tensor is converted as it is read and kept as it is, so no
+/// second copy of the weights is ever made (with `Int8`, no f32 copy of the matmuls).
 pub fn load_gguf_with(path: &Path, device: &Device, weights: MatmulWeights) -> Result<(Llama, Tokenizer)> {
+    load_gguf_as(path, device, weights, Use::Sample)
+}
+
+/// What a loaded GGUF model is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Trainable: the f32 weights become the model's variables.
+    Train,
+    /// Frozen: it samples and scores.
+    Sample,
+}
+
+fn load_gguf_as(path: &Path, device: &Device, weights: MatmulWeights, into: Use) -> Result<(Llama, Tokenizer)> {
     let bad = |msg: String| Error::Checkpoint {
         path: path.to_path_buf(),
         msg,
@@ -87,7 +100,7 @@ pub fn load_gguf_with(path: &Path, device: &Device, weights: MatmulWeights) -> R
         .map(|name| read_tensor(&content, &mut reader, name, &cfg, file_len, path));
     let converted: Vec<(String, Converted)> = read
         .par_bridge()
-        .map(|r| r.and_then(|t| convert(t, device, weights, &cfg, path)))
+        .map(|r| r.and_then(|t| convert(t, device, weights, into, &cfg, path)))
         .collect::<Result<_>>()?;
     let (mut tensors, mut int8) = (BTreeMap::new(), BTreeMap::new());
     for (hf, c) in converted {
@@ -98,10 +111,9 @@ pub fn load_gguf_with(path: &Path, device: &Device, weights: MatmulWeights) -> R
             tensors.insert(hf, t);
         }
     }
-    let model = if weights == MatmulWeights::Int8 {
-        Llama::from_dense_and_int8(cfg, tensors, int8, device)
-    } else {
-        Llama::from_tensors(cfg, tensors, device)
+    let model = match into {
+        Use::Sample => Llama::from_dense_and_int8(cfg, tensors, int8, device),
+        Use::Train => Llama::from_tensors(cfg, tensors, device),
     };
     Ok((model.map_err(|e| bad(e.to_string()))?, tokenizer))
 }
@@ -180,6 +192,7 @@ fn convert(
     t: ReadTensor,
     device: &Device,
     weights: MatmulWeights,
+    into: Use,
     cfg: &ModelConfig,
     path: &Path,
 ) -> Result<(String, Converted)> {
@@ -202,7 +215,7 @@ fn convert(
         let dense = (hf == quant::EMBED).then_some(w);
         return Ok((hf, Converted { dense, int8: Some(q) }));
     }
-    if device.is_cpu() && weights == MatmulWeights::Dense {
+    if device.is_cpu() && into == Use::Train {
         // The model's own copy now, while this tensor is dequantized: `from_tensors` keeps
         // a variable as it is, so the f32 weights are never held twice.
         w = Var::from_tensor(&w)?.into_inner();

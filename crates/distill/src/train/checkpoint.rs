@@ -298,13 +298,14 @@ fn require(dir: &Path, file: &str) -> Result<PathBuf> {
     }
 }
 
-/// `load`, with the matmul weights held as `weights` says: a GGUF file goes straight
-/// into int8 weights, tensor by tensor (no f32 copy of the whole model); a checkpoint
-/// directory is loaded, then converted (`Llama::with_matmul_weights`).
+/// `load` for a model that samples and scores, with the matmul weights held as `weights`
+/// says: a GGUF file loads frozen, tensor by tensor, straight into its f32 or int8 weights
+/// (no second copy of the model); a checkpoint directory is loaded, then converted
+/// (`Llama::with_matmul_weights`).
 pub fn load_with(dir: &Path, device: &Device, weights: crate::config::MatmulWeights) -> Result<(Llama, Tokenizer)> {
     let is_gguf = dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    if is_gguf && weights != crate::config::MatmulWeights::Dense {
-        if !device.is_cpu() {
+    if is_gguf {
+        if weights != crate::config::MatmulWeights::Dense && !device.is_cpu() {
             return Err(err(
                 dir,
                 "int8 matmul weights run on the CPU only in this version; use dense",
