@@ -187,9 +187,8 @@ pub(crate) fn linear_rows(x: &[f32], w: &[f32], (n, o, i): (usize, usize, usize)
     let chunk = rows_per_task(o);
     let mut yt = vec![0f32; o * n]; // (o, n): each task owns whole weight rows
     yt.par_chunks_mut(n * chunk).enumerate().for_each(|(c, out)| {
-        for (j, y) in out.chunks_mut(n).enumerate() {
-            rows_dot(isa, x, &w[(c * chunk + j) * i..][..i], y);
-        }
+        let rows = out.len() / n;
+        task_dots(isa, x, &w[c * chunk * i..][..rows * i], i, out);
     });
     let mut y = vec![0f32; n * o];
     for (j, col) in yt.chunks(n).enumerate() {
@@ -224,6 +223,29 @@ fn rows_dot_kernel(x: &[f32], w: &[f32], out: &mut [f32]) {
         *y = dot(xr, w);
     }
 }
+
+/// out (rows, n) = the weight rows of one task, w (rows, i), against every row of x
+/// (n, i). The rows of x go four at a time in the outer loop, so that a block of x stays
+/// in L1 while the task's weight rows pass under it (from memory for the first block,
+/// from L2 after); each output is `dot`'s bits, as in `rows_dot`.
+#[inline(always)]
+fn task_dots_kernel(x: &[f32], w: &[f32], i: usize, out: &mut [f32]) {
+    let n = x.len() / i;
+    let whole = n - n % DOT_BLOCK;
+    for b in (0..whole).step_by(DOT_BLOCK) {
+        for (wr, y) in w.chunks_exact(i).zip(out.chunks_exact_mut(n)) {
+            y[b..b + DOT_BLOCK].copy_from_slice(&dots::<DOT_BLOCK>(&x[b * i..], i, wr));
+        }
+    }
+    for r in whole..n {
+        let xr = &x[r * i..][..i];
+        for (wr, y) in w.chunks_exact(i).zip(out.chunks_exact_mut(n)) {
+            y[r] = dot(xr, wr);
+        }
+    }
+}
+avx512_dispatch!(task_dots, task_dots_avx512, task_dots_avx2, task_dots_kernel,
+    (x: &[f32], w: &[f32], i: usize, out: &mut [f32]) -> ());
 
 /// Rows that `dots` takes at once in the kernels: 4 x 16 accumulator lanes fill eight
 /// AVX2 registers and leave room for the other operand.
