@@ -356,7 +356,7 @@ fn check_len(kernel: &str, what: &str, len: usize, want: usize) -> Result<()> {
 }
 
 fn check_block(kernel: &str, block: u32) -> Result<()> {
-    if block % 32 == 0 && (32..=1024).contains(&block) {
+    if block.is_multiple_of(32) && (32..=1024).contains(&block) {
         Ok(())
     } else {
         Err(Error::Invalid(format!(

@@ -956,7 +956,7 @@ fn hostile_logit_caches_are_errors_naming_the_file_or_valid_caches() {
 
 /// A trace record of a two-shard job over `prompts` prompts and 2 samples.
 fn record(id: u64, sample: u32) -> TraceRecord {
-    let correct = (id + sample as u64) % 3 == 0;
+    let correct = (id + sample as u64).is_multiple_of(3);
     TraceRecord {
         id,
         sample,

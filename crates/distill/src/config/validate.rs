@@ -375,7 +375,7 @@ impl Validator<'_> {
         self.check(r.kl >= 0.0 && r.kl.is_finite(), "rl.kl", "must be >= 0", r.kl);
         self.rollouts(r.temperature, r.max_new_tokens, "rl");
         self.check(
-            r.group > 0 && r.train.batch_size % r.group.max(1) == 0,
+            r.group > 0 && r.train.batch_size.is_multiple_of(r.group.max(1)),
             "rl.train.batch_size",
             "must be a multiple of rl.group (whole groups of samples per micro-batch)",
             r.train.batch_size,
@@ -465,21 +465,21 @@ impl Validator<'_> {
         self.check(m.num_heads > 0, &k("num_heads"), "must be > 0", m.num_heads);
         if m.num_heads > 0 {
             self.check(
-                m.hidden_size % m.num_heads == 0,
+                m.hidden_size.is_multiple_of(m.num_heads),
                 &k("num_heads"),
                 "must divide hidden_size",
                 m.num_heads,
             );
             let head_dim = m.hidden_size / m.num_heads.max(1);
             self.check(
-                head_dim % 2 == 0,
+                head_dim.is_multiple_of(2),
                 &k("num_heads"),
                 "must leave an even head size (hidden_size / num_heads) for rotary embeddings",
                 m.num_heads,
             );
             let kv = m.num_kv_heads.unwrap_or(m.num_heads);
             self.check(
-                kv > 0 && m.num_heads % kv.max(1) == 0,
+                kv > 0 && m.num_heads.is_multiple_of(kv.max(1)),
                 &k("num_kv_heads"),
                 "must be > 0 and divide num_heads",
                 kv,

@@ -87,10 +87,14 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRows, sc
                 let mut out = vec![0f32; n * h * d];
                 out.par_chunks_mut(d).enumerate().for_each(|(rh, o)| {
                     let (r, head) = (rh / h, rh % h);
-                    // Key j of this head is keys[j * stride..][..d].
+                    // Key j of this head is k[first + j * hkv * d..][..d], its value in v.
                     let first = rows.slot[r] * rows.max_len * hkv * d + (head / group) * d;
-                    let (keys, values) = (&k[first..], &v[first..]);
-                    one_query(isa, &q[rh * d..][..d], keys, values, hkv * d, rows.pos[r] + 1, scale, o);
+                    let kv = HeadKv {
+                        keys: &k[first..],
+                        values: &v[first..],
+                        stride: hkv * d,
+                    };
+                    one_query(isa, &q[rh * d..][..d], kv, rows.pos[r] + 1, scale, o);
                 });
                 out
             })
@@ -99,12 +103,21 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows: &CacheRows, sc
     Ok(Tensor::from_vec(out, (n, h, d), q.device())?)
 }
 
-/// One (query, head): scores over the first `len` keys (key j is `keys[j * stride..]`,
-/// its value `values[j * stride..]`, `q.len()` floats each), their softmax, and the
+/// Where one (query, head) reads the cache: key j is `keys[j * stride..]` and its value
+/// `values[j * stride..]`, the query's length each.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadKv<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+}
+
+/// One (query, head): scores over the first `len` keys of `kv`, their softmax, and the
 /// weighted sum of the values, written to `out`. The scores go four keys at a time
 /// through `dots` (the same bits as one `dot` each).
 #[inline(always)]
-fn one_query_kernel(q: &[f32], keys: &[f32], values: &[f32], stride: usize, len: usize, scale: f32, out: &mut [f32]) {
+fn one_query_kernel(q: &[f32], kv: HeadKv<'_>, len: usize, scale: f32, out: &mut [f32]) {
+    let HeadKv { keys, values, stride } = kv;
     let d = q.len();
     let key = |j: usize| &keys[j * stride..][..d];
     let mut scores = Vec::with_capacity(len);
@@ -129,7 +142,7 @@ fn one_query_kernel(q: &[f32], keys: &[f32], values: &[f32], stride: usize, len:
     out.iter_mut().for_each(|o| *o *= inv);
 }
 avx512_dispatch!(one_query, one_query_avx512, one_query_avx2, one_query_kernel,
-    (q: &[f32], keys: &[f32], values: &[f32], stride: usize, len: usize, scale: f32, out: &mut [f32]) -> ());
+    (q: &[f32], kv: HeadKv<'_>, len: usize, scale: f32, out: &mut [f32]) -> ());
 
 /// `sum_i a_i b_i` in LANES independent accumulators, so that it vectorises.
 #[inline(always)]

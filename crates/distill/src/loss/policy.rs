@@ -109,7 +109,7 @@ pub fn policy_loss(
 /// standard deviation (unbiased, as TRL computes it) plus 1e-4. `rewards` holds whole
 /// groups of `group` in a row; a group whose rewards are all equal gets zeros.
 pub fn group_advantages(rewards: &[f64], group: usize) -> Result<Vec<f64>> {
-    if group < 2 || rewards.len() % group != 0 {
+    if group < 2 || !rewards.len().is_multiple_of(group) {
         return Err(Error::Invalid(format!(
             "group advantages: {} rewards do not split into groups of {group} (the group needs at least 2)",
             rewards.len()

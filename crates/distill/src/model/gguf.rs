@@ -255,7 +255,7 @@ pub fn llama_cpp_unpermute(w: &Tensor, n_heads: usize) -> Result<Tensor> {
 /// (rows, cols, head_dim) of a per-head projection weight, checked.
 fn head_rows(w: &Tensor, n_heads: usize) -> Result<(usize, usize, usize)> {
     let (rows, cols) = w.dims2()?;
-    if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if n_heads == 0 || rows % n_heads != 0 || !(rows / n_heads).is_multiple_of(2) {
         return Err(Error::Invalid(format!(
             "cannot split {rows} rows into {n_heads} heads of even size for the q/k permutation"
         )));

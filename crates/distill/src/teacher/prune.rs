@@ -391,7 +391,7 @@ pub fn check_width_target(cfg: &ModelConfig, target: WidthTarget) -> Result<()> 
         }
     }
     let group = h / hkv;
-    if target.num_attention_heads % group != 0 {
+    if !target.num_attention_heads.is_multiple_of(group) {
         return bad(format!(
             "target num_attention_heads = {} is not a multiple of the teacher's GQA group size {group} ({h} query heads / {hkv} key-value heads); whole key/value groups are pruned, so choose a multiple of {group}",
             target.num_attention_heads

@@ -324,7 +324,7 @@ fn evaluate_at(
     stats: &mut StageStats,
 ) -> Result<(Option<f32>, Option<f64>)> {
     let last = step + 1 == spec.steps;
-    if !(last || (spec.eval_every > 0 && (step + 1) % spec.eval_every == 0)) {
+    if !(last || (spec.eval_every > 0 && (step + 1).is_multiple_of(spec.eval_every))) {
         return Ok((None, None));
     }
     let l = eval_loss_on(model, input.eval, spec.batch_size, input.pad, input.comm)?;

@@ -140,7 +140,7 @@ impl Rollouts<'_> {
             Objective::Grpo { group, .. } => group,
             _ => 1,
         };
-        if self.prompts.is_empty() || rows % per_prompt != 0 {
+        if self.prompts.is_empty() || !rows.is_multiple_of(per_prompt) {
             return Err(Error::Invalid(format!(
                 "on-policy step: {} prompts, {rows} rows per step in groups of {per_prompt}",
                 self.prompts.len()
