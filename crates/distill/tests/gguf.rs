@@ -159,12 +159,15 @@ struct Write<'a> {
     dtype_2d: GgmlDType,
     permute: bool,
     edit: &'a dyn Fn(&mut Metadata),
+    /// (a tensor's GGUF name, a second name it is also written under)
+    alias: Option<(&'a str, &'a str)>,
 }
 
 const PLAIN: Write = Write {
     dtype_2d: GgmlDType::F32,
     permute: true,
     edit: &|_| {},
+    alias: None,
 };
 
 /// Writes `m` and `tok` as llama.cpp's converter would, as GGUF bytes.
@@ -197,7 +200,11 @@ fn gguf_bytes(m: &Llama, tok: &Tokenizer, w: &Write) -> Vec<u8> {
             _ => t,
         };
         let dtype = if t.rank() == 2 { w.dtype_2d } else { GgmlDType::F32 };
-        qs.push((gguf_name(&hf), QTensor::quantize(&t, dtype).unwrap()));
+        let name = gguf_name(&hf);
+        if let Some((_, to)) = w.alias.filter(|(from, _)| *from == name) {
+            qs.push((to.to_string(), QTensor::quantize(&t, dtype).unwrap()));
+        }
+        qs.push((name, QTensor::quantize(&t, dtype).unwrap()));
     }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -539,6 +546,18 @@ fn damaged_or_unsupported_files_are_clear_errors() -> R {
             "bad-eos.gguf",
             edited(&set("tokenizer.ggml.eos_token_id", Some(Value::U32(1 << 20)))),
             "eos token id",
+        ),
+        (
+            "twice.gguf",
+            gguf_bytes(
+                &m,
+                &tok,
+                &Write {
+                    alias: Some(("blk.0.attn_norm.weight", "blk.00.attn_norm.weight")),
+                    ..PLAIN
+                },
+            ),
+            "both map to `model.layers.0.input_layernorm.weight`",
         ),
     ];
     for (name, bytes, expect) in cases {

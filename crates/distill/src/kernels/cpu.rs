@@ -1,7 +1,7 @@
 //! The CPU building blocks every fused kernel uses: contiguous slices of candle
 //! storages, the vectorisable `exp_f32` and `ln(1 + y)`, lane-parallel max and sum, the
-//! streaming log-sum-exp, and the AVX2 dispatch. A leaf: nothing of the crate's but the
-//! error type.
+//! streaming log-sum-exp, and the AVX2 and AVX-512 dispatch. A leaf: nothing of the
+//! crate's but the error type.
 //!
 //! Every loop over a row is written so that LLVM can vectorise it without being
 //! allowed to reassociate floating point: sums go into LANES independent accumulators

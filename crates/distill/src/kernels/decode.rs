@@ -392,6 +392,45 @@ mod tests {
         Ok(())
     }
 
+    /// The few-row linear's tasks and the attention's scores (blocks of four rows or
+    /// keys, then the rest one by one) give `dot`'s bits on every instruction set, at
+    /// widths with whole 16-lane chunks and a tail.
+    #[test]
+    fn task_dots_and_one_query_are_the_same_bits_on_every_instruction_set() -> Result<()> {
+        let best = Isa::detect();
+        let isas = [Isa::baseline(), Isa { avx512: false, ..best }, best];
+        let vec = |n: usize, seed: u32| tensor(n, &[n], seed).to_vec1::<f32>();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (n, rows, i) = (7, 3, 70);
+        let (x, w) = (vec(n * i, 11)?, vec(rows * i, 12)?);
+        let (d, stride, len) = (40, 48, 11);
+        let (q, keys, values) = (vec(d, 13)?, vec(len * stride, 14)?, vec(len * stride, 15)?);
+        let mut runs = Vec::new();
+        for isa in isas {
+            let mut y = vec![0f32; rows * n];
+            task_dots(isa, &x, &w, i, &mut y);
+            let mut o = vec![0f32; d];
+            let kv = HeadKv {
+                keys: &keys,
+                values: &values,
+                stride,
+            };
+            one_query(isa, &q, kv, len, 0.3, &mut o);
+            runs.push((bits(&y), bits(&o)));
+        }
+        assert_eq!(runs[0], runs[1]);
+        assert_eq!(runs[0], runs[2]);
+        for (k, &y) in runs[0].0.iter().enumerate() {
+            let (j, r) = (k / n, k % n);
+            assert_eq!(
+                y,
+                dot(&x[r * i..][..i], &w[j * i..][..i]).to_bits(),
+                "row {r}, weight row {j}"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn positions_past_the_slot_are_an_error() {
         let k = tensor(2 * 4, &[2, 4], 0);

@@ -1,6 +1,6 @@
 //! Loads a GGUF Llama (llama.cpp's format, e.g. SmolLM2-135M-Instruct Q4_1) as
-//! our trainable `Llama`, with its byte-level BPE tokenizer rebuilt from the
-//! GGUF metadata.
+//! our `Llama` (trainable, or frozen for sampling and scoring, in f32 or int8 matmul
+//! weights), with its byte-level BPE tokenizer rebuilt from the GGUF metadata.
 //!
 //! candle-transformers' `quantized_llama` runs such files but returns only the
 //! last position's logits and has no backward pass; distillation needs the
@@ -70,10 +70,7 @@ enum Use {
 }
 
 fn load_gguf_as(path: &Path, device: &Device, weights: MatmulWeights, into: Use) -> Result<(Llama, Tokenizer)> {
-    let bad = |msg: String| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let bad = |msg: String| damaged(path, msg);
     let file_len = check_header(path)?;
     let mut reader = BufReader::new(File::open(path).at(path)?);
     let content = Content::read(&mut reader).map_err(|e| {
@@ -97,18 +94,29 @@ fn load_gguf_as(path: &Path, device: &Device, weights: MatmulWeights, into: Use)
     // weights is most of a load.
     let read = names
         .into_iter()
-        .map(|name| read_tensor(&content, &mut reader, name, &cfg, file_len, path));
-    let converted: Vec<(String, Converted)> = read
+        .map(|name| read_tensor(&content, &mut reader, name, &cfg, file_len, path))
+        .enumerate();
+    let mut converted: Vec<(usize, Result<Converted>)> = read
         .par_bridge()
-        .map(|r| r.and_then(|t| convert(t, device, weights, into, &cfg, path)))
-        .collect::<Result<_>>()?;
+        .map(|(k, r)| (k, r.and_then(|t| convert(t, device, weights, into, &cfg, path))))
+        .collect();
+    // In the file's (sorted) order, so that a damaged file always reports the same tensor.
+    converted.sort_by_key(|(k, _)| *k);
     let (mut tensors, mut int8) = (BTreeMap::new(), BTreeMap::new());
-    for (hf, c) in converted {
+    let mut from: HashMap<String, String> = HashMap::new();
+    for (_, c) in converted {
+        let c = c?;
+        if let Some(other) = from.insert(c.hf.clone(), c.gguf.clone()) {
+            return Err(bad(format!(
+                "tensors `{other}` and `{}` both map to `{}`; the file is damaged",
+                c.gguf, c.hf
+            )));
+        }
         if let Some(q) = c.int8 {
-            int8.insert(hf.clone(), q);
+            int8.insert(c.hf.clone(), q);
         }
         if let Some(t) = c.dense {
-            tensors.insert(hf, t);
+            tensors.insert(c.hf, t);
         }
     }
     let model = match into {
@@ -116,6 +124,14 @@ fn load_gguf_as(path: &Path, device: &Device, weights: MatmulWeights, into: Use)
         Use::Train => Llama::from_tensors(cfg, tensors, device),
     };
     Ok((model.map_err(|e| bad(e.to_string()))?, tokenizer))
+}
+
+/// The error of a GGUF file that cannot be loaded, naming it.
+fn damaged(path: &Path, msg: String) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    }
 }
 
 /// One tensor of the file as stored, with the Hugging Face name it maps to.
@@ -126,9 +142,11 @@ struct ReadTensor {
     q: candle_core::quantized::QTensor,
 }
 
-/// Where a tensor went: the dense tensor (the model's variable, or a frozen int8 model's
-/// norms and embedding), its int8 matmul weight, or both for a tied embedding.
+/// Where a tensor went: the dense tensor (the model's variable, or a frozen model's
+/// tensor), its int8 matmul weight, or both for a tied embedding.
 struct Converted {
+    hf: String,
+    gguf: String,
     dense: Option<Tensor>,
     int8: Option<Int8Weight>,
 }
@@ -142,10 +160,7 @@ fn read_tensor(
     file_len: u64,
     path: &Path,
 ) -> Result<ReadTensor> {
-    let bad = |msg: String| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let bad = |msg: String| damaged(path, msg);
     let info = &content.tensor_infos[name];
     // candle checks the block size and the file length too, but computes the element
     // count with an unchecked product; check first so that a damaged shape is an error,
@@ -195,38 +210,41 @@ fn convert(
     into: Use,
     cfg: &ModelConfig,
     path: &Path,
-) -> Result<(String, Converted)> {
-    let bad = |msg: String| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg,
-    };
+) -> Result<Converted> {
+    let bad = |msg: String| damaged(path, msg);
     let name = &t.gguf;
     let mut w =
         t.q.dequantize(&Device::Cpu)
             .map_err(|e| bad(format!("cannot dequantize tensor `{name}` ({:?}): {e}", t.q.dtype())))?;
-    drop(t.q);
+    drop(t.q); // the file's blocks are done with: free them before the copies below
     if let Some(heads) = t.permute_heads {
         w = llama_cpp_unpermute(&w, heads).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
     }
-    let hf = t.hf;
+    let (hf, gguf) = (t.hf, t.gguf);
     if weights == MatmulWeights::Int8 && quant::is_matmul(&hf, cfg) {
         let q = quant::int8_weight(&hf, &w).map_err(|e| bad(e.to_string()))?;
         // A tied embedding also stays dense, for the lookup.
         let dense = (hf == quant::EMBED).then_some(w);
-        return Ok((hf, Converted { dense, int8: Some(q) }));
+        return Ok(Converted {
+            hf,
+            gguf,
+            dense,
+            int8: Some(q),
+        });
     }
     if device.is_cpu() && into == Use::Train {
         // The model's own copy now, while this tensor is dequantized: `from_tensors` keeps
         // a variable as it is, so the f32 weights are never held twice.
-        w = Var::from_tensor(&w)?.into_inner();
+        w = Var::from_tensor(&w)
+            .map_err(|e| bad(format!("tensor `{gguf}`: {e}")))?
+            .into_inner();
     }
-    Ok((
+    Ok(Converted {
         hf,
-        Converted {
-            dense: Some(w),
-            int8: None,
-        },
-    ))
+        gguf,
+        dense: Some(w),
+        int8: None,
+    })
 }
 
 /// The row permutation llama.cpp's `convert_hf_to_gguf.py` applies to a Hugging
@@ -267,10 +285,7 @@ fn head_rows(w: &Tensor, n_heads: usize) -> Result<(usize, usize, usize)> {
 /// download or an HTML error page is reported as such.
 fn check_header(path: &Path) -> Result<u64> {
     let len = std::fs::metadata(path).at(path)?.len();
-    let bad = |msg: String| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let bad = |msg: String| damaged(path, msg);
     if len < HEADER_BYTES {
         return Err(bad(format!(
             "only {len} bytes, too short for a GGUF header; the download is incomplete: download it again \
