@@ -167,7 +167,7 @@ pub fn eval_checkpoint(
     device: &Device,
     weights: crate::config::MatmulWeights,
 ) -> Result<ModelReport> {
-    // With int8, a GGUF file goes straight into int8 weights; the checks below still run.
+    // A GGUF file loads frozen, straight into its f32 or int8 weights; the checks below still run.
     let (model, tok) = checkpoint::load_with(dir, device, weights)?;
     let cfg = match config {
         Some(c) => c.clone(),

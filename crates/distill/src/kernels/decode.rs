@@ -221,26 +221,11 @@ pub(crate) fn rows_per_task(o: usize) -> usize {
     o.div_ceil(threads * per_thread).max(1)
 }
 
-/// out[r] = x_r . w for every row r of x (rows of `w.len()` floats). Rows go four at a
-/// time through `dots`, whose eight accumulator chains keep the adders busy where one
-/// `dot`'s two wait on each other; each output keeps `dot`'s order, so its bits too.
-#[inline(always)]
-fn rows_dot_kernel(x: &[f32], w: &[f32], out: &mut [f32]) {
-    let i = w.len();
-    let mut blocks = x.chunks_exact(DOT_BLOCK * i);
-    let mut outs = out.chunks_exact_mut(DOT_BLOCK);
-    for (xs, ys) in (&mut blocks).zip(&mut outs) {
-        ys.copy_from_slice(&dots::<DOT_BLOCK>(xs, i, w));
-    }
-    for (y, xr) in outs.into_remainder().iter_mut().zip(blocks.remainder().chunks_exact(i)) {
-        *y = dot(xr, w);
-    }
-}
-
 /// out (rows, n) = the weight rows of one task, w (rows, i), against every row of x
 /// (n, i). The rows of x go four at a time in the outer loop, so that a block of x stays
 /// in L1 while the task's weight rows pass under it (from memory for the first block,
-/// from L2 after); each output is `dot`'s bits, as in `rows_dot`.
+/// from L2 after); each output keeps `dot`'s order, so its bits. With one weight row
+/// (the int8 linear's widened row), out[r] = x_r . w.
 #[inline(always)]
 fn task_dots_kernel(x: &[f32], w: &[f32], i: usize, out: &mut [f32]) {
     let n = x.len() / i;
@@ -292,7 +277,6 @@ fn dots<const B: usize>(x: &[f32], stride: usize, w: &[f32]) -> [f32; B] {
     }
     out
 }
-avx512_dispatch!(rows_dot, rows_dot_avx512, rows_dot_avx2, rows_dot_kernel, (x: &[f32], w: &[f32], out: &mut [f32]) -> ());
 
 #[cfg(test)]
 mod tests {
@@ -372,10 +356,11 @@ mod tests {
         Ok(())
     }
 
-    /// The AVX-512, AVX2 and baseline builds of the few-row dot agree bit for bit (on a
+    /// The AVX-512, AVX2 and baseline builds of the few-row dot (one weight row, seven
+    /// input rows) agree bit for bit (on a
     /// CPU without AVX-512 or AVX2 the comparison covers the builds it has).
     #[test]
-    fn rows_dot_is_the_same_bits_on_every_instruction_set() -> Result<()> {
+    fn one_weight_row_is_the_same_bits_on_every_instruction_set() -> Result<()> {
         let (n, i) = (7, 70); // a block of four rows, three alone, and a tail of 6 inputs
         let x = tensor(n * i, &[n * i], 9).to_vec1::<f32>()?;
         let w = tensor(i, &[i], 10).to_vec1::<f32>()?;
@@ -384,7 +369,7 @@ mod tests {
         let mut outs = Vec::new();
         for isa in [Isa::baseline(), avx2, best] {
             let mut out = vec![0f32; n];
-            rows_dot(isa, &x, &w, &mut out);
+            task_dots(isa, &x, &w, i, &mut out);
             outs.push(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         }
         assert_eq!(outs[0], outs[1]);

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::{avx2_dispatch, with_cpu_f32, Isa, LANES};
-use crate::kernels::decode::{rows_dot, rows_per_task, SKINNY_ROWS};
+use crate::kernels::decode::{rows_per_task, task_dots, SKINNY_ROWS};
 use crate::kernels::ops;
 
 /// Weights per scale, along the input.
@@ -152,7 +152,7 @@ fn linear_rows(x: &[f32], w: &Int8Weight) -> Vec<f32> {
                 y[0] = dot_int8(isa, x, q, scales);
             } else {
                 widen_row(isa, q, scales, &mut row_f32);
-                rows_dot(isa, x, &row_f32, y);
+                task_dots(isa, x, &row_f32, i, y);
             }
         }
     });

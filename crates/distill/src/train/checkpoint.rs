@@ -298,13 +298,17 @@ fn require(dir: &Path, file: &str) -> Result<PathBuf> {
     }
 }
 
+/// Whether `path` is a GGUF file rather than a checkpoint directory.
+fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 /// `load` for a model that samples and scores, with the matmul weights held as `weights`
 /// says: a GGUF file loads frozen, tensor by tensor, straight into its f32 or int8 weights
 /// (no second copy of the model); a checkpoint directory is loaded, then converted
 /// (`Llama::with_matmul_weights`).
 pub fn load_with(dir: &Path, device: &Device, weights: crate::config::MatmulWeights) -> Result<(Llama, Tokenizer)> {
-    let is_gguf = dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    if is_gguf {
+    if is_gguf(dir) {
         if weights != crate::config::MatmulWeights::Dense && !device.is_cpu() {
             return Err(err(
                 dir,
@@ -321,7 +325,7 @@ pub fn load_with(dir: &Path, device: &Device, weights: crate::config::MatmulWeig
 /// Face Llama/Qwen2 directory with `model.safetensors` or sharded weights), or of a
 /// GGUF file (a quantized Llama, dequantized to f32, `model::gguf`).
 pub fn load(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
-    if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    if is_gguf(dir) {
         return crate::model::gguf::load_gguf(dir, device);
     }
     if !dir.is_dir() {
