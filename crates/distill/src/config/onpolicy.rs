@@ -31,6 +31,10 @@ pub struct OnPolicyConfig {
     pub temperature: f64,
     /// Most tokens per rollout. Default 96.
     pub max_new_tokens: usize,
+    /// The problems whose prompts the student samples on: "student" (default: the
+    /// student's training problems, those of its traces) or "train" (every training
+    /// problem, the teacher's too: a prompt needs no trace or answer).
+    pub prompts: PromptPool,
     /// Also train `student-sft-more`: the SFT student trained further on its traces for
     /// as many student FLOPs as `student-onpolicy` spent (sampling included), with the
     /// same optimiser settings: the control for "more compute" against "on-policy data".
@@ -50,6 +54,7 @@ impl Default for OnPolicyConfig {
             top_k: 0,
             temperature: 1.0,
             max_new_tokens: 96,
+            prompts: PromptPool::Student,
             sft_control: false,
             train: TrainSpec::default(),
         }
@@ -63,6 +68,15 @@ pub enum Estimator {
     #[default]
     Full,
     SampledToken,
+}
+
+/// The prompts of the on-policy stage's samples.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptPool {
+    #[default]
+    Student,
+    Train,
 }
 
 /// Reinforcement learning with the verifier's reward (GRPO, Shao et al. 2024), the

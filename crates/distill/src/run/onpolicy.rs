@@ -9,7 +9,7 @@ use super::prepare::Prepared;
 use super::stage::{train_stage, StageData, StageEnv};
 use super::students::Plan;
 use super::sub_seed;
-use crate::config::{Estimator, TrainSpec};
+use crate::config::{Config, Estimator, PromptPool, TrainSpec};
 use crate::cost::heartbeat::Heartbeat;
 use crate::cost::ledger::Ledger;
 use crate::error::{Error, Result};
@@ -18,6 +18,7 @@ use crate::loss::{Divergence, LossSpec};
 use crate::model::generate::Sampling;
 use crate::model::Llama;
 use crate::prepare::data::batch::Order;
+use crate::prepare::data::Example;
 use crate::progress::Progress as _;
 use crate::train::checkpoint;
 use crate::train::rollout::{Objective, RolloutPrompt, Rollouts};
@@ -40,11 +41,15 @@ pub(crate) fn stages(
     if !cfg.onpolicy.enabled && !cfg.rl.enabled {
         return Ok(());
     }
-    let n = prep.splits.train.len();
-    let examples = &prep.splits.train[n - cfg.student.train_examples.unwrap_or(n).min(n)..];
-    let prompts = RolloutPrompt::encode_all(&prep.tok, examples)?;
+    let train = &prep.splits.train;
+    let prompts = RolloutPrompt::encode_all(&prep.tok, pool(cfg, PromptPool::Student, train))?;
     if cfg.onpolicy.enabled {
-        let trained = onpolicy(env, prep, plans, teacher.0, &prompts, students, ledger, heartbeat)?;
+        let own = match cfg.onpolicy.prompts {
+            PromptPool::Student => None,
+            pool_kind => Some(RolloutPrompt::encode_all(&prep.tok, pool(cfg, pool_kind, train))?),
+        };
+        let own = own.as_deref().unwrap_or(&prompts);
+        let trained = onpolicy(env, prep, plans, teacher.0, own, students, ledger, heartbeat)?;
         let target = checkpoint::verify(&trained.2)?.flops;
         students.push(trained);
         if cfg.onpolicy.sft_control {
@@ -58,6 +63,16 @@ pub(crate) fn stages(
         students.push(trained);
     }
     Ok(())
+}
+
+/// The training problems a pool of prompts takes: the students' (the last
+/// `student.train_examples`, those the traces were written for) or all of them.
+fn pool<'a>(cfg: &Config, kind: PromptPool, train: &'a [Example]) -> &'a [Example] {
+    let n = train.len();
+    match kind {
+        PromptPool::Student => &train[n - cfg.student.train_examples.unwrap_or(n).min(n)..],
+        PromptPool::Train => train,
+    }
 }
 
 /// A copy of the trained stage `name`, to start another stage from.
@@ -229,4 +244,38 @@ fn rl(
     let init = || start_from(students, start, env);
     let (model, dir) = train_stage(env, &data, init, ledger, heartbeat)?;
     Ok(("student-rl", model, dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples(n: usize) -> Vec<Example> {
+        (0..n)
+            .map(|i| Example {
+                prompt: format!("problem {i}\n"),
+                completion: String::new(),
+                answer: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_student_pool_is_the_traces_problems_and_the_train_pool_every_problem() {
+        let train = examples(10);
+        let prompts = |n: Option<usize>, kind| -> Vec<String> {
+            let mut cfg = Config::default();
+            cfg.student.train_examples = n;
+            pool(&cfg, kind, &train).iter().map(|e| e.prompt.clone()).collect()
+        };
+        let last4: Vec<String> = (6..10).map(|i| format!("problem {i}\n")).collect();
+        assert_eq!(prompts(Some(4), PromptPool::Student), last4);
+        assert_eq!(prompts(Some(4), PromptPool::Train).len(), 10);
+        assert_eq!(prompts(None, PromptPool::Student).len(), 10);
+        assert_eq!(
+            prompts(Some(50), PromptPool::Student).len(),
+            10,
+            "more than there are takes them all"
+        );
+    }
 }
