@@ -1032,12 +1032,14 @@ fn an_int8_teacher_writes_the_traces_and_the_report_says_so() {
     assert!(err.contains("--matmul-weights"), "{err}");
 }
 
-/// Small on-policy and RL stages for the tiny configs, checkpointed every 3 steps.
+/// Small on-policy and RL stages for the tiny configs, checkpointed every 3 steps; the
+/// on-policy stage samples on every training problem, as configs/small.toml does.
 const ONPOLICY_AND_RL: &str = "
 [onpolicy]
 enabled = true
 lambda = 0.75
 max_new_tokens = 32
+prompts = \"train\"
 
 [onpolicy.train]
 steps = 9

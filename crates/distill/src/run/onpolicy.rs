@@ -42,14 +42,9 @@ pub(crate) fn stages(
         return Ok(());
     }
     let train = &prep.splits.train;
-    let prompts = RolloutPrompt::encode_all(&prep.tok, pool(cfg, PromptPool::Student, train))?;
     if cfg.onpolicy.enabled {
-        let own = match cfg.onpolicy.prompts {
-            PromptPool::Student => None,
-            pool_kind => Some(RolloutPrompt::encode_all(&prep.tok, pool(cfg, pool_kind, train))?),
-        };
-        let own = own.as_deref().unwrap_or(&prompts);
-        let trained = onpolicy(env, prep, plans, teacher.0, own, students, ledger, heartbeat)?;
+        let own = RolloutPrompt::encode_all(&prep.tok, pool(cfg, cfg.onpolicy.prompts, train))?;
+        let trained = onpolicy(env, prep, plans, teacher.0, &own, students, ledger, heartbeat)?;
         let target = checkpoint::verify(&trained.2)?.flops;
         students.push(trained);
         if cfg.onpolicy.sft_control {
@@ -58,6 +53,7 @@ pub(crate) fn stages(
         }
     }
     if cfg.rl.enabled {
+        let prompts = RolloutPrompt::encode_all(&prep.tok, pool(cfg, PromptPool::Student, train))?;
         let with_answers: Vec<RolloutPrompt> = prompts.into_iter().filter(|p| p.answer.is_some()).collect();
         let trained = rl(env, prep, plans, &with_answers, students, ledger, heartbeat)?;
         students.push(trained);
