@@ -144,6 +144,52 @@ fn data_errors_exit_3() {
     assert!(err.contains("bad.jsonl") && err.contains("line 2"), "{err}");
 }
 
+/// A bad on-policy prompts file is a data error before any stage runs (no run folder).
+#[test]
+fn an_onpolicy_prompts_file_is_checked_before_any_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    let long = "seven ".repeat(400);
+    std::fs::write(
+        &prompts,
+        format!("{{\"prompt\": \"Tom has 3 apples.\\n\"}}\n{{\"prompt\": \"{long}\"}}\n"),
+    )
+    .unwrap();
+    let cfg = tmp.path().join("cfg.toml");
+    let body = std::fs::read_to_string(tiny()).unwrap()
+        + "\n[traces]\nenabled = true\n\n[onpolicy]\nenabled = true\nprompts = \"file\"\nprompts_path = \"prompts.jsonl\"\n";
+    std::fs::write(&cfg, body).unwrap();
+    let err = exits_with(
+        exit::DATA,
+        bin()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--out-dir")
+            .arg(tmp.path().join("a")),
+    );
+    assert!(
+        err.contains("prompts.jsonl") && err.contains("prompt 2") && err.contains("data.seq_len"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("a").exists(),
+        "no run folder for a run that cannot start"
+    );
+    std::fs::remove_file(&prompts).unwrap();
+    let err = exits_with(
+        exit::DATA,
+        bin()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--out-dir")
+            .arg(tmp.path().join("b")),
+    );
+    assert!(
+        err.contains("prompts.jsonl") && err.contains("onpolicy.prompts_path"),
+        "{err}"
+    );
+}
+
 #[test]
 fn checkpoint_errors_exit_4() {
     let tmp = tempfile::tempdir().unwrap();

@@ -138,7 +138,8 @@ pub static DOCS: &[KeyDoc] = &[
     k("onpolicy.top_k", ">= 0; estimator = \"full\" only", "The teacher's k most likely tokens per position plus a tail bucket; 0 takes its whole distribution."),
     k("onpolicy.temperature", "> 0", "Sampling temperature of the student's rollouts."),
     k("onpolicy.max_new_tokens", "> 0", "Most tokens per rollout."),
-    k("onpolicy.prompts", "", "The problems the student samples on: its own training problems (those of its traces), or every training problem, the teacher's too (a prompt needs no trace)."),
+    k("onpolicy.prompts", "", "The problems the student samples on: the students' training problems (the last student.train_examples, which the teacher wrote traces for), every training problem, the teacher's too (a prompt needs no trace), or the prompts of onpolicy.prompts_path."),
+    opt("onpolicy.prompts_path", "a JSONL file of {\"prompt\": ...} lines; with prompts = \"file\" only", "The prompts the student samples on when onpolicy.prompts = \"file\"; a line may also carry a completion, which is ignored. A relative path is relative to the config file.", "none", "\"data/prompts.jsonl\""),
     k("onpolicy.sft_control", "", "Also train student-sft-more: the SFT student trained further on its traces for the student FLOPs student-onpolicy spent, the control for more compute against on-policy data."),
     // [rl]
     k("rl.enabled", "needs [traces] enabled", "Train student-rl with GRPO on the verifier's reward, the RL of DeepSeek-R1-Zero (docs/onpolicy.md)."),

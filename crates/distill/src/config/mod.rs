@@ -92,6 +92,7 @@ impl Config {
         rebase(&mut cfg.data.path);
         rebase(&mut cfg.tokenizer.path);
         rebase(&mut cfg.teacher.checkpoint);
+        rebase(&mut cfg.onpolicy.prompts_path);
         Ok(cfg)
     }
 
@@ -233,6 +234,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("traces.enabled") && err.contains("verifier"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn an_onpolicy_prompts_file_needs_its_path_and_a_path_needs_the_file_pool() -> Result<()> {
+        let on = "[onpolicy]\nenabled = true\n";
+        let err = parse(&format!("{on}prompts = \"file\"\n")).unwrap_err().to_string();
+        assert!(
+            err.contains("onpolicy.prompts_path") && err.contains("required"),
+            "{err}"
+        );
+        let err = parse(&format!("{on}prompts_path = \"p.jsonl\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("onpolicy.prompts_path") && err.contains("prompts = \"file\""),
+            "{err}"
+        );
+        let c = parse(&format!("{on}prompts = \"file\"\nprompts_path = \"p.jsonl\"\n"))?;
+        assert_eq!(c.onpolicy.prompts, PromptPool::File);
+        assert_eq!(
+            parse(&format!("{on}prompts = \"train\"\n"))?.onpolicy.prompts,
+            PromptPool::Train
+        );
+        assert_eq!(parse(on)?.onpolicy.prompts, PromptPool::Student, "the default");
+        let err = parse(&format!("{on}prompts = \"all\"\n")).unwrap_err().to_string();
+        assert!(err.contains("prompts") && err.contains("train"), "{err}");
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            format!("{on}prompts = \"file\"\nprompts_path = \"no-such-dir/p.jsonl\"\n"),
+        )
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let c = Config::load(&file)?;
+        assert_eq!(
+            c.onpolicy.prompts_path,
+            Some(dir.path().join("no-such-dir/p.jsonl")),
+            "relative to the config file"
+        );
         Ok(())
     }
 

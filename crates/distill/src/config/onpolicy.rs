@@ -2,6 +2,8 @@
 //! distillation (`[onpolicy]`, GKD) and reinforcement learning with the verifier's
 //! reward (`[rl]`, GRPO).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use super::TrainSpec;
@@ -32,9 +34,15 @@ pub struct OnPolicyConfig {
     /// Most tokens per rollout. Default 96.
     pub max_new_tokens: usize,
     /// The problems whose prompts the student samples on: "student" (default: the
-    /// student's training problems, those of its traces) or "train" (every training
-    /// problem, the teacher's too: a prompt needs no trace or answer).
+    /// students' training problems, the last `student.train_examples`, which the teacher
+    /// wrote traces for), "train" (every training
+    /// problem, the teacher's too: a prompt needs no trace or answer) or "file" (the
+    /// prompts of `prompts_path`).
     pub prompts: PromptPool,
+    /// A JSONL file of `{"prompt": ...}` lines for `prompts = "file"`; a relative path
+    /// is relative to the config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompts_path: Option<PathBuf>,
     /// Also train `student-sft-more`: the SFT student trained further on its traces for
     /// as many student FLOPs as `student-onpolicy` spent (sampling included), with the
     /// same optimiser settings: the control for "more compute" against "on-policy data".
@@ -55,6 +63,7 @@ impl Default for OnPolicyConfig {
             temperature: 1.0,
             max_new_tokens: 96,
             prompts: PromptPool::Student,
+            prompts_path: None,
             sft_control: false,
             train: TrainSpec::default(),
         }
@@ -77,6 +86,7 @@ pub enum PromptPool {
     #[default]
     Student,
     Train,
+    File,
 }
 
 /// Reinforcement learning with the verifier's reward (GRPO, Shao et al. 2024), the

@@ -339,6 +339,19 @@ impl Validator<'_> {
             o.beta,
         );
         self.rollouts(o.temperature, o.max_new_tokens, "onpolicy");
+        let file = o.prompts == PromptPool::File;
+        self.check(
+            !file || o.prompts_path.is_some(),
+            "onpolicy.prompts_path",
+            "is required when onpolicy.prompts = \"file\"",
+            "(missing)",
+        );
+        self.check(
+            file || o.prompts_path.is_none(),
+            "onpolicy.prompts_path",
+            "is read only when onpolicy.prompts = \"file\"; set that, or remove the path",
+            &o.prompts_path,
+        );
         self.check(
             o.top_k == 0 || o.estimator == Estimator::Full,
             "onpolicy.top_k",

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::prepare::Prepared;
+use super::prepare::{students_part, Prepared};
 use super::stage::{train_stage, StageData, StageEnv};
 use super::students::Plan;
 use super::sub_seed;
@@ -43,8 +43,8 @@ pub(crate) fn stages(
     }
     let train = &prep.splits.train;
     if cfg.onpolicy.enabled {
-        let own = RolloutPrompt::encode_all(&prep.tok, pool(cfg, cfg.onpolicy.prompts, train))?;
-        let trained = onpolicy(env, prep, plans, teacher.0, &own, students, ledger, heartbeat)?;
+        let prompts = RolloutPrompt::encode_all(&prep.tok, onpolicy_problems(cfg, train, &prep.prompt_file))?;
+        let trained = onpolicy(env, prep, plans, teacher.0, &prompts, students, ledger, heartbeat)?;
         let target = checkpoint::verify(&trained.2)?.flops;
         students.push(trained);
         if cfg.onpolicy.sft_control {
@@ -53,7 +53,7 @@ pub(crate) fn stages(
         }
     }
     if cfg.rl.enabled {
-        let prompts = RolloutPrompt::encode_all(&prep.tok, pool(cfg, PromptPool::Student, train))?;
+        let prompts = RolloutPrompt::encode_all(&prep.tok, students_part(cfg, train))?;
         let with_answers: Vec<RolloutPrompt> = prompts.into_iter().filter(|p| p.answer.is_some()).collect();
         let trained = rl(env, prep, plans, &with_answers, students, ledger, heartbeat)?;
         students.push(trained);
@@ -61,13 +61,13 @@ pub(crate) fn stages(
     Ok(())
 }
 
-/// The training problems a pool of prompts takes: the students' (the last
-/// `student.train_examples`, those the traces were written for) or all of them.
-fn pool<'a>(cfg: &Config, kind: PromptPool, train: &'a [Example]) -> &'a [Example] {
-    let n = train.len();
-    match kind {
-        PromptPool::Student => &train[n - cfg.student.train_examples.unwrap_or(n).min(n)..],
+/// The problems whose prompts `student-onpolicy` samples on (`onpolicy.prompts`): the
+/// students', every training problem, or `file`, the prompts of `onpolicy.prompts_path`.
+fn onpolicy_problems<'a>(cfg: &Config, train: &'a [Example], file: &'a [Example]) -> &'a [Example] {
+    match cfg.onpolicy.prompts {
+        PromptPool::Student => students_part(cfg, train),
         PromptPool::Train => train,
+        PromptPool::File => file,
     }
 }
 
@@ -257,21 +257,27 @@ mod tests {
     }
 
     #[test]
-    fn the_student_pool_is_the_traces_problems_and_the_train_pool_every_problem() {
-        let train = examples(10);
+    fn the_onpolicy_prompts_are_the_students_problems_every_problem_or_the_file() {
+        let (train, file) = (examples(10), examples(3));
         let prompts = |n: Option<usize>, kind| -> Vec<String> {
             let mut cfg = Config::default();
             cfg.student.train_examples = n;
-            pool(&cfg, kind, &train).iter().map(|e| e.prompt.clone()).collect()
+            cfg.onpolicy.prompts = kind;
+            onpolicy_problems(&cfg, &train, &file)
+                .iter()
+                .map(|e| e.prompt.clone())
+                .collect()
         };
         let last4: Vec<String> = (6..10).map(|i| format!("problem {i}\n")).collect();
         assert_eq!(prompts(Some(4), PromptPool::Student), last4);
-        assert_eq!(prompts(Some(4), PromptPool::Train).len(), 10);
-        assert_eq!(prompts(None, PromptPool::Student).len(), 10);
+        let all: Vec<String> = (0..10).map(|i| format!("problem {i}\n")).collect();
+        assert_eq!(prompts(Some(4), PromptPool::Train), all);
+        assert_eq!(prompts(None, PromptPool::Student), all);
         assert_eq!(
-            prompts(Some(50), PromptPool::Student).len(),
-            10,
+            prompts(Some(50), PromptPool::Student),
+            all,
             "more than there are takes them all"
         );
+        assert_eq!(prompts(Some(4), PromptPool::File), all[..3]);
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use super::stage::same_on_every_rank;
-use crate::config::Config;
+use crate::config::{Config, PromptPool};
 use crate::distributed::Collective;
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -28,6 +28,9 @@ pub(crate) struct Prepared {
     pub(crate) eval_enc: Vec<Encoded>,
     /// A teacher loaded from a checkpoint, and where it came from.
     pub(crate) teacher: Option<(Llama, PathBuf)>,
+    /// The prompts of `onpolicy.prompts_path` when the on-policy stage samples on a
+    /// file (`onpolicy.prompts = "file"`); empty otherwise.
+    pub(crate) prompt_file: Vec<data::Example>,
 }
 
 impl Prepared {
@@ -36,9 +39,15 @@ impl Prepared {
     pub(crate) fn train_slices(&self, cfg: &Config) -> (&[Encoded], &[Encoded]) {
         let n = self.train_enc.len();
         let teacher = &self.train_enc[..cfg.teacher.train_examples.unwrap_or(n).min(n)];
-        let students = &self.train_enc[n - cfg.student.train_examples.unwrap_or(n).min(n)..];
-        (teacher, students)
+        (teacher, students_part(cfg, &self.train_enc))
     }
+}
+
+/// The students' part of a training split: its last `student.train_examples` items
+/// (all of them when that is unset or larger), the problems the traces are written for.
+pub(crate) fn students_part<'a, T>(cfg: &Config, all: &'a [T]) -> &'a [T] {
+    let n = all.len();
+    &all[n - cfg.student.train_examples.unwrap_or(n).min(n)..]
 }
 
 /// Reads and checks every input of the run.
@@ -94,6 +103,7 @@ pub(crate) fn prepare(
             cfg.data.seq_len
         )));
     }
+    let prompt_file = prompt_file(cfg, &tok)?;
     Ok(Prepared {
         splits,
         tok,
@@ -101,7 +111,33 @@ pub(crate) fn prepare(
         train_enc,
         eval_enc,
         teacher,
+        prompt_file,
     })
+}
+
+/// The prompts of `onpolicy.prompts_path`, read and checked now (each must leave room
+/// for a sampled token in `data.seq_len`) rather than when the on-policy stage starts.
+fn prompt_file(cfg: &Config, tok: &Tokenizer) -> Result<Vec<data::Example>> {
+    let o = &cfg.onpolicy;
+    let (true, PromptPool::File, Some(path)) = (o.enabled, o.prompts, &o.prompts_path) else {
+        return Ok(Vec::new());
+    };
+    let prompts = data::read_prompts(path)?;
+    for (i, p) in prompts.iter().enumerate() {
+        let len = tok.encode_prompt(&p.prompt)?.len();
+        if len > cfg.data.seq_len {
+            return Err(Error::Data {
+                path: path.clone(),
+                msg: format!(
+                    "prompt {} is {len} tokens, which leaves no room for a sampled token in data.seq_len = {}; \
+                     shorten it or raise data.seq_len",
+                    i + 1,
+                    cfg.data.seq_len
+                ),
+            });
+        }
+    }
+    Ok(prompts)
 }
 
 fn batch_encode(tok: &Tokenizer, examples: &[data::Example], cfg: &Config) -> Result<(Vec<Encoded>, usize)> {

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::prepare::Prepared;
+use super::prepare::{students_part, Prepared};
 use super::stage::{train_stage, StageData, StageEnv};
 use super::sub_seed;
 use super::teacher_outputs::{teacher_logit_cache, traces_stage};
@@ -47,8 +47,7 @@ pub(crate) fn plans(
         with_teacher,
     };
     let (mut plans, report) = if cfg.traces.enabled {
-        let n = prep.splits.train.len();
-        let examples = &prep.splits.train[n - cfg.student.train_examples.unwrap_or(n).min(n)..];
+        let examples = students_part(cfg, &prep.splits.train);
         let (kept, report) = traces_stage(env, prep, teacher, examples, ledger, heartbeat)?;
         let answers_only: Vec<Example> = examples
             .iter()
