@@ -35,9 +35,8 @@ pub struct OnPolicyConfig {
     pub max_new_tokens: usize,
     /// The problems whose prompts the student samples on: "student" (default: the
     /// students' training problems, the last `student.train_examples`, which the teacher
-    /// wrote traces for), "train" (every training
-    /// problem, the teacher's too: a prompt needs no trace or answer) or "file" (the
-    /// prompts of `prompts_path`).
+    /// wrote traces for), "train" (every training problem, the teacher's too: a prompt
+    /// needs no trace or answer) or "file" (the prompts of `prompts_path`).
     pub prompts: PromptPool,
     /// A JSONL file of `{"prompt": ...}` lines for `prompts = "file"`; a relative path
     /// is relative to the config file.
