@@ -159,14 +159,17 @@ fn an_onpolicy_prompts_file_is_checked_before_any_stage() {
     let body = std::fs::read_to_string(tiny()).unwrap()
         + "\n[traces]\nenabled = true\n\n[onpolicy]\nenabled = true\nprompts = \"file\"\nprompts_path = \"prompts.jsonl\"\n";
     std::fs::write(&cfg, body).unwrap();
-    let err = exits_with(
-        exit::DATA,
-        bin()
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--out-dir")
-            .arg(tmp.path().join("a")),
-    );
+    let run_fails = |out: &str| {
+        exits_with(
+            exit::DATA,
+            bin()
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--out-dir")
+                .arg(tmp.path().join(out)),
+        )
+    };
+    let err = run_fails("a");
     assert!(
         err.contains("prompts.jsonl") && err.contains("prompt 2") && err.contains("data.seq_len"),
         "{err}"
@@ -176,14 +179,7 @@ fn an_onpolicy_prompts_file_is_checked_before_any_stage() {
         "no run folder for a run that cannot start"
     );
     std::fs::remove_file(&prompts).unwrap();
-    let err = exits_with(
-        exit::DATA,
-        bin()
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--out-dir")
-            .arg(tmp.path().join("b")),
-    );
+    let err = run_fails("b");
     assert!(
         err.contains("prompts.jsonl") && err.contains("onpolicy.prompts_path"),
         "{err}"

@@ -139,7 +139,7 @@ pub static DOCS: &[KeyDoc] = &[
     k("onpolicy.temperature", "> 0", "Sampling temperature of the student's rollouts."),
     k("onpolicy.max_new_tokens", "> 0", "Most tokens per rollout."),
     k("onpolicy.prompts", "", "The problems the student samples on: the students' training problems (the last student.train_examples, which the teacher wrote traces for), every training problem, the teacher's too (a prompt needs no trace), or the prompts of onpolicy.prompts_path."),
-    opt("onpolicy.prompts_path", "a JSONL file of {\"prompt\": ...} lines; with prompts = \"file\" only", "The prompts the student samples on when onpolicy.prompts = \"file\"; a line may also carry a completion, which is ignored. A relative path is relative to the config file.", "none", "\"data/prompts.jsonl\""),
+    opt("onpolicy.prompts_path", "a JSONL file of {\"prompt\": ...} lines; with prompts = \"file\" only", "The prompts the student samples on when onpolicy.prompts = \"file\", in the format of distill generate --input (an answer or completion on a line is not used). A relative path is relative to the config file.", "none", "\"data/prompts.jsonl\""),
     k("onpolicy.sft_control", "", "Also train student-sft-more: the SFT student trained further on its traces for the student FLOPs student-onpolicy spent, the control for more compute against on-policy data."),
     // [rl]
     k("rl.enabled", "needs [traces] enabled", "Train student-rl with GRPO on the verifier's reward, the RL of DeepSeek-R1-Zero (docs/onpolicy.md)."),

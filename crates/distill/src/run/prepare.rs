@@ -14,7 +14,7 @@ use crate::model::Llama;
 use crate::prepare::data::{self, batch::Encoded, Splits};
 use crate::prepare::tokenizer::Tokenizer;
 use crate::progress::Progress;
-use crate::teacher::logit_cache;
+use crate::teacher::{logit_cache, traces};
 use crate::train::checkpoint;
 
 /// What the stages after `prepare` start from.
@@ -115,14 +115,22 @@ pub(crate) fn prepare(
     })
 }
 
-/// The prompts of `onpolicy.prompts_path`, read and checked now (each must leave room
-/// for a sampled token in `data.seq_len`) rather than when the on-policy stage starts.
+/// The prompts of `onpolicy.prompts_path` (the prompt files of `distill generate
+/// --input`; answers and completions are not used), read and checked now (each must
+/// leave room for a sampled token in `data.seq_len`) rather than when the on-policy
+/// stage starts.
 fn prompt_file(cfg: &Config, tok: &Tokenizer) -> Result<Vec<data::Example>> {
     let o = &cfg.onpolicy;
     let (true, PromptPool::File, Some(path)) = (o.enabled, o.prompts, &o.prompts_path) else {
         return Ok(Vec::new());
     };
-    let prompts = data::read_prompts(path)?;
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(Error::Data {
+            path: path.clone(),
+            msg: format!("cannot read it ({e}); check onpolicy.prompts_path in the config"),
+        });
+    }
+    let prompts = traces::read_prompts(path)?;
     for (i, p) in prompts.iter().enumerate() {
         let len = tok.encode_prompt(&p.prompt)?.len();
         if len > cfg.data.seq_len {
@@ -137,7 +145,14 @@ fn prompt_file(cfg: &Config, tok: &Tokenizer) -> Result<Vec<data::Example>> {
             });
         }
     }
-    Ok(prompts)
+    Ok(prompts
+        .into_iter()
+        .map(|p| data::Example {
+            prompt: p.prompt,
+            completion: String::new(),
+            answer: None,
+        })
+        .collect())
 }
 
 fn batch_encode(tok: &Tokenizer, examples: &[data::Example], cfg: &Config) -> Result<(Vec<Encoded>, usize)> {
@@ -215,4 +230,40 @@ fn checked_teacher_vocab(
         });
     }
     Ok(teacher.cfg.vocab_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_files_read_prompts_and_name_the_bad_line() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let p = dir.path().join("p.jsonl");
+        let mut cfg = Config::default();
+        (cfg.onpolicy.enabled, cfg.onpolicy.prompts) = (true, PromptPool::File);
+        cfg.onpolicy.prompts_path = Some(p.clone());
+        let tok = Tokenizer::train(["a b c #### 3\n"; 8].iter().copied(), 300)?;
+        let write = |text: &str| std::fs::write(&p, text).map_err(|e| Error::Invalid(e.to_string()));
+        write("{\"prompt\":\"a\"}\n\n{\"prompt\":\"b\",\"completion\":\"c #### 3\"}\n")?;
+        let ok = prompt_file(&cfg, &tok)?;
+        let got: Vec<(&str, &str, Option<i64>)> = ok.iter().map(|e| (&*e.prompt, &*e.completion, e.answer)).collect();
+        assert_eq!(got, [("a", "", None), ("b", "", None)]);
+        write("{\"prompt\":\"a\"}\n{\"text\":\"b\"}\n")?;
+        let err = prompt_file(&cfg, &tok).unwrap_err().to_string();
+        assert!(
+            err.contains("p.jsonl") && err.contains("line 2") && err.contains("prompt"),
+            "{err}"
+        );
+        write("\n")?;
+        let err = prompt_file(&cfg, &tok).unwrap_err().to_string();
+        assert!(err.contains("p.jsonl") && err.contains("no prompts"), "{err}");
+        cfg.onpolicy.prompts_path = Some(dir.path().join("missing.jsonl"));
+        let err = prompt_file(&cfg, &tok).unwrap_err().to_string();
+        assert!(
+            err.contains("missing.jsonl") && err.contains("onpolicy.prompts_path"),
+            "{err}"
+        );
+        Ok(())
+    }
 }

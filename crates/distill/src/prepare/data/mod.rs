@@ -133,40 +133,6 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
         .collect())
 }
 
-/// JSONL of `{"prompt": ...}` lines, the prompts an on-policy stage samples on
-/// (`onpolicy.prompts_path`); a line may carry a completion too (a data file of the
-/// "jsonl" source reads as prompts), which is dropped. An empty file is an error.
-pub fn read_prompts(path: &Path) -> Result<Vec<Example>> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Record {
-        prompt: String,
-        #[serde(default, rename = "completion")]
-        _completion: Option<String>,
-    }
-    if let Err(e) = std::fs::metadata(path) {
-        return Err(Error::Data {
-            path: path.to_path_buf(),
-            msg: format!("cannot read it ({e}); check onpolicy.prompts_path in the config"),
-        });
-    }
-    let records: Vec<Record> = read_jsonl_records(path, |e| format!("expected {{\"prompt\": string}}: {e}"))?;
-    if records.is_empty() {
-        return Err(Error::Data {
-            path: path.to_path_buf(),
-            msg: "has no prompts; onpolicy.prompts = \"file\" samples on its lines, one {\"prompt\": ...} each".into(),
-        });
-    }
-    Ok(records
-        .into_iter()
-        .map(|r| Example {
-            prompt: r.prompt,
-            completion: String::new(),
-            answer: None,
-        })
-        .collect())
-}
-
 /// Plain text, cut at line boundaries into pieces of about `seq_len` tokens
 /// (4 characters per token is a safe over-estimate; pieces are truncated to
 /// `seq_len` tokens when batched). The whole piece is trained on.
@@ -235,35 +201,6 @@ mod tests {
         std::fs::write(&p, "{\"prompt\":\"a\",\"completion\":\"b #### 2\"}\n\n").at(&p)?;
         let ok = read_jsonl(&p)?;
         assert_eq!(ok[0].answer, Some(2));
-        Ok(())
-    }
-
-    #[test]
-    fn prompt_files_read_prompts_and_name_the_bad_line() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
-        let p = dir.path().join("p.jsonl");
-        std::fs::write(
-            &p,
-            "{\"prompt\":\"a\"}\n\n{\"prompt\":\"b\",\"completion\":\"c #### 3\"}\n",
-        )
-        .at(&p)?;
-        let ok = read_prompts(&p)?;
-        let got: Vec<(&str, &str, Option<i64>)> = ok.iter().map(|e| (&*e.prompt, &*e.completion, e.answer)).collect();
-        assert_eq!(got, [("a", "", None), ("b", "", None)]);
-        std::fs::write(&p, "{\"prompt\":\"a\"}\n{\"text\":\"b\"}\n").at(&p)?;
-        let err = read_prompts(&p).unwrap_err().to_string();
-        assert!(
-            err.contains("p.jsonl") && err.contains("line 2") && err.contains("prompt"),
-            "{err}"
-        );
-        std::fs::write(&p, "\n").at(&p)?;
-        let err = read_prompts(&p).unwrap_err().to_string();
-        assert!(err.contains("p.jsonl") && err.contains("no prompts"), "{err}");
-        let err = read_prompts(&dir.path().join("missing.jsonl")).unwrap_err().to_string();
-        assert!(
-            err.contains("missing.jsonl") && err.contains("onpolicy.prompts_path"),
-            "{err}"
-        );
         Ok(())
     }
 
